@@ -1,0 +1,131 @@
+"""Frozen-backbone features, computed once per image and view and cached on disk.
+
+The backbone is frozen, so pushing an image through it every epoch is wasted work: each image (and each of its
+augmented views) goes through once, and the head trains on the cached vectors. The cache key is the backbone,
+its weights, the image size, the pooling, the augmentation recipe, the view number and the file's content hash,
+so a changed file is re-extracted and a different head or epoch count reuses everything.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from transferkit import augment
+from transferkit.backbones import build_feature_extractor, get_spec
+from transferkit.files import atomic_path, cache_dir, file_digest
+from transferkit.images import UnreadableImage, load_image
+from transferkit.inference import run_model
+
+FEATURE_VERSION = "1"
+
+
+def decode_batch(paths: list[str], size: int, pool: ThreadPoolExecutor) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """Decode images in parallel (Pillow releases the GIL); (arrays or None, failure reasons or None)."""
+
+    def one(path):
+        try:
+            return load_image(path, size), None
+        except UnreadableImage as exc:
+            return None, exc.reason
+
+    results = list(pool.map(one, paths))
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+class FeatureExtractor:
+    """Features of image files through one frozen backbone, with the on-disk cache."""
+
+    def __init__(self, backbone: str, image_size: int | None = None, weights="imagenet", pooling: str | None = "avg",
+                 batch_size: int = 32, cache: bool = True, verbose: bool = True):
+        spec = get_spec(backbone)
+        self.backbone = backbone
+        self.image_size = int(image_size or spec.default_size)
+        self.weights = weights
+        self.pooling = pooling
+        self.batch_size = batch_size
+        self.verbose = verbose
+        self.model = build_feature_extractor(backbone, self.image_size, weights, pooling)
+        weights_id = weights if weights in (None, "imagenet") else file_digest(weights)[:16]
+        key = f"v{FEATURE_VERSION}-{backbone}-{weights_id}-{self.image_size}px-{pooling or 'map'}-{augment.RECIPE}"
+        self.cache_root: Path | None = cache_dir("features", key) if cache else None
+        self.dtype = np.float32 if pooling else np.float16  # feature maps are large: half precision on disk
+
+    def _cache_file(self, digest: str, view: int) -> Path:
+        return self.cache_root / digest[:2] / f"{digest}-v{view}.npy"
+
+    def _load_cached(self, digest: str, view: int) -> np.ndarray | None:
+        if self.cache_root is None:
+            return None
+        path = self._cache_file(digest, view)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (FileNotFoundError, ValueError, OSError, EOFError):
+            return None  # absent or damaged: recompute
+
+    def _store(self, digest: str, view: int, feature: np.ndarray) -> None:
+        if self.cache_root is None:
+            return
+        with atomic_path(self._cache_file(digest, view), suffix=".npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, feature.astype(self.dtype))
+
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        """Features of a batch of RGB 0-255 images through the compiled model."""
+        return run_model(self.model, images)
+
+    def extract(self, paths: list[str], views: int = 0, desc: str = "features") -> tuple[np.ndarray, list[int], list[dict]]:
+        """Features of view 0 (the image itself) to ``views`` of each path: array (n_ok, views + 1, ...), the
+        indices of ``paths`` that decoded, and ``[{path, reason}]`` for those that did not."""
+        digests = [file_digest(p) for p in paths]
+        table: dict[tuple[int, int], np.ndarray] = {}
+        todo: list[int] = []
+        for i, d in enumerate(digests):
+            missing = False
+            for v in range(views + 1):
+                cached = self._load_cached(d, v)
+                if cached is None:
+                    missing = True
+                else:
+                    table[i, v] = cached
+            if missing:
+                todo.append(i)
+        failed: dict[int, str] = {}
+        n_passes = sum(1 for i in todo for v in range(views + 1) if (i, v) not in table)
+        bar = tqdm(total=n_passes, desc=desc, unit="img", disable=not self.verbose or n_passes == 0,
+                   file=sys.stderr, dynamic_ncols=True)
+        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start : start + self.batch_size]
+                arrays, reasons = decode_batch([paths[i] for i in chunk], self.image_size, pool)
+                ok = []
+                for i, arr, reason in zip(chunk, arrays, reasons):
+                    if arr is None:
+                        failed[i] = reason
+                        bar.update(sum(1 for v in range(views + 1) if (i, v) not in table))
+                    else:
+                        ok.append((i, arr))
+                for v in range(views + 1):
+                    need = [(i, arr) for i, arr in ok if (i, v) not in table]
+                    if not need:
+                        continue
+                    batch = np.stack([arr for _, arr in need])
+                    if v > 0:
+                        batch = augment.augment_batch(batch, [digests[i] for i, _ in need], v)
+                    feats = self.forward(batch)
+                    for (i, _), f in zip(need, feats):
+                        table[i, v] = f
+                        self._store(digests[i], v, f)
+                    bar.update(len(need))
+        bar.close()
+        kept = [i for i in range(len(paths)) if i not in failed]
+        skipped = [{"path": paths[i], "reason": failed[i]} for i in sorted(failed)]
+        if not kept:
+            return np.zeros((0, views + 1) + tuple(self.model.output.shape[1:]), np.float32), kept, skipped
+        out = np.stack([np.stack([table[i, v] for v in range(views + 1)]) for i in kept]).astype(np.float32)
+        return out, kept, skipped

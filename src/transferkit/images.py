@@ -1,0 +1,110 @@
+"""Decode any image file a user may have into RGB uint8, the one way training, evaluation, prediction and
+serving all use: content-sniffed format, EXIF orientation applied, every mode (L, LA, P, RGBA, CMYK, I;16, F)
+converted to RGB, transparency composited on white, then resized to the model's square input."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from transferkit.errors import TransferkitError
+
+# Formats recognised by their content (Pillow's format names); GIF uses its first frame, TIFF its first page.
+SUPPORTED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO"}
+
+
+class UnreadableImage(TransferkitError):
+    """An image that cannot be used; ``reason`` is a short phrase for reports."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def sniff_format(path: str) -> str:
+    """The image format found in the file's bytes (not its name), or UnreadableImage with the reason."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise UnreadableImage(path, "empty file")
+        with Image.open(path) as img:
+            fmt = img.format
+    except UnreadableImage:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImage(path, "not an image (unrecognised content)") from None
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(path, f"image too large ({exc})") from None
+    except OSError as exc:
+        raise UnreadableImage(path, f"cannot open ({exc})") from None
+    if fmt not in SUPPORTED_FORMATS:
+        raise UnreadableImage(path, f"unsupported image format {fmt}")
+    return fmt
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB: 16-bit and float greys are scaled (not clipped), alpha on white."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 0-65535 -> 0-255
+        elif mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")  # L, 1, CMYK (Pillow undoes Adobe's inverted CMYK), YCbCr, LAB, HSV
+    return img
+
+
+def open_rgb(source, name: str | None = None, draft_size: int | None = None) -> Image.Image:
+    """Open a path or bytes, apply EXIF orientation, return an RGB image; UnreadableImage says why not."""
+    label = name or (source if isinstance(source, (str, os.PathLike)) else "<upload>")
+    label = str(label)
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise UnreadableImage(label, "empty file")
+            source = io.BytesIO(source)
+        elif os.path.getsize(source) == 0:
+            raise UnreadableImage(label, "empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                if img.format not in SUPPORTED_FORMATS:
+                    raise UnreadableImage(label, f"unsupported image format {img.format}")
+                if draft_size and img.format == "JPEG":
+                    img.draft("RGB", (draft_size, draft_size))  # DCT-domain downscale: faster, still >= size
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+    except UnreadableImage:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImage(label, "not an image (unrecognised content)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImage(label, f"image too large, possible decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if "truncated" in reason:
+            reason = f"truncated image ({reason})"
+        raise UnreadableImage(label, f"cannot decode: {reason}") from None
+
+
+def load_image(source, size: int, name: str | None = None) -> np.ndarray:
+    """Decode ``source`` and resize to ``size`` x ``size`` (squash, bilinear with antialiasing): uint8 (size, size, 3)."""
+    img = open_rgb(source, name=name, draft_size=size)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)

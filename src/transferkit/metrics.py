@@ -1,0 +1,62 @@
+"""Classification metrics as plain data (scikit-learn), shared by training, evaluation and the reports."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix, f1_score
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], paths: list[str] | None = None,
+                    skipped: list[dict] | None = None, n_wrong: int = 20) -> dict:
+    """Accuracy, per-class precision/recall/F1/support, confusion matrix (rows = truth) and the most confidently
+    wrong images, as a JSON-ready dict."""
+    y_true = np.asarray(y_true, dtype=int)
+    y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+    labels = list(range(len(class_names)))
+    report = classification_report(y_true, y_pred, labels=labels, target_names=class_names, output_dict=True,
+                                   zero_division=0)
+    per_class = {
+        name: {k: (int(report[name][k]) if k == "support" else float(report[name][k]))
+               for k in ("precision", "recall", "f1-score", "support")}
+        for name in class_names
+    }
+    for stats in per_class.values():
+        stats["f1"] = stats.pop("f1-score")
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    result = {
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "class_names": list(class_names),
+        "per_class": per_class,
+        "confusion_matrix": cm.astype(int).tolist(),
+        "n_images": int(len(y_true)),
+        "skipped": list(skipped or []),
+    }
+    if paths is not None:
+        wrong = np.flatnonzero(y_true != y_pred)
+        wrong = wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:n_wrong]
+        result["most_confident_errors"] = [
+            {"path": paths[i], "true": class_names[y_true[i]], "predicted": class_names[y_pred[i]],
+             "probability": float(probs[i, y_pred[i]])}
+            for i in wrong
+        ]
+    return result
+
+
+def text_report(metrics: dict) -> str:
+    """The scikit-learn style table a person reads, from a metrics dict."""
+    names = metrics["class_names"]
+    width = max([len(n) for n in names] + [12])
+    lines = [f"{'':>{width}}  precision    recall  f1-score   support", ""]
+    for name in names:
+        s = metrics["per_class"][name]
+        lines.append(f"{name:>{width}}  {s['precision']:9.3f} {s['recall']:9.3f} {s['f1']:9.3f} {s['support']:9d}")
+    lines.append("")
+    lines.append(f"{'accuracy':>{width}}  {'':9} {'':9} {metrics['accuracy']:9.3f} {metrics['n_images']:9d}")
+    lines.append(f"{'macro f1':>{width}}  {'':9} {'':9} {metrics['macro_f1']:9.3f}")
+    lines.append(f"{'weighted f1':>{width}}  {'':9} {'':9} {metrics['weighted_f1']:9.3f}")
+    if metrics.get("skipped"):
+        lines.append(f"\nskipped {len(metrics['skipped'])} unreadable file(s):")
+        lines.extend(f"  {s['path']}: {s['reason']}" for s in metrics["skipped"])
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""The pictures a person opens: training curves and the confusion matrix (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transferkit.files import atomic_path  # noqa: E402
+
+
+def _save(fig, path: str) -> str:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return str(path)
+
+
+def plot_history(history: dict, path: str, best_epoch: int | None = None) -> str:
+    """Loss and accuracy per epoch, train vs validation, with the kept (best) epoch marked."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = np.arange(1, len(history.get("loss", [])) + 1)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        if metric in history:
+            ax.plot(epochs, history[metric], label=f"train {metric}")
+        if f"val_{metric}" in history:
+            ax.plot(epochs, history[f"val_{metric}"], label=f"validation {metric}")
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"kept epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(cm, class_names: list[str], path: str, normalise: bool = False) -> str:
+    """Counts (or row-normalised recall) with truth on rows, prediction on columns; accents render as written."""
+    cm = np.asarray(cm, dtype=float)
+    shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalise else cm
+    n = len(class_names)
+    size = max(4.5, 0.7 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalise else max(shown.max(), 1))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix" + (" (row-normalised)" if normalise else ""))
+    threshold = shown.max() / 2 if shown.size else 0
+    for i in range(n):
+        for j in range(n):
+            text = f"{shown[i, j]:.2f}" if normalise else f"{int(cm[i, j])}"
+            ax.text(j, i, text, ha="center", va="center", color="white" if shown[i, j] > threshold else "black")
+    return _save(fig, path)
