@@ -83,8 +83,9 @@ def _match_keras_efficientnet_imagenet_scaling(model: keras.Model) -> None:
     """Keras's EfficientNet adds a Rescaling(1/sqrt(std)) after its Normalization only when weights="imagenet";
     with the same weights loaded from a local file, fold that factor into the Normalization variance instead."""
     norm = next(layer for layer in model.layers if isinstance(layer, layers.Normalization))
-    std = np.sqrt(np.asarray(keras.ops.convert_to_numpy(norm.variance)))
-    norm.variance.assign(np.asarray(std**3, dtype="float32"))
+    std = np.sqrt(np.asarray(keras.ops.convert_to_numpy(norm.adapt_variance)))
+    norm.adapt_variance.assign(np.asarray(std**3, dtype="float32"))
+    norm.finalize_state()
 
 
 def _first_line(exc: BaseException) -> str:

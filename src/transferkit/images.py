@@ -38,8 +38,8 @@ def sniff_format(path: str) -> str:
         raise UnreadableImage(path, "not an image (unrecognised content)") from None
     except Image.DecompressionBombError as exc:
         raise UnreadableImage(path, f"image too large ({exc})") from None
-    except OSError as exc:
-        raise UnreadableImage(path, f"cannot open ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UnreadableImage(path, f"cannot open: {_describe(exc)}") from None
     if fmt not in SUPPORTED_FORMATS:
         raise UnreadableImage(path, f"unsupported image format {fmt}")
     return fmt
@@ -96,10 +96,12 @@ def open_rgb(source, name: str | None = None, draft_size: int | None = None) -> 
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(label, f"image too large, possible decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        reason = str(exc) or type(exc).__name__
-        if "truncated" in reason:
-            reason = f"truncated image ({reason})"
-        raise UnreadableImage(label, f"cannot decode: {reason}") from None
+        raise UnreadableImage(label, f"cannot decode: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    reason = str(exc) or type(exc).__name__
+    return f"truncated image ({reason})" if "truncat" in reason.lower() else reason
 
 
 def load_image(source, size: int, name: str | None = None) -> np.ndarray:

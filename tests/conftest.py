@@ -1,0 +1,63 @@
+"""Shared fixtures: a private cache folder, real image files written by the tests, one trained run."""
+
+import os
+import tempfile
+
+_CACHE = tempfile.mkdtemp(prefix="transferkit-test-cache-")
+os.environ["TRANSFERKIT_CACHE_DIR"] = _CACHE  # never touch the user's cache
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+CLASSES = ["fraise fraîche", "pêche pourrie", "grenade"]
+IMAGE_SIZE = 64  # small input: fast, still real EfficientNet-Lite0 features
+
+
+def pattern_image(kind: int, rng: np.random.Generator, size=(72, 56)) -> np.ndarray:
+    """A photo-like RGB array whose class is visible: horizontal stripes, vertical stripes or a disc."""
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    period = rng.integers(6, 10)
+    if kind == 0:
+        mask = (yy // period) % 2 == 0
+    elif kind == 1:
+        mask = (xx // period) % 2 == 0
+    else:
+        r = rng.uniform(0.25, 0.4) * min(h, w)
+        mask = (yy - h / 2 + rng.normal(0, 3)) ** 2 + (xx - w / 2 + rng.normal(0, 3)) ** 2 < r * r
+    fg = np.array([[220, 40, 40], [240, 170, 60], [120, 20, 90]][kind], dtype=float)
+    bg = np.array([235, 235, 225], dtype=float)
+    img = np.where(mask[..., None], fg, bg) + rng.normal(0, 12, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_dataset(root, per_class: int, seed: int, classes=CLASSES, fmt="JPEG") -> str:
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
+            Image.fromarray(pattern_image(k, rng)).save(os.path.join(folder, f"photo_{i:03d}.{ext}"), fmt)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """(train folder, test folder) of three accented classes, 16 + 6 images each."""
+    root = tmp_path_factory.mktemp("fruit")
+    return write_dataset(root / "train", 16, seed=1), write_dataset(root / "test", 6, seed=2)
+
+
+@pytest.fixture(scope="session")
+def trained(dataset, tmp_path_factory):
+    """One real training run on the tiny dataset (shared by the tests that only read its outputs)."""
+    import transferkit
+
+    out = tmp_path_factory.mktemp("run")
+    result = transferkit.train(dataset[0], test_dir=dataset[1], image_size=IMAGE_SIZE, epochs=15, augment_views=2,
+                               out=str(out), verbose=False)
+    return result, str(out)

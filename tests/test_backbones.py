@@ -1,0 +1,146 @@
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from transferkit import backbones
+from transferkit.backbones import REGISTRY, build_feature_extractor, imagenet_classifier, lite_weights
+from transferkit.efficientnet_lite import pretrained_weights_file
+from transferkit.errors import TransferkitError
+
+CAT = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+CUP = {967, 968, 504}  # espresso, cup, coffee mug
+
+
+def _resize(img, size):
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_offline_lite_classifies_real_photos(name):
+    model = imagenet_classifier(name)
+    size = REGISTRY[name].default_size
+    probs = model.predict(np.stack([_resize(skdata.chelsea(), size), _resize(skdata.coffee(), size)]), verbose=0)
+    for row, expected in zip(probs, (CAT, CUP)):
+        top5 = np.argsort(row)[::-1][:5]
+        print(name, [(int(i), round(float(row[i]), 3)) for i in top5])
+        assert int(top5[0]) in expected
+        assert row[list(expected)].sum() > 0.5
+
+
+def test_lite0_has_the_published_parameter_count():
+    assert imagenet_classifier("efficientnet_lite0").count_params() == 4_694_024
+
+
+def _preprocessed(extractor: keras.Model, images: np.ndarray) -> np.ndarray:
+    """What the backbone's first convolution receives for these 0-255 images."""
+    x = images
+    for layer in extractor.layers[1:]:
+        if isinstance(layer, keras.Model):
+            first = next(l for l in layer.layers if any(isinstance(s, keras.layers.Conv2D) for s in l._flatten_layers()))
+            return keras.Model(layer.input, first.input).predict(x, verbose=0)
+        x = layer(x)
+    raise AssertionError("no backbone found")
+
+
+EXPECTED_RANGE = {  # (value for input 0, value for input 255) per channel, per the weights' training recipe
+    "efficientnet_lite": ([-127 / 128] * 3, [1.0] * 3),
+    "resnet50v2": ([-1.0] * 3, [1.0] * 3),
+    "mobilenet_v3": ([-1.0] * 3, [1.0] * 3),
+    # x/255, then Keras's Normalization whose ImageNet mean/variance arrive with the weights file (weights=None: 0/1)
+    "efficientnet_b": ([0.0] * 3, [1.0] * 3),
+    "convnext": (list(-np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225])),
+                 list((1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]))),
+}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_each_backbone_builds_with_its_feature_dim_and_preprocessing(name):
+    spec = REGISTRY[name]
+    extractor = build_feature_extractor(name, image_size=32, weights=None)
+    feats = extractor.predict(np.zeros((1, 40, 50, 3), np.float32), verbose=0)
+    assert feats.shape == (1, spec.feature_dim)
+    assert not any(w.trainable for w in extractor.weights), "backbone must be frozen"
+    images = np.stack([np.zeros((32, 32, 3)), np.full((32, 32, 3), 255.0)]).astype(np.float32)
+    seen = _preprocessed(extractor, images)
+    low, high = next(v for k, v in EXPECTED_RANGE.items() if name.startswith(k))
+    np.testing.assert_allclose(seen[0].reshape(-1, 3).min(axis=0), low, atol=1e-3)
+    np.testing.assert_allclose(seen[1].reshape(-1, 3).max(axis=0), high, atol=1e-3)
+
+
+def test_weights_cache_is_reused_then_rebuilt_after_corruption(capsys):
+    src = pretrained_weights_file("efficientnet_lite0")
+    first = lite_weights("efficientnet_lite0", src)
+    cached = [p for p in (backbones.cache_dir("weights")).iterdir() if p.name.startswith("efficientnet_lite0-")]
+    assert len(cached) == 1
+    path = cached[0]
+    stamp = path.stat().st_mtime_ns
+    again = lite_weights("efficientnet_lite0", src)
+    assert path.stat().st_mtime_ns == stamp, "a good cache is read, not rewritten"
+    np.testing.assert_array_equal(first["top_conv"][0], again["top_conv"][0])
+
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = b"\x00" * 64
+    path.write_bytes(bytes(raw))
+    rebuilt = lite_weights("efficientnet_lite0", src)
+    assert "rebuilding corrupt weights cache" in capsys.readouterr().err
+    np.testing.assert_array_equal(first["top_conv"][0], rebuilt["top_conv"][0])
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    np.testing.assert_array_equal(first["stem_conv"][0], lite_weights("efficientnet_lite0", src)["stem_conv"][0])
+
+
+def test_local_weights_file_is_loaded_for_a_keras_application(tmp_path):
+    donor = backbones.build_backbone("mobilenet_v3_small", (32, 32, 3), weights=None)
+    rng = np.random.default_rng(0)
+    donor.set_weights([rng.normal(size=w.shape).astype("float32") for w in donor.get_weights()])
+    path = str(tmp_path / "mine.weights.h5")
+    donor.save_weights(path)
+    loaded = backbones.build_backbone("mobilenet_v3_small", (32, 32, 3), weights=path)
+    for a, b in zip(donor.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TransferkitError, match="weights file not found"):
+        backbones.build_backbone("resnet50v2", (32, 32, 3), weights=str(tmp_path / "nope.h5"))
+
+
+def test_local_efficientnet_weights_get_the_imagenet_scaling(tmp_path):
+    """Keras adds Rescaling(1/sqrt(std)) only for weights="imagenet"; a local copy must preprocess the same."""
+    donor = backbones.build_backbone("efficientnet_b0", (32, 32, 3), weights=None)
+    norm = next(l for l in donor.layers if isinstance(l, keras.layers.Normalization))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    norm.adapt_mean.assign(mean.astype("float32"))
+    norm.adapt_variance.assign((std**2).astype("float32"))
+    norm.finalize_state()
+    path = str(tmp_path / "b0.weights.h5")
+    donor.save_weights(path)
+    loaded = backbones.build_backbone("efficientnet_b0", (32, 32, 3), weights=path)
+    norm = next(l for l in loaded.layers if isinstance(l, keras.layers.Normalization))
+    x = np.full((1, 1, 1, 3), 200.0, np.float32)
+    expected = (200 / 255 - mean) / std / np.sqrt(std)  # what keras.applications computes with its ImageNet weights
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(norm(x / 255.0)).ravel(), expected, rtol=1e-5)
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(TransferkitError, match="unknown backbone 'resnet51'.*efficientnet_lite0"):
+        backbones.get_spec("resnet51")
+
+
+def test_offline_download_gives_one_line_error_naming_the_offline_default(tmp_path, dataset):
+    env = dict(os.environ, KERAS_HOME=str(tmp_path / "keras"), HTTPS_PROXY="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
+    env.pop("NO_PROXY", None)
+    env.pop("no_proxy", None)
+    proc = subprocess.run([sys.executable, "-m", "transferkit.cli", "train", dataset[0], "--backbone", "resnet50v2",
+                           "--out", str(tmp_path / "run"), "--quiet"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("transferkit: error:")]
+    assert len(errors) == 1
+    assert "efficientnet_lite0" in errors[0] and "--weights PATH" in errors[0]
+    assert not (tmp_path / "run" / "model.keras").exists()

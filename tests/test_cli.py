@@ -1,0 +1,64 @@
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CLASSES, IMAGE_SIZE
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "transferkit.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_train_evaluate_predict_end_to_end(dataset, tmp_path):
+    out = tmp_path / "run"
+    run_cli("train", dataset[0], "--image-size", IMAGE_SIZE, "--epochs", 8, "--augment-views", 1, "--out", out, "--quiet")
+    model = out / "model.keras"
+    assert model.exists()
+
+    ev = run_cli("evaluate", model, dataset[1], "--json", "--out", tmp_path / "eval")
+    report = json.loads(ev.stdout)  # ONE JSON object on stdout
+    assert set(report) >= {"accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped"}
+    assert report["class_names"] == sorted(CLASSES)
+    assert report["n_images"] == 18 and report["accuracy"] >= 0.9
+    assert set(report["per_class"]["pêche pourrie"]) == {"precision", "recall", "f1", "support"}
+    assert (tmp_path / "eval" / "confusion_matrix.png").exists()
+
+    pred = run_cli("predict", model, os.path.join(dataset[1], "pêche pourrie"), "--format", "json", "--top-k", 2)
+    rows = json.loads(pred.stdout)
+    assert len(rows) == 6
+    for row in rows:
+        assert set(row) == {"path", "label", "probability", "top_k"}
+        assert len(row["top_k"]) == 2 and row["top_k"][0]["label"] == row["label"]
+        assert 0 <= row["probability"] <= 1
+    assert sum(r["label"] == "pêche pourrie" for r in rows) >= 5
+
+    table = run_cli("evaluate", model, dataset[1]).stdout
+    assert "precision" in table and "pêche pourrie" in table and "accuracy" in table
+
+    csv_out = run_cli("predict", model, os.path.join(dataset[1], "grenade", "*.jpg"), "--format", "csv").stdout
+    parsed = list(csv.DictReader(io.StringIO(csv_out)))
+    assert len(parsed) == 6 and parsed[0]["label"] in CLASSES
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    proc = run_cli("train", tmp_path / "nowhere", check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"transferkit: error: {tmp_path / 'nowhere'}: not a folder"
+    proc = run_cli("predict", tmp_path / "missing.keras", tmp_path, check=False)
+    assert proc.returncode == 2 and "model file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_backbones_lists_the_registry():
+    out = run_cli("backbones").stdout
+    for name in ("efficientnet_lite0", "resnet50v2", "efficientnet_b3", "mobilenet_v3_small", "convnext_tiny"):
+        assert name in out

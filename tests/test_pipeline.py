@@ -1,0 +1,181 @@
+import io
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import transferkit
+from transferkit import modelfile
+from transferkit.backbones import build_feature_extractor
+from transferkit.errors import TransferkitError
+from transferkit.features import FeatureExtractor
+from transferkit.heads import build_head
+from transferkit.images import load_image
+from transferkit.training import KeepBestEpoch
+
+from conftest import CLASSES, IMAGE_SIZE, pattern_image, write_dataset
+
+
+def test_learning_happens_and_outputs_are_written(trained):
+    result, out = trained
+    assert result["test"]["accuracy"] >= 0.9  # chance is 1/3
+    assert result["validation"]["accuracy"] >= 0.8
+    for name in ("model.keras", "history.json", "history.png", "metrics.json", "confusion_matrix.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    for png in ("history.png", "confusion_matrix.png"):
+        with Image.open(os.path.join(out, png)) as img:
+            assert img.format == "PNG" and img.size[0] > 200
+    metrics = json.load(open(os.path.join(out, "metrics.json"), encoding="utf-8"))
+    assert metrics["test"]["class_names"] == sorted(CLASSES)
+    cm = np.array(metrics["test"]["confusion_matrix"])
+    assert cm.sum() == metrics["test"]["n_images"] == 18
+    assert np.trace(cm) / cm.sum() == pytest.approx(metrics["test"]["accuracy"])
+    history = json.load(open(os.path.join(out, "history.json"), encoding="utf-8"))
+    h = history["history"]
+    best = history["best_epoch"]
+    top = max(h["val_accuracy"])
+    tied = [i for i, v in enumerate(h["val_accuracy"]) if v == top]
+    assert best - 1 == min(tied, key=lambda i: h["val_loss"][i])  # best accuracy, ties -> lowest loss
+
+
+def test_model_file_carries_class_names_size_and_metadata(trained, dataset):
+    result, out = trained
+    model = transferkit.load_model(os.path.join(out, "model.keras"))
+    assert model.class_names == sorted(CLASSES)
+    assert model.image_size == IMAGE_SIZE
+    assert model.metadata["backbone"] == "efficientnet_lite0"
+    assert model.metadata["transferkit_version"] == transferkit.__version__
+    assert model.metadata["validation"]["accuracy"] == result["validation"]["accuracy"]
+    # evaluation of the saved file agrees with the cached-feature path used during training
+    metrics = transferkit.evaluate(model, dataset[1])
+    assert metrics["confusion_matrix"] == result["test"]["confusion_matrix"]
+    # plain Keras can open the same file (metadata rides beside, not inside, the model config)
+    plain = keras.models.load_model(os.path.join(out, "model.keras"), compile=False)
+    assert plain.output.shape[-1] == len(CLASSES)
+
+
+def test_reloaded_file_predicts_exactly_like_the_in_memory_model(tmp_path, dataset):
+    extractor = build_feature_extractor("efficientnet_lite0", IMAGE_SIZE)
+    head = build_head("gap", extractor.output.shape[1:], 3)
+    model = modelfile.assemble(extractor, head)
+    path = modelfile.save(model, str(tmp_path / "m.keras"), {"class_names": ["a", "b", "c"], "image_size": IMAGE_SIZE})
+    loaded = modelfile.load(path)
+    folder = os.path.join(dataset[1], CLASSES[0])
+    images = np.stack([load_image(os.path.join(folder, f), IMAGE_SIZE) for f in sorted(os.listdir(folder))])
+    np.testing.assert_allclose(loaded.predict_images(images), np.asarray(model(images.astype("float32"))), atol=1e-6)
+    # a photo of another size goes through the model's own resize layer
+    assert loaded.keras_model.predict(np.zeros((1, 100, 37, 3), np.float32), verbose=0).shape == (1, 3)
+
+
+def test_model_file_is_written_atomically(tmp_path):
+    extractor = build_feature_extractor("efficientnet_lite0", 32)
+    model = modelfile.assemble(extractor, build_head("gap", extractor.output.shape[1:], 2))
+    target = tmp_path / "m.keras"
+    target.write_bytes(b"previous model")
+    with pytest.raises(TypeError):
+        modelfile.save(model, str(target), {"not json": object()})
+    assert target.read_bytes() == b"previous model"  # untouched by the failed save
+    assert [p.name for p in tmp_path.iterdir()] == ["m.keras"]  # no temporary file left behind
+    with pytest.raises(TransferkitError, match="not a .keras model file"):
+        modelfile.load(str(target))
+
+
+def test_frozen_backbone_batchnorm_stays_in_inference_mode():
+    extractor = build_feature_extractor("efficientnet_lite0", 32)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    before = [w.numpy().copy() for w in extractor.weights]
+    np.testing.assert_allclose(extractor(x, training=True), extractor(x, training=False), atol=1e-5)
+    for a, b in zip(before, extractor.weights):
+        np.testing.assert_array_equal(a, b.numpy())  # moving statistics did not move
+
+
+def test_same_seed_same_split_same_metrics(dataset, tmp_path):
+    kw = dict(image_size=IMAGE_SIZE, epochs=4, augment_views=1, verbose=False)
+    a = transferkit.train(dataset[0], out=str(tmp_path / "a"), seed=3, **kw)
+    b = transferkit.train(dataset[0], out=str(tmp_path / "b"), seed=3, **kw)
+    ha = json.load(open(tmp_path / "a" / "history.json"))["history"]
+    hb = json.load(open(tmp_path / "b" / "history.json"))["history"]
+    assert ha == hb
+    assert a["validation"] == b["validation"]
+
+
+def _cache_files(root):
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_feature_cache_reused_and_invalidated_by_content(tmp_path, monkeypatch, dataset):
+    monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
+    data = shutil.copytree(dataset[1], tmp_path / "data")
+    paths = sorted(str(p) for p in data.rglob("*.jpg"))
+    fx = FeatureExtractor("efficientnet_lite0", IMAGE_SIZE, verbose=False)
+    first, kept, skipped = fx.extract(paths, views=2)
+    assert first.shape == (len(paths), 3, 1280) and not skipped
+    files = _cache_files(fx.cache_root)
+    assert len(files) == 3 * len(paths)
+    again, _, _ = fx.extract(paths, views=2)
+    np.testing.assert_array_equal(first, again)
+    assert _cache_files(fx.cache_root) == files  # nothing recomputed or rewritten
+    # views differ from each other and from the original
+    assert not np.allclose(first[:, 0], first[:, 1]) and not np.allclose(first[:, 1], first[:, 2])
+    # change one file's content: only its entries are new
+    Image.fromarray(pattern_image(1, np.random.default_rng(99))).save(paths[0], "JPEG")
+    changed, _, _ = fx.extract(paths, views=2)
+    after = _cache_files(fx.cache_root)
+    assert len(after) == len(files) + 3
+    assert not np.allclose(changed[0], first[0]) and np.array_equal(changed[1:], first[1:])
+    # a damaged cache entry is recomputed, not trusted
+    victim = next(iter(after))
+    with open(victim, "wb") as f:
+        f.write(b"garbage")
+    repaired, _, _ = fx.extract(paths, views=2)
+    np.testing.assert_allclose(repaired, changed, atol=1e-4)  # recomputed alone: batch-size rounding only
+
+
+def test_bad_files_are_skipped_and_reported_never_crash(tmp_path):
+    root = write_dataset(tmp_path / "data", 8, seed=5, classes=["bon", "mauvais"])
+    buf = io.BytesIO()
+    Image.fromarray(pattern_image(0, np.random.default_rng(1))).save(buf, "JPEG")
+    (tmp_path / "data" / "bon" / "truncated.jpg").write_bytes(buf.getvalue()[:300])
+    (tmp_path / "data" / "bon" / "zero.jpg").write_bytes(b"")
+    (tmp_path / "data" / "mauvais" / "readme.jpg").write_text("this is text")
+    Image.new("CMYK", (40, 40), (0, 200, 200, 0)).save(tmp_path / "data" / "bon" / "cmyk.jpg")
+    Image.fromarray((np.arange(1600).reshape(40, 40) * 40).astype(np.uint16)).save(tmp_path / "data" / "mauvais" / "deep.png")
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(tmp_path / "data" / "mauvais" / "alpha.png")
+    result = transferkit.train(root, image_size=IMAGE_SIZE, epochs=2, augment_views=0, out=str(tmp_path / "run"),
+                               verbose=False)
+    reasons = {os.path.basename(s["path"]): s["reason"] for s in result["skipped"]}
+    assert set(reasons) == {"truncated.jpg", "zero.jpg", "readme.jpg"}
+    assert "truncated image" in reasons["truncated.jpg"] and reasons["zero.jpg"] == "empty file"
+    saved = json.load(open(tmp_path / "run" / "metrics.json", encoding="utf-8"))
+    assert {os.path.basename(s["path"]) for s in saved["skipped"]} == set(reasons)
+    rows = transferkit.predict(result["model_path"], [str(tmp_path / "data" / "bon")])
+    assert {r["path"].rsplit("/", 1)[-1]: r.get("error") for r in rows if r.get("error")}.keys() == {"truncated.jpg", "zero.jpg"}
+
+
+def test_empty_class_is_a_clear_error(tmp_path):
+    root = write_dataset(tmp_path / "data", 4, seed=5, classes=["plein", "vide"])
+    for f in (tmp_path / "data" / "vide").iterdir():
+        f.write_text("broken")
+    with pytest.raises(TransferkitError, match="class 'vide' has no readable images"):
+        transferkit.train(root, image_size=IMAGE_SIZE, epochs=1, out=str(tmp_path / "run"), verbose=False)
+
+
+def test_missing_monitored_metric_fails_loudly():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    with pytest.raises(TransferkitError, match="metric 'val_acc' not in training logs"):
+        model.fit(x, y, validation_data=(x, y), epochs=1, verbose=0, callbacks=[KeepBestEpoch("val_acc")])
+
+
+def test_flatten_head_option_trains(dataset, tmp_path):
+    result = transferkit.train(dataset[0], image_size=IMAGE_SIZE, epochs=3, augment_views=0, head="flatten-256-128",
+                               out=str(tmp_path / "run"), verbose=False)
+    model = transferkit.load_model(result["model_path"])
+    assert model.metadata["training"]["head"] == "flatten-256-128"
+    rows = transferkit.predict(model, os.path.join(dataset[1], CLASSES[2]))
+    assert len(rows) == 6 and all(r["label"] in CLASSES for r in rows)
