@@ -1,0 +1,81 @@
+"""The seed's recipe vs `transferkit train` defaults, on the same images and the same (offline) backbone.
+
+    python benchmarks/seed_recipe.py DATA_DIR --test-dir DIR [--epochs 20]
+
+(a) seed: image_dataset_from_directory, augmentation layers (RandomFlip, RandomRotation(0.1), RandomZoom(0.1))
+    inside the model, frozen EfficientNet-Lite0, Flatten -> Dense 256 -> Dense 128 -> softmax, 20 epochs of
+    full forward passes through the backbone.
+(b) transferkit train with its defaults (cold feature cache in a temporary folder), then again with the cache warm.
+Prints wall seconds and test accuracy of each; the last line is `speed ratio: R` (seed / transferkit, cold cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["TRANSFERKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="tk-bench-cache-")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import transferkit  # noqa: E402
+from transferkit.backbones import build_backbone  # noqa: E402
+
+
+def seed_recipe(data_dir: str, test_dir: str, epochs: int, seed: int = 42) -> tuple[float, float]:
+    start = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    size = 224
+    train_ds, val_ds = keras.utils.image_dataset_from_directory(
+        data_dir, validation_split=0.2, subset="both", seed=seed, image_size=(size, size), batch_size=32)
+    test_ds = keras.utils.image_dataset_from_directory(test_dir, image_size=(size, size), batch_size=32, shuffle=False)
+    n_classes = len(train_ds.class_names)
+    backbone = build_backbone("efficientnet_lite0", (size, size, 3), weights="imagenet")  # frozen
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.RandomFlip("horizontal")(inputs)
+    x = keras.layers.RandomRotation(0.1)(x)
+    x = keras.layers.RandomZoom(0.1)(x)
+    x = backbone(x, training=False)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(256, activation="relu")(x)
+    x = keras.layers.Dense(128, activation="relu")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=2)
+    seconds = time.perf_counter() - start
+    _, accuracy = model.evaluate(test_ds, verbose=0)
+    return seconds, float(accuracy)
+
+
+def transferkit_default(data_dir: str, test_dir: str, out: str) -> tuple[float, float]:
+    start = time.perf_counter()
+    result = transferkit.train(data_dir, test_dir=test_dir, out=out)
+    return time.perf_counter() - start, result["test"]["accuracy"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data_dir")
+    p.add_argument("--test-dir", required=True)
+    p.add_argument("--epochs", type=int, default=20)
+    args = p.parse_args()
+    out = tempfile.mkdtemp(prefix="tk-bench-run-")
+    tk_cold = transferkit_default(args.data_dir, args.test_dir, os.path.join(out, "cold"))
+    tk_warm = transferkit_default(args.data_dir, args.test_dir, os.path.join(out, "warm"))
+    seed = seed_recipe(args.data_dir, args.test_dir, args.epochs)
+    print(f"seed recipe ({args.epochs} epochs):       {seed[0]:8.1f} s   test accuracy {seed[1]:.4f}")
+    print(f"transferkit train (cold cache): {tk_cold[0]:8.1f} s   test accuracy {tk_cold[1]:.4f}")
+    print(f"transferkit train (warm cache): {tk_warm[0]:8.1f} s   test accuracy {tk_warm[1]:.4f}")
+    print(f"warm-cache speed ratio: {seed[0] / tk_warm[0]:.1f}")
+    print(f"speed ratio: {seed[0] / tk_cold[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
