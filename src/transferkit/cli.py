@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
+    r.add_argument("--show", metavar="OUT.png", help="also draw the image(s) with label, probability and top-k bars")
+
+    i = sub.add_parser("inspect", help="dataset health: counts, imbalance, unreadable files, duplicates, leakage")
+    i.add_argument("data_dir")
+    i.add_argument("--test-dir")
+    i.add_argument("--out", default=os.path.join("runs", "inspect"), help="folder for health.json, samples.png")
+    i.add_argument("--near-threshold", type=int, default=6, help="perceptual-hash bits for a near duplicate")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
     sub.add_parser("backbones", help="list the backbones")
 
     d = sub.add_parser("demo", help="train and evaluate on scikit-learn's bundled digits (offline)")
@@ -116,7 +125,24 @@ def _run(args) -> int:
     elif args.command == "predict":
         from transferkit.prediction import predict
 
-        _print_rows(predict(args.model, args.paths, top_k=args.top_k), args.format)
+        rows = predict(args.model, args.paths, top_k=args.top_k)
+        _print_rows(rows, args.format)
+        if args.show:
+            from transferkit.prediction import show_predictions
+
+            for path in show_predictions(rows, args.show):
+                print(f"transferkit: wrote {path}", file=sys.stderr)
+    elif args.command == "inspect":
+        from transferkit.health import inspect_dataset, text_summary, write_inspection
+
+        report = inspect_dataset(args.data_dir, args.test_dir, near_threshold=args.near_threshold,
+                                 progress=not args.json)
+        written = write_inspection(report, args.out)
+        if args.json:
+            print(json.dumps(report, ensure_ascii=False))
+        else:
+            print(text_summary(report))
+            print(f"\nwrote {written['json']} and {written['samples']}")
     elif args.command == "backbones":
         from transferkit.backbones import describe
 

@@ -7,13 +7,14 @@ import os
 from transferkit.dataset import scan_folder
 from transferkit.files import write_json_atomic
 from transferkit.metrics import compute_metrics
-from transferkit.plots import plot_confusion_matrix
+from transferkit.report import model_summary, write_report
 from transferkit.prediction import load_model, predict_proba
 
 
 def evaluate(model, test_dir: str, out: str | None = None, batch_size: int = 32) -> dict:
     """Metrics of ``model`` (path or loaded) on ``test_dir/<class>/``; with ``out``, writes metrics.json and
-    confusion_matrix.png there. Class folders are matched to the model's classes by name, never by order."""
+    report.html (with confusion_matrix.png, confusion_matrix_normalised.png) there. Class folders are matched
+    to the model's classes by name, never by order."""
     model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
     data = scan_folder(test_dir, class_names=model.class_names)
     probs, kept, skipped = predict_proba(model, data.paths, batch_size=batch_size)
@@ -22,5 +23,7 @@ def evaluate(model, test_dir: str, out: str | None = None, batch_size: int = 32)
     if out:
         os.makedirs(out, exist_ok=True)
         write_json_atomic(os.path.join(out, "metrics.json"), metrics)
-        plot_confusion_matrix(metrics["confusion_matrix"], model.class_names, os.path.join(out, "confusion_matrix.png"))
+        history_png = os.path.join(os.path.dirname(os.path.abspath(model.path)), "history.png") if model.path else None
+        write_report(metrics, out, title=f"Evaluation of {os.path.basename(model.path or 'model')} on {test_dir}",
+                     history_png=history_png, model_info=model_summary(model.metadata))
     return metrics

@@ -68,8 +68,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def open_rgb(source, name: str | None = None, draft_size: int | None = None) -> Image.Image:
-    """Open a path or bytes, apply EXIF orientation, return an RGB image; UnreadableImage says why not."""
+def open_rgb(source, name: str | None = None, draft_size: int | None = None, info: dict | None = None) -> Image.Image:
+    """Open a path or bytes, apply EXIF orientation, return an RGB image; UnreadableImage says why not.
+    ``info``, if given, receives the file's format, mode, width and height as stored."""
     label = name or (source if isinstance(source, (str, os.PathLike)) else "<upload>")
     label = str(label)
     try:
@@ -84,6 +85,8 @@ def open_rgb(source, name: str | None = None, draft_size: int | None = None) -> 
             with Image.open(source) as img:
                 if img.format not in SUPPORTED_FORMATS:
                     raise UnreadableImage(label, f"unsupported image format {img.format}")
+                if info is not None:
+                    info.update(format=img.format, mode=img.mode, width=img.width, height=img.height)
                 if draft_size and img.format == "JPEG":
                     img.draft("RGB", (draft_size, draft_size))  # DCT-domain downscale: faster, still >= size
                 img.load()

@@ -56,3 +56,43 @@ def plot_confusion_matrix(cm, class_names: list[str], path: str, normalise: bool
             text = f"{shown[i, j]:.2f}" if normalise else f"{int(cm[i, j])}"
             ax.text(j, i, text, ha="center", va="center", color="white" if shown[i, j] > threshold else "black")
     return _save(fig, path)
+
+
+def plot_samples(samples: dict[str, list[str]], path: str, thumb: int = 160) -> str:
+    """A grid: one row per class (its name as the row title), a few of its images."""
+    from transferkit.images import UnreadableImage, load_image
+
+    names = list(samples)
+    cols = max([len(v) for v in samples.values()] + [1])
+    fig, axes = plt.subplots(len(names), cols, figsize=(2.1 * cols, 2.3 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(samples[name]):
+                try:
+                    ax.imshow(load_image(samples[name][c], thumb))
+                except UnreadableImage:
+                    continue
+            if c == 0:
+                ax.set_title(name, loc="left", fontsize=11, fontweight="bold")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_prediction(image: np.ndarray, title: str, top_k: list[dict], path: str) -> str:
+    """The photo titled 'label (probability)' beside a bar chart of the top-k probabilities."""
+    fig, (ax_img, ax_bar) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [1.2, 1]})
+    ax_img.imshow(image)
+    ax_img.axis("off")
+    ax_img.set_title(title, fontsize=13)
+    labels = [t["label"] for t in top_k][::-1]
+    values = [t["probability"] for t in top_k][::-1]
+    ax_bar.barh(range(len(labels)), values, color="tab:blue")
+    ax_bar.set_yticks(range(len(labels)), labels)
+    ax_bar.set_xlim(0, 1)
+    ax_bar.set_xlabel("probability")
+    for i, v in enumerate(values):
+        ax_bar.text(min(v + 0.02, 0.85), i, f"{v:.3f}", va="center")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -89,3 +89,21 @@ def predict(model, paths, top_k: int = 3, batch_size: int = 32) -> list[dict]:
     errors = {s["path"]: s["reason"] for s in skipped}
     return [rows.get(i) or {"path": f, "label": None, "probability": None, "top_k": [], "error": errors[f]}
             for i, f in enumerate(files)]
+
+
+def show_predictions(rows: list[dict], out: str) -> list[str]:
+    """Draw each predicted image with 'label (probability)' and its top-k bars: ``out`` for one image,
+    ``out`` with ``-1``, ``-2``, ... before the extension for several."""
+    from transferkit.images import open_rgb
+    from transferkit.plots import plot_prediction
+
+    good = [r for r in rows if not r.get("error")]
+    if not good:
+        raise TransferkitError("no readable image to show")
+    stem, ext = os.path.splitext(out)
+    written = []
+    for n, row in enumerate(good, start=1):
+        target = out if len(good) == 1 else f"{stem}-{n}{ext or '.png'}"
+        title = f"{row['label']} ({row['probability']:.3f})"
+        written.append(plot_prediction(np.asarray(open_rgb(row["path"])), title, row["top_k"], target))
+    return written

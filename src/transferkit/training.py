@@ -22,7 +22,8 @@ from transferkit.files import write_json_atomic
 from transferkit.inference import run_model
 from transferkit.heads import build_head, head_pooling
 from transferkit.metrics import compute_metrics, text_report
-from transferkit.plots import plot_confusion_matrix, plot_history
+from transferkit.plots import plot_history
+from transferkit.report import model_summary, write_report
 
 MONITOR = "val_accuracy"
 
@@ -76,7 +77,7 @@ def train(data_dir: str, test_dir: str | None = None, backbone: str = DEFAULT_BA
           learning_rate: float = 1e-3, patience: int = 8, dropout: float = 0.2, cache: bool = True,
           verbose: bool = True) -> dict:
     """Train and write ``out/model.keras``, ``history.json``, ``history.png``, ``metrics.json`` (+ test metrics and
-    ``confusion_matrix.png`` when ``test_dir`` is given). Returns the metrics dict (with ``model_path``)."""
+    ``report.html`` with its confusion matrices when ``test_dir`` is given). Returns the metrics dict (with ``model_path``)."""
     started = time.perf_counter()
     if epochs < 1:
         raise TransferkitError("--epochs must be at least 1")
@@ -164,21 +165,23 @@ def train(data_dir: str, test_dir: str | None = None, backbone: str = DEFAULT_BA
               "timing": {"feature_seconds": round(feature_seconds, 2), "head_seconds": round(head_seconds, 2)},
               "skipped": skipped}
 
+    test_metrics = None
     if test_dir:
         test = scan_folder(test_dir, class_names=data.class_names)
         f_test, kept_test, skip_test = extractor.extract(test.paths, 0, desc="test features")
-        y_test = test.labels[kept_test]
         test_probs = run_model(head_model, f_test[:, 0])
-        test_metrics = compute_metrics(y_test, test_probs, data.class_names, [test.paths[i] for i in kept_test],
-                                       test.skipped + skip_test)
+        test_metrics = compute_metrics(test.labels[kept_test], test_probs, data.class_names,
+                                       [test.paths[i] for i in kept_test], test.skipped + skip_test)
         metadata["test"] = {"accuracy": test_metrics["accuracy"], "macro_f1": test_metrics["macro_f1"]}
         result["test"] = test_metrics
-        plot_confusion_matrix(test_metrics["confusion_matrix"], data.class_names, os.path.join(out, "confusion_matrix.png"))
         say(text_report(test_metrics))
 
     modelfile.save(model, result["model_path"], metadata)
     write_json_atomic(os.path.join(out, "history.json"), {"history": history, "best_epoch": best_epoch, "monitor": MONITOR})
-    plot_history(history, os.path.join(out, "history.png"), best_epoch)
+    history_png = plot_history(history, os.path.join(out, "history.png"), best_epoch)
+    if test_metrics:
+        result["report"] = write_report(test_metrics, out, title=f"Test report: {os.path.basename(os.path.abspath(out))}",
+                                        history_png=history_png, model_info=model_summary(metadata))
     result["timing"]["total_seconds"] = round(time.perf_counter() - started, 2)
     write_json_atomic(os.path.join(out, "metrics.json"), result)
     say(f"kept epoch {best_epoch} of {len(history['loss'])}: val_accuracy {val_metrics['accuracy']:.4f}; "

@@ -1,0 +1,171 @@
+"""Dataset health check (`transferkit inspect`): class counts and imbalance, image sizes, modes and formats,
+unreadable files (the same decoder as training), exact duplicates (content hash) and near duplicates (perceptual
+hash: resized or re-encoded copies), within a class, across classes (a likely label error) and between the train
+and test folders (leakage: the test score would lie). Streams the images: memory stays bounded."""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import imagehash
+import numpy as np
+from tqdm.auto import tqdm
+
+from transferkit.dataset import scan_folder
+from transferkit.files import file_digest, write_json_atomic
+from transferkit.images import UnreadableImage, open_rgb
+
+NEAR_THRESHOLD = 6  # max differing bits of the 64-bit perceptual hash for "near duplicate"
+MAX_PAIRS = 1000  # listed; all are counted
+
+
+def _examine(path: str) -> dict:
+    """Decode one file fully (as training would) and fingerprint it."""
+    info: dict = {}
+    try:
+        img = open_rgb(path, draft_size=256, info=info)
+    except UnreadableImage as exc:
+        return {"path": path, "error": exc.reason}
+    return {"path": path, "digest": file_digest(path), "phash": int(str(imagehash.phash(img)), 16), **info}
+
+
+def _near_pairs(hashes: np.ndarray, threshold: int) -> list[tuple[int, int, int]]:
+    """All (i, j, distance) with i < j and Hamming distance <= threshold, in blocks (bounded memory)."""
+    pairs = []
+    h = hashes.astype(np.uint64)
+    block = 512
+    for start in range(0, len(h), block):
+        a = h[start : start + block]
+        dist = np.bitwise_count(a[:, None] ^ h[None, :])
+        i, j = np.nonzero(dist <= threshold)
+        i = i + start
+        keep = j > i
+        pairs.extend(zip(i[keep].tolist(), j[keep].tolist(), dist[i[keep] - start, j[keep]].tolist()))
+    return pairs
+
+
+def _kind(a: dict, b: dict) -> str:
+    if a["split"] != b["split"]:
+        return "train-test leak"
+    return "same class" if a["label"] == b["label"] else "across classes"
+
+
+def inspect_dataset(data_dir: str, test_dir: str | None = None, near_threshold: int = NEAR_THRESHOLD,
+                    progress: bool = True) -> dict:
+    """The health report of a dataset as a JSON-ready dict."""
+    train = scan_folder(data_dir, min_classes=1)
+    splits = [("train", train)]
+    if test_dir:
+        splits.append(("test", scan_folder(test_dir, class_names=train.class_names, min_classes=1)))
+    items = [(split, data.class_names[label], path) for split, data in splits for path, label in zip(data.paths, data.labels)]
+    unreadable = [dict(s, split=split) for split, data in splits for s in data.skipped]
+    records = []
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        bar = tqdm(total=len(items), desc="inspect", unit="img", disable=not progress, file=sys.stderr)
+        for (split, label, _), rec in zip(items, pool.map(_examine, [p for _, _, p in items])):
+            bar.update(1)
+            if "error" in rec:
+                unreadable.append({"path": rec["path"], "reason": rec["error"], "split": split})
+            else:
+                records.append(dict(rec, split=split, label=label))
+        bar.close()
+
+    counts = {split: {name: 0 for name in train.class_names} for split, _ in splits}
+    for r in records:
+        counts[r["split"]][r["label"]] += 1
+    train_counts = [c for c in counts["train"].values()]
+    nonzero = [c for c in train_counts if c]
+    imbalance = (max(nonzero) / min(nonzero)) if nonzero else None
+
+    exact = collections.defaultdict(list)
+    for i, r in enumerate(records):
+        exact[r["digest"]].append(i)
+    exact_groups = []
+    for members in exact.values():
+        if len(members) > 1:
+            kinds = sorted({_kind(records[a], records[b]) for a in members for b in members if a < b})
+            exact_groups.append({"kinds": kinds, "files": [{k: records[m][k] for k in ("path", "split", "label")}
+                                                           for m in members]})
+    near = []
+    near_counts = collections.Counter()
+    if records:
+        for i, j, d in _near_pairs(np.array([r["phash"] for r in records], dtype=np.uint64), near_threshold):
+            if records[i]["digest"] == records[j]["digest"]:
+                continue  # already an exact duplicate
+            kind = _kind(records[i], records[j])
+            near_counts[kind] += 1
+            if len(near) < MAX_PAIRS:
+                near.append({"kind": kind, "distance": d,
+                             "a": {k: records[i][k] for k in ("path", "split", "label")},
+                             "b": {k: records[j][k] for k in ("path", "split", "label")}})
+    exact_counts = collections.Counter(k for g in exact_groups for k in g["kinds"])
+
+    def distribution(key):
+        return dict(collections.Counter(str(r[key]) for r in records).most_common())
+
+    sizes = np.array([(r["width"], r["height"]) for r in records]) if records else np.zeros((0, 2))
+    return {
+        "data_dir": str(data_dir),
+        "test_dir": str(test_dir) if test_dir else None,
+        "class_names": train.class_names,
+        "counts": counts,
+        "n_images": len(records),
+        "imbalance_ratio": imbalance,
+        "formats": distribution("format"),
+        "modes": distribution("mode"),
+        "sizes": {
+            "min": sizes.min(axis=0).tolist() if len(sizes) else None,
+            "median": np.median(sizes, axis=0).tolist() if len(sizes) else None,
+            "max": sizes.max(axis=0).tolist() if len(sizes) else None,
+            "distinct": len({tuple(s) for s in sizes.tolist()}),
+        },
+        "unreadable": unreadable,
+        "exact_duplicates": {"groups": exact_groups, "counts": dict(exact_counts)},
+        "near_duplicates": {"threshold_bits": near_threshold, "pairs": near, "counts": dict(near_counts)},
+        "samples": {name: [r["path"] for r in records if r["label"] == name and r["split"] == "train"][:5]
+                    for name in train.class_names},
+    }
+
+
+def text_summary(report: dict) -> str:
+    """The short table a person reads."""
+    splits = list(report["counts"])
+    names = report["class_names"]
+    width = max([len(n) for n in names] + [10])
+    lines = [f"{'class':<{width}}" + "".join(f"{s:>8}" for s in splits)]
+    for name in names:
+        lines.append(f"{name:<{width}}" + "".join(f"{report['counts'][s][name]:>8}" for s in splits))
+    lines.append(f"{'total':<{width}}" + "".join(f"{sum(report['counts'][s].values()):>8}" for s in splits))
+    ratio = report["imbalance_ratio"]
+    lines.append("")
+    lines.append(f"imbalance (largest / smallest class): {ratio:.2f}" if ratio else "imbalance: n/a")
+    lines.append(f"formats: {report['formats']}   modes: {report['modes']}")
+    s = report["sizes"]
+    if s["min"]:
+        lines.append(f"sizes (w x h): min {s['min'][0]}x{s['min'][1]}, median {s['median'][0]:.0f}x{s['median'][1]:.0f}, "
+                     f"max {s['max'][0]}x{s['max'][1]} ({s['distinct']} distinct)")
+    lines.append(f"unreadable files: {len(report['unreadable'])}")
+    lines.extend(f"  {u['path']}: {u['reason']}" for u in report["unreadable"][:20])
+    ex, ne = report["exact_duplicates"], report["near_duplicates"]
+    lines.append(f"exact duplicate groups: {len(ex['groups'])} {ex['counts'] or ''}")
+    lines.append(f"near-duplicate pairs (<= {ne['threshold_bits']} bits): {sum(ne['counts'].values())} {ne['counts'] or ''}")
+    leaks = ex["counts"].get("train-test leak", 0) + ne["counts"].get("train-test leak", 0)
+    if leaks:
+        lines.append(f"WARNING: {leaks} duplicate(s) between train and test: the test score overstates accuracy")
+    if ex["counts"].get("across classes") or ne["counts"].get("across classes"):
+        lines.append("WARNING: the same picture appears under different classes: check these labels")
+    return "\n".join(lines)
+
+
+def write_inspection(report: dict, out: str) -> dict:
+    """health.json and samples.png in ``out``; returns the paths."""
+    from transferkit.plots import plot_samples
+
+    os.makedirs(out, exist_ok=True)
+    paths = {"json": os.path.join(out, "health.json"), "samples": os.path.join(out, "samples.png")}
+    write_json_atomic(paths["json"], report)
+    plot_samples(report["samples"], paths["samples"])
+    return paths
