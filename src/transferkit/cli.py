@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--near-threshold", type=int, default=6, help="perceptual-hash bits for a near duplicate")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
+    s = sub.add_parser("serve", help="web page + JSON API for MODEL on a production WSGI server (gunicorn)")
+    s.add_argument("model")
+    s.add_argument("--host", default="127.0.0.1", help="default %(default)s (this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1, help="processes, each with its own copy of the model")
+    s.add_argument("--threads", type=int, default=4, help="request threads per worker")
+    s.add_argument("--max-upload-mb", type=float, default=20.0)
+    s.add_argument("--top-k", type=int, default=3)
+
     sub.add_parser("backbones", help="list the backbones")
 
     d = sub.add_parser("demo", help="train and evaluate on scikit-learn's bundled digits (offline)")
@@ -143,6 +152,11 @@ def _run(args) -> int:
         else:
             print(text_summary(report))
             print(f"\nwrote {written['json']} and {written['samples']}")
+    elif args.command == "serve":
+        from transferkit.serve import serve
+
+        serve(args.model, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
+              max_upload_mb=args.max_upload_mb, top_k=args.top_k)
     elif args.command == "backbones":
         from transferkit.backbones import describe
 

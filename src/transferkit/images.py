@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -80,23 +79,25 @@ def open_rgb(source, name: str | None = None, draft_size: int | None = None, inf
             source = io.BytesIO(source)
         elif os.path.getsize(source) == 0:
             raise UnreadableImage(label, "empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                if img.format not in SUPPORTED_FORMATS:
-                    raise UnreadableImage(label, f"unsupported image format {img.format}")
-                if info is not None:
-                    info.update(format=img.format, mode=img.mode, width=img.width, height=img.height)
-                if draft_size and img.format == "JPEG":
-                    img.draft("RGB", (draft_size, draft_size))  # DCT-domain downscale: faster, still >= size
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return to_rgb(img)
+        with Image.open(source) as img:
+            if img.format not in SUPPORTED_FORMATS:
+                raise UnreadableImage(label, f"unsupported image format {img.format}")
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:  # Pillow only warns between 1x and 2x its limit
+                raise UnreadableImage(label, f"image too large ({img.width}x{img.height} pixels, possible "
+                                             f"decompression bomb; limit {limit})")
+            if info is not None:
+                info.update(format=img.format, mode=img.mode, width=img.width, height=img.height)
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))  # DCT-domain downscale: faster, still >= size
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
     except UnreadableImage:
         raise
     except UnidentifiedImageError:
         raise UnreadableImage(label, "not an image (unrecognised content)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise UnreadableImage(label, f"image too large, possible decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UnreadableImage(label, f"cannot decode: {_describe(exc)}") from None

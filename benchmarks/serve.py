@@ -1,0 +1,101 @@
+"""Requests/second and latency of `transferkit serve` for single-image requests at 1, 4 and 16 clients.
+
+    python benchmarks/serve.py MODEL [--image PHOTO] [--seconds 10] [--workers 1] [--threads 4]
+
+Starts a real server process on 127.0.0.1 (a free port), waits for /healthz, then each client posts one image per
+request, back to back, for the given time. Prints req/s, p50 and p95 latency per concurrency level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import requests
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_level(url: str, payload: bytes, clients: int, seconds: float) -> tuple[float, float, float, int]:
+    latencies, errors = [], [0]
+    stop = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def client():
+        with requests.Session() as s:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = s.post(url + "/api/predict", files=[("image", ("photo.jpg", payload, "image/jpeg"))], timeout=60)
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    errors[0] += r.status_code != 200
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=20)
+    return len(latencies) / elapsed, statistics.median(latencies) * 1000, q[18] * 1000, errors[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--image", help="a photo to send (default: a 640x480 synthetic JPEG)")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=4)
+    args = p.parse_args()
+    if args.image:
+        payload = open(args.image, "rb").read()
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buf, "JPEG")
+        payload = buf.getvalue()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "serve", args.model, "--port", str(port),
+                             "--workers", str(args.workers), "--threads", str(args.threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src")))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                sys.exit("server did not start")
+            time.sleep(0.5)
+        run_level(url, payload, 2, 2.0)  # warm-up
+        print(f"cpu cores: {os.cpu_count()}  image: {len(payload)} bytes  workers {args.workers} x threads {args.threads}")
+        print(f"{'clients':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7}")
+        for clients in (1, 4, 16):
+            rps, p50, p95, errors = run_level(url, payload, clients, args.seconds)
+            print(f"{clients:>8} {rps:>8.1f} {p50:>8.1f} {p95:>8.1f} {errors:>7}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

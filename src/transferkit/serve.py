@@ -1,0 +1,134 @@
+"""The web app and JSON API (`transferkit serve`): Flask behind gunicorn, the model file loaded once per worker.
+
+    GET  /             a page: pick or drop a photo, see it with its label, probability and top-k bars
+    POST /api/predict  multipart field `image` (one or several files) -> {"predictions": [...], "model": {...}}
+    GET  /api/model    class names, backbone, image size, training metrics
+    GET  /healthz      200 once the model is loaded
+
+Uploads stay in memory (never written under a client-chosen name); bodies over the limit get 413; anything that
+is not a decodable image within Pillow's pixel limit gets 400 with a one-line JSON error, and serving goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from importlib import resources
+
+import numpy as np
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from transferkit.errors import TransferkitError
+from transferkit.images import UnreadableImage, load_image
+
+DEFAULT_MAX_UPLOAD_MB = 20
+MAX_FILES = 64
+
+
+def model_info(model) -> dict:
+    """What /api/model tells about the loaded model (plain data from its metadata)."""
+    meta = model.metadata
+    return {
+        "class_names": model.class_names,
+        "backbone": meta.get("backbone"),
+        "image_size": model.image_size,
+        "validation": meta.get("validation"),
+        "test": meta.get("test"),
+        "created": meta.get("created"),
+        "transferkit_version": meta.get("transferkit_version"),
+    }
+
+
+def create_app(model_path: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, top_k: int = 3) -> Flask:
+    """A Flask app serving ``model_path``; the model is loaded and warmed up here, once. (Keras is imported here,
+    in the worker after gunicorn's fork, never in the master.)"""
+    from transferkit.prediction import load_model, rows_from_probs
+
+    model = load_model(model_path)
+    lock = threading.Lock()  # one inference at a time per worker: TensorFlow already uses every core for it
+    info = model_info(model)
+    for n in (1, 2, 4):  # trace the compiled step for small batches before the first request
+        model.predict_images(np.zeros((n, model.image_size, model.image_size, 3), np.uint8))
+    page = resources.files("transferkit").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+
+    def error(status: int, message: str):
+        return jsonify({"error": message}), status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if isinstance(exc, RequestEntityTooLarge):
+            return error(413, f"upload larger than the {max_upload_mb:g} MB limit")
+        return error(exc.code or 500, exc.description or exc.name)
+
+    @app.get("/")
+    def index():
+        return page, 200, {"Content-Type": "text/html; charset=utf-8"}
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "ok"})
+
+    @app.get("/api/model")
+    def api_model():
+        return jsonify(info)
+
+    @app.post("/api/predict")
+    def api_predict():
+        files = request.files.getlist("image")
+        if not files:
+            return error(400, "no file in multipart field 'image'")
+        if len(files) > MAX_FILES:
+            return error(400, f"at most {MAX_FILES} files per request")
+        k = request.args.get("top_k", default=top_k, type=int)
+        images, names = [], []
+        for upload in files:
+            name = os.path.basename(upload.filename or "upload")[:200]  # echoed back only, never used as a path
+            try:
+                images.append(load_image(upload.read(), model.image_size, name=name))
+            except UnreadableImage as exc:
+                return error(400, f"{name}: {exc.reason}")
+            names.append(name)
+        with lock:
+            probs = model.predict_images(np.stack(images))  # several files: one batched call
+        rows = rows_from_probs(names, probs, model.class_names, k)
+        for row in rows:
+            row["filename"] = row.pop("path")
+        return jsonify({"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}})
+
+    return app
+
+
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, threads: int = 4,
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, top_k: int = 3) -> None:
+    """Run the app on gunicorn (a production WSGI server); each worker loads the model after the fork."""
+    from gunicorn.app.base import BaseApplication
+
+    if not os.path.isfile(model_path):
+        raise TransferkitError(f"{model_path}: model file not found")
+
+    class Server(BaseApplication):
+        def load_config(self):
+            options = {
+                "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                "workers": workers,
+                "threads": threads,
+                "worker_class": "gthread",
+                "timeout": 120,
+                "graceful_timeout": 10,
+                "accesslog": None,
+                "errorlog": "-",
+                "loglevel": "warning",
+            }
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return create_app(model_path, max_upload_mb=max_upload_mb, top_k=top_k)
+
+    print(f"transferkit: serving {model_path} on http://{host}:{port}/ ({workers} worker(s) x {threads} threads)",
+          flush=True)
+    Server().run()
