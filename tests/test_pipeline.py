@@ -15,7 +15,7 @@ from transferkit.errors import TransferkitError
 from transferkit.features import FeatureExtractor
 from transferkit.heads import build_head
 from transferkit.images import load_image
-from transferkit.training import KeepBestEpoch
+from transferkit.callbacks import KeepBestEpoch
 
 from conftest import CLASSES, IMAGE_SIZE, pattern_image, write_dataset
 

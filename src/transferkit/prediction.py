@@ -11,7 +11,7 @@ import numpy as np
 
 from transferkit import modelfile
 from transferkit.errors import TransferkitError
-from transferkit.features import decode_batch
+from transferkit.images import decode_batch
 from transferkit.images import SUPPORTED_FORMATS  # noqa: F401  (documented: formats accepted)
 
 _HIDDEN = (".", "__MACOSX")
