@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-upload-mb", type=float, default=20.0)
     s.add_argument("--top-k", type=int, default=3)
 
+    x = sub.add_parser("export", help="export MODEL to ONNX, TFLite or a SavedModel (class names carried along)")
+    x.add_argument("model")
+    x.add_argument("--format", required=True, choices=["onnx", "tflite", "saved_model"])
+    x.add_argument("--quantize", default="none", choices=["none", "int8", "float16"])
+    x.add_argument("--calibration", help="photos for int8 calibration (default: the training folder)")
+    x.add_argument("--out", required=True, help="file (.onnx, .tflite) or folder (saved_model)")
+
     sub.add_parser("backbones", help="list the backbones")
 
     d = sub.add_parser("demo", help="train and evaluate on scikit-learn's bundled digits (offline)")
@@ -162,6 +169,11 @@ def _run(args) -> int:
 
         serve(args.model, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
               max_upload_mb=args.max_upload_mb, top_k=args.top_k)
+    elif args.command == "export":
+        from transferkit.export import export_model
+
+        done = export_model(args.model, args.format, args.out, quantize=args.quantize, calibration=args.calibration)
+        print(f"transferkit: exported {args.model} to {done['path']} ({done['format']}, quantize {done['quantize']})")
     elif args.command == "backbones":
         from transferkit.backbones import describe
 

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from transferkit import modelfile
 from transferkit.errors import TransferkitError
 from transferkit.images import decode_batch
 from transferkit.images import SUPPORTED_FORMATS  # noqa: F401  (documented: formats accepted)
@@ -17,8 +16,15 @@ from transferkit.images import SUPPORTED_FORMATS  # noqa: F401  (documented: for
 _HIDDEN = (".", "__MACOSX")
 
 
-def load_model(path: str) -> modelfile.LoadedModel:
-    """Load a transferkit ``.keras`` model file (class names, image size and metadata included)."""
+def load_model(path: str):
+    """Load a transferkit ``.keras`` model file, or an ``.onnx`` export (run by onnxruntime, without TensorFlow);
+    either knows its class names, image size and metadata."""
+    if str(path).lower().endswith(".onnx"):
+        from transferkit.onnx_model import load_onnx
+
+        return load_onnx(str(path))
+    from transferkit import modelfile
+
     return modelfile.load(path)
 
 
@@ -41,7 +47,7 @@ def expand_paths(items: list[str]) -> list[str]:
     return paths
 
 
-def predict_proba(model: modelfile.LoadedModel, paths: list[str], batch_size: int = 32,
+def predict_proba(model, paths: list[str], batch_size: int = 32,
                   progress: bool = False) -> tuple[np.ndarray, list[int], list[dict]]:
     """Probabilities for the files that decode: (probs (n_ok, classes), indices of ``paths`` kept, skipped)."""
     probs, kept, skipped = [], [], []
