@@ -13,6 +13,13 @@ from transferkit._version import __version__
 from transferkit.errors import TransferkitError
 
 
+def _runtime_args(parser, default: str) -> None:
+    parser.add_argument("--runtime", default=default, choices=["auto", "keras", "onnxruntime", "openvino"],
+                        help="inference engine (default %(default)s; auto = fastest installed)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="bf16 needs openvino and a CPU with native bf16; checked against fp32 (default auto)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transferkit", description="Image classifiers by transfer learning (Keras 3).")
     p.add_argument("--version", action="version", version=f"transferkit {__version__}")
@@ -38,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--unfreeze-top", type=int, default=2, help="backbone blocks to unfreeze, from the top")
     t.add_argument("--fine-tune-lr", type=float, default=1e-5)
     t.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
+    _runtime_args(t, "auto")
     t.add_argument("--out", help="run folder (default runs/<date-time>)")
     t.add_argument("--quiet", action="store_true")
 
@@ -46,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("test_dir")
     e.add_argument("--out", help="folder for metrics.json and confusion_matrix.png")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    _runtime_args(e, "auto")
 
     r = sub.add_parser("predict", help="predict image files, folders or globs")
     r.add_argument("model")
@@ -54,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     r.add_argument("--show", metavar="OUT.png", help="also draw the image(s) with label, probability and top-k bars")
+    _runtime_args(r, "auto")
 
     i = sub.add_parser("inspect", help="dataset health: counts, imbalance, unreadable files, duplicates, leakage")
     i.add_argument("data_dir")
@@ -70,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=4, help="request threads per worker")
     s.add_argument("--max-upload-mb", type=float, default=20.0)
     s.add_argument("--top-k", type=int, default=3)
+    _runtime_args(s, "auto")
 
     x = sub.add_parser("export", help="export MODEL to ONNX, TFLite or a SavedModel (class names carried along)")
     x.add_argument("model")
@@ -131,12 +142,13 @@ def _run(args) -> int:
               augment_views=args.augment_views, class_weight=args.class_weight, head=args.head, out=args.out,
               weights=args.weights, learning_rate=args.learning_rate, patience=args.patience,
               cache=not args.no_cache, fine_tune_epochs=args.fine_tune_epochs, unfreeze_top=args.unfreeze_top,
-              fine_tune_lr=args.fine_tune_lr, resume=args.resume, verbose=not args.quiet)
+              fine_tune_lr=args.fine_tune_lr, resume=args.resume, runtime=args.runtime, precision=args.precision,
+              verbose=not args.quiet)
     elif args.command == "evaluate":
         from transferkit.evaluation import evaluate
         from transferkit.metrics import text_report
 
-        metrics = evaluate(args.model, args.test_dir, out=args.out)
+        metrics = evaluate(args.model, args.test_dir, out=args.out, runtime=args.runtime, precision=args.precision)
         if args.json:
             keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
             print(json.dumps({k: metrics[k] for k in keys} | {k: v for k, v in metrics.items() if k not in keys},
@@ -146,7 +158,7 @@ def _run(args) -> int:
     elif args.command == "predict":
         from transferkit.prediction import predict
 
-        rows = predict(args.model, args.paths, top_k=args.top_k)
+        rows = predict(args.model, args.paths, top_k=args.top_k, runtime=args.runtime, precision=args.precision)
         _print_rows(rows, args.format)
         if args.show:
             from transferkit.prediction import show_predictions
@@ -168,7 +180,7 @@ def _run(args) -> int:
         from transferkit.serve import serve
 
         serve(args.model, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
-              max_upload_mb=args.max_upload_mb, top_k=args.top_k)
+              max_upload_mb=args.max_upload_mb, top_k=args.top_k, runtime=args.runtime, precision=args.precision)
     elif args.command == "export":
         from transferkit.export import export_model
 

@@ -14,30 +14,17 @@ import os
 import shutil
 import tempfile
 
-import keras
 import numpy as np
 
 from transferkit import modelfile
 from transferkit.errors import TransferkitError
 from transferkit.files import atomic_path, write_json_atomic, write_text_atomic
 from transferkit.images import UnreadableImage, load_image
+from transferkit.inference import without_resize
 
 FORMATS = ("onnx", "tflite", "saved_model")
 QUANTIZE = {"onnx": ("none", "int8", "float16"), "tflite": ("none", "int8", "float16"), "saved_model": ("none",)}
 CALIBRATION_IMAGES = 200
-
-
-def fixed_input_model(model: keras.Model, size: int) -> keras.Model:
-    """The classifier without its resize layer: input (batch, size, size, 3) RGB 0-255 -> probabilities."""
-    inputs = keras.Input((size, size, 3), name="image")
-    x = inputs
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer) or layer.name == "resize":
-            continue
-        x = layer(x)
-    fixed = keras.Model(inputs, x, name="transferkit_export")
-    fixed(np.zeros((1, size, size, 3), "float32"))  # Keras's ONNX export refuses a model never called
-    return fixed
 
 
 def calibration_images(folder: str | None, size: int, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
@@ -76,7 +63,7 @@ def export_model(model_path: str, fmt: str, out: str, quantize: str = "none", ca
         raise TransferkitError(f"--quantize {quantize} is not available for {fmt} (choose {', '.join(QUANTIZE[fmt])})")
     loaded = modelfile.load(model_path)
     size = loaded.image_size
-    fixed = fixed_input_model(loaded.keras_model, size)
+    fixed = without_resize(loaded.keras_model, size)
     metadata = dict(loaded.metadata, export={"format": fmt, "quantize": quantize,
                                              "input": f"float32 (batch, {size}, {size}, 3) RGB 0-255, resized first"})
     if quantize == "int8":

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from transferkit import augment
+from transferkit import augment, runtimes
 from transferkit.backbones import build_feature_extractor, get_spec
 from transferkit.files import atomic_path, cache_dir, file_digest
 from transferkit.images import decode_batch
-from transferkit.inference import run_model
+from transferkit.inference import without_resize
 
 FEATURE_VERSION = "1"
 
@@ -29,7 +29,8 @@ class FeatureExtractor:
     """Features of image files through one frozen backbone, with the on-disk cache."""
 
     def __init__(self, backbone: str, image_size: int | None = None, weights="imagenet", pooling: str | None = "avg",
-                 batch_size: int = 32, cache: bool = True, verbose: bool = True):
+                 batch_size: int = 32, cache: bool = True, verbose: bool = True, runtime: str = "auto",
+                 precision: str = "auto"):
         spec = get_spec(backbone)
         self.backbone = backbone
         self.image_size = int(image_size or spec.default_size)
@@ -39,7 +40,10 @@ class FeatureExtractor:
         self.verbose = verbose
         self.model = build_feature_extractor(backbone, self.image_size, weights, pooling)
         weights_id = weights if weights in (None, "imagenet") else file_digest(weights)[:16]
-        key = f"v{FEATURE_VERSION}-{backbone}-{weights_id}-{self.image_size}px-{pooling or 'map'}-{augment.RECIPE}"
+        self.model_key = f"{backbone}-{weights_id}-{self.image_size}px-{pooling or 'map'}"
+        self.runtime, self.precision = runtimes.resolve(runtime, precision)
+        self.engine: runtimes.Engine | None = None
+        key = f"v{FEATURE_VERSION}-{self.model_key}-{self.precision}-{augment.RECIPE}"
         self.cache_root: Path | None = cache_dir("features", key) if cache else None
         self.dtype = np.float32 if pooling else np.float16  # feature maps are large: half precision on disk
 
@@ -63,8 +67,17 @@ class FeatureExtractor:
                 np.save(f, feature.astype(self.dtype))
 
     def forward(self, images: np.ndarray) -> np.ndarray:
-        """Features of a batch of RGB 0-255 images through the compiled model."""
-        return run_model(self.model, images)
+        """Features of a batch of square RGB 0-255 images at the extractor's size, through the chosen engine
+        (picked, converted and, for bf16, checked against fp32 on these images at the first call)."""
+        if self.engine is None:
+            fixed = without_resize(self.model, self.image_size) if self.runtime != "keras" else self.model
+            self.engine = runtimes.build_engine(fixed, self.model_key, self.runtime, self.precision,
+                                                check_images=np.asarray(images, np.float32), verbose=self.verbose)
+            if self.verbose:
+                check = getattr(self.engine, "check_cosine", None)
+                print(f"transferkit: feature extraction on {self.engine.label}"
+                      + (f" (cosine {check:.4f} vs fp32)" if check else ""), file=sys.stderr, flush=True)
+        return self.engine(images)
 
     def extract(self, paths: list[str], views: int = 0, desc: str = "features") -> tuple[np.ndarray, list[int], list[dict]]:
         """Features of view 0 (the image itself) to ``views`` of each path: array (n_ok, views + 1, ...), the

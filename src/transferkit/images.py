@@ -4,6 +4,7 @@ converted to RGB, transparency composited on white, then resized to the model's 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 
@@ -24,24 +25,39 @@ class UnreadableImage(TransferkitError):
         self.path, self.reason = path, reason
 
 
-def sniff_format(path: str) -> str:
-    """The image format found in the file's bytes (not its name), or UnreadableImage with the reason."""
+@contextlib.contextmanager
+def _opened(source, label: str, stage: str):
+    """Pillow-open a path or bytes after the checks every reader shares (empty, format, pixel limit); any failure,
+    here or in the caller's block, becomes UnreadableImage with a short reason."""
     try:
-        if os.path.getsize(path) == 0:
-            raise UnreadableImage(path, "empty file")
-        with Image.open(path) as img:
-            fmt = img.format
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise UnreadableImage(label, "empty file")
+            source = io.BytesIO(source)
+        elif os.path.getsize(source) == 0:
+            raise UnreadableImage(label, "empty file")
+        with Image.open(source) as img:
+            if img.format not in SUPPORTED_FORMATS:
+                raise UnreadableImage(label, f"unsupported image format {img.format}")
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:  # Pillow only warns between 1x and 2x its limit
+                raise UnreadableImage(label, f"image too large ({img.width}x{img.height} pixels, possible "
+                                             f"decompression bomb; limit {limit})")
+            yield img
     except UnreadableImage:
         raise
     except UnidentifiedImageError:
-        raise UnreadableImage(path, "not an image (unrecognised content)") from None
+        raise UnreadableImage(label, "not an image (unrecognised content)") from None
     except Image.DecompressionBombError as exc:
-        raise UnreadableImage(path, f"image too large ({exc})") from None
+        raise UnreadableImage(label, f"image too large, possible decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UnreadableImage(path, f"cannot open: {_describe(exc)}") from None
-    if fmt not in SUPPORTED_FORMATS:
-        raise UnreadableImage(path, f"unsupported image format {fmt}")
-    return fmt
+        raise UnreadableImage(label, f"{stage}: {_describe(exc)}") from None
+
+
+def sniff_format(path: str) -> str:
+    """The image format found in the file's bytes (not its name), or UnreadableImage with the reason."""
+    with _opened(path, str(path), "cannot open") as img:
+        return img.format
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -70,37 +86,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def open_rgb(source, name: str | None = None, draft_size: int | None = None, info: dict | None = None) -> Image.Image:
     """Open a path or bytes, apply EXIF orientation, return an RGB image; UnreadableImage says why not.
     ``info``, if given, receives the file's format, mode, width and height as stored."""
-    label = name or (source if isinstance(source, (str, os.PathLike)) else "<upload>")
-    label = str(label)
-    try:
-        if isinstance(source, (bytes, bytearray)):
-            if not source:
-                raise UnreadableImage(label, "empty file")
-            source = io.BytesIO(source)
-        elif os.path.getsize(source) == 0:
-            raise UnreadableImage(label, "empty file")
-        with Image.open(source) as img:
-            if img.format not in SUPPORTED_FORMATS:
-                raise UnreadableImage(label, f"unsupported image format {img.format}")
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and img.width * img.height > limit:  # Pillow only warns between 1x and 2x its limit
-                raise UnreadableImage(label, f"image too large ({img.width}x{img.height} pixels, possible "
-                                             f"decompression bomb; limit {limit})")
-            if info is not None:
-                info.update(format=img.format, mode=img.mode, width=img.width, height=img.height)
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))  # DCT-domain downscale: faster, still >= size
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except UnreadableImage:
-        raise
-    except UnidentifiedImageError:
-        raise UnreadableImage(label, "not an image (unrecognised content)") from None
-    except Image.DecompressionBombError as exc:
-        raise UnreadableImage(label, f"image too large, possible decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UnreadableImage(label, f"cannot decode: {_describe(exc)}") from None
+    label = str(name or (source if isinstance(source, (str, os.PathLike)) else "<upload>"))
+    with _opened(source, label, "cannot decode") as img:
+        if info is not None:
+            info.update(format=img.format, mode=img.mode, width=img.width, height=img.height)
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))  # DCT-domain downscale: faster, still >= size
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img))
 
 
 def _describe(exc: BaseException) -> str:

@@ -16,8 +16,9 @@ import keras
 import numpy as np
 
 from transferkit.errors import TransferkitError
-from transferkit.files import atomic_path
-from transferkit.inference import run_model
+from transferkit import runtimes
+from transferkit.files import atomic_path, file_digest
+from transferkit.inference import run_model, without_resize
 
 METADATA_NAME = "transferkit.json"
 
@@ -48,10 +49,28 @@ class LoadedModel:
     image_size: int
     metadata: dict = field(default_factory=dict)
     path: str = ""
+    runtime: str = "keras"
+    precision: str = "fp32"
+    verbose: bool = False
+    _engine: object = field(default=None, repr=False)
+
+    def use_runtime(self, runtime: str = "auto", precision: str = "auto", verbose: bool = False) -> "LoadedModel":
+        """Run predictions on another engine (onnxruntime, OpenVINO; see transferkit.runtimes)."""
+        self.runtime, self.precision = runtimes.resolve(runtime, precision)
+        self.verbose, self._engine = verbose, None
+        return self
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for a batch of RGB 0-255 images (n, size, size, 3), through the compiled model."""
-        return run_model(self.keras_model, images)
+        """Probabilities for a batch of RGB 0-255 images (n, size, size, 3), through the compiled model or the
+        chosen engine (converted, and checked against fp32 for bf16, at the first call)."""
+        if self.runtime == "keras":
+            return run_model(self.keras_model, images)
+        if self._engine is None:
+            key = f"classifier-{file_digest(self.path)[:16] if self.path else id(self)}-{self.image_size}px"
+            self._engine = runtimes.build_engine(without_resize(self.keras_model, self.image_size), key, self.runtime,
+                                                 self.precision, check_images=np.asarray(images, np.float32),
+                                                 verbose=self.verbose)
+        return self._engine(images)
 
 
 def read_metadata(path: str) -> dict:

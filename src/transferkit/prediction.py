@@ -16,16 +16,18 @@ from transferkit.images import SUPPORTED_FORMATS  # noqa: F401  (documented: for
 _HIDDEN = (".", "__MACOSX")
 
 
-def load_model(path: str):
+def load_model(path: str, runtime: str = "keras", precision: str = "auto"):
     """Load a transferkit ``.keras`` model file, or an ``.onnx`` export (run by onnxruntime, without TensorFlow);
-    either knows its class names, image size and metadata."""
+    either knows its class names, image size and metadata. ``runtime`` picks the engine of a ``.keras`` model
+    (keras, onnxruntime, openvino, or auto: the fastest installed)."""
     if str(path).lower().endswith(".onnx"):
         from transferkit.onnx_model import load_onnx
 
         return load_onnx(str(path))
     from transferkit import modelfile
 
-    return modelfile.load(path)
+    model = modelfile.load(path)
+    return model if runtime == "keras" else model.use_runtime(runtime, precision)
 
 
 def expand_paths(items: list[str]) -> list[str]:
@@ -83,12 +85,12 @@ def rows_from_probs(paths: list[str], probs: np.ndarray, class_names: list[str],
     return rows
 
 
-def predict(model, paths, top_k: int = 3, batch_size: int = 32) -> list[dict]:
-    """Predict every image in ``paths`` (files, folders, globs). ``model`` is a path or a loaded model. Files that
-    cannot be read get a row with ``error`` instead of a label, in their place in the order."""
+def predict(model, paths, top_k: int = 3, batch_size: int = 32, runtime: str = "keras", precision: str = "auto") -> list[dict]:
+    """Predict every image in ``paths`` (files, folders, globs). ``model`` is a path (loaded on ``runtime``) or a
+    loaded model. Files that cannot be read get a row with ``error`` instead of a label, in their place."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    model = load_model(model, runtime, precision) if isinstance(model, (str, os.PathLike)) else model
     files = expand_paths(list(paths))
     probs, kept, skipped = predict_proba(model, files, batch_size=batch_size)
     rows = dict(zip(kept, rows_from_probs([files[i] for i in kept], probs, model.class_names, top_k)))

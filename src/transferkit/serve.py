@@ -40,12 +40,13 @@ def model_info(model) -> dict:
     }
 
 
-def create_app(model_path: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, top_k: int = 3) -> Flask:
+def create_app(model_path: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, top_k: int = 3,
+               runtime: str = "keras", precision: str = "auto") -> Flask:
     """A Flask app serving ``model_path``; the model is loaded and warmed up here, once. (Keras is imported here,
     in the worker after gunicorn's fork, never in the master.)"""
     from transferkit.prediction import load_model, rows_from_probs
 
-    model = load_model(model_path)
+    model = load_model(model_path, runtime, precision)
     lock = threading.Lock()  # one inference at a time per worker: TensorFlow already uses every core for it
     info = model_info(model)
     for n in (1, 2, 4):  # trace the compiled step for small batches before the first request
@@ -103,7 +104,8 @@ def create_app(model_path: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, to
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, threads: int = 4,
-          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, top_k: int = 3) -> None:
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, top_k: int = 3, runtime: str = "keras",
+          precision: str = "auto") -> None:
     """Run the app on gunicorn (a production WSGI server); each worker loads the model after the fork."""
     from gunicorn.app.base import BaseApplication
 
@@ -127,7 +129,8 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, workers: i
                 self.cfg.set(key, value)
 
         def load(self):
-            return create_app(model_path, max_upload_mb=max_upload_mb, top_k=top_k)
+            return create_app(model_path, max_upload_mb=max_upload_mb, top_k=top_k, runtime=runtime,
+                              precision=precision)
 
     print(f"transferkit: serving {model_path} on http://{host}:{port}/ ({workers} worker(s) x {threads} threads)",
           flush=True)

@@ -52,11 +52,12 @@ def train(data_dir: str, test_dir: str | None = None, backbone: str = DEFAULT_BA
           class_weight: str | None = "balanced", head: str = "gap", out: str | None = None, weights="imagenet",
           learning_rate: float = 1e-3, patience: int = 8, dropout: float = 0.2, cache: bool = True,
           fine_tune_epochs: int = 0, unfreeze_top: int = 2, fine_tune_lr: float = 1e-5, resume: bool = False,
-          callbacks=(), verbose: bool = True) -> dict:
+          runtime: str = "auto", precision: str = "auto", callbacks=(), verbose: bool = True) -> dict:
     """Train and write ``out/model.keras``, ``history.json``, ``history.png``, ``metrics.json`` (+ test metrics and
     ``report.html`` with its confusion matrices when ``test_dir`` is given). With ``fine_tune_epochs``, a second
     stage unfreezes the top ``unfreeze_top`` backbone blocks; ``resume`` continues an interrupted second stage in
-    ``out``. ``callbacks`` are extra Keras callbacks for the fine-tuning stage. Returns the metrics dict."""
+    ``out``. ``callbacks`` are extra Keras callbacks for the fine-tuning stage; ``runtime`` / ``precision`` pick the
+    feature-extraction engine (see transferkit.runtimes). Returns the metrics dict."""
     started = time.perf_counter()
     if epochs < 1:
         raise TransferkitError("--epochs must be at least 1")
@@ -104,7 +105,7 @@ def train(data_dir: str, test_dir: str | None = None, backbone: str = DEFAULT_BA
     else:
         pooling = head_pooling(head)
         extractor = FeatureExtractor(backbone, size, weights=weights, pooling=pooling, batch_size=batch_size,
-                                     cache=cache, verbose=verbose)
+                                     cache=cache, verbose=verbose, runtime=runtime, precision=precision)
         say(f"{len(data.paths)} images in {len(data.class_names)} classes ({len(data.skipped)} skipped); "
             f"backbone {backbone} at {size}px; {len(train_idx)} train x {augment_views + 1} views, "
             f"{len(val_idx)} validation")
@@ -142,6 +143,7 @@ def train(data_dir: str, test_dir: str | None = None, backbone: str = DEFAULT_BA
             "val_split": val_split, "seed": seed, "epochs": epochs, "batch_size": batch_size,
             "augment_views": augment_views, "class_weight": class_weight or "none", "head": head,
             "learning_rate": learning_rate, "patience": patience, "dropout": dropout, "best_epoch": best_epoch,
+            "feature_runtime": extractor.engine.label if extractor.engine else extractor.runtime,
             "epochs_run": len(history["loss"]), "n_train": int(len(y_train)), "n_val": int(len(y_val))})
         metadata["validation"] = {"accuracy": val_metrics["accuracy"], "macro_f1": val_metrics["macro_f1"]}
         result = {"model_path": model_path, "validation": val_metrics, "best_epoch": best_epoch,

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+import transferkit
+from transferkit import runtimes
+from transferkit.backbones import build_feature_extractor
+from transferkit.errors import TransferkitError
+from transferkit.features import FeatureExtractor
+from transferkit.inference import run_model, without_resize
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def photos():
+    pics = (skdata.chelsea(), skdata.coffee(), skdata.astronaut(), skdata.rocket(), skdata.immunohistochemistry())
+    return np.stack([np.asarray(Image.fromarray(p).resize((SIZE, SIZE))) for p in pics]).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def reference(photos):
+    extractor = without_resize(build_feature_extractor("efficientnet_lite0", SIZE), SIZE)
+    return extractor, run_model(extractor, photos)
+
+
+PATHS = [("keras", "fp32", 0.99999), ("onnxruntime", "fp32", 0.99999), ("openvino", "fp32", 0.99999),
+         ("openvino", "bf16", runtimes.MIN_COSINE)]
+
+
+@pytest.mark.parametrize("runtime,precision,bound", PATHS)
+def test_each_runtime_matches_keras_fp32_on_real_photos(runtime, precision, bound, photos, reference):
+    if not runtimes.installed(runtime):
+        pytest.skip(f"{runtime} not installed")
+    if precision == "bf16" and not runtimes.native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    extractor, expected = reference
+    engine = runtimes.build_engine(extractor, f"test-lite0-{SIZE}", runtime, precision, check_images=photos,
+                                   verbose=False)
+    assert (engine.runtime, engine.precision) == (runtime, precision)
+    got = engine(photos)
+    cos = runtimes.cosine(got, expected)
+    print(f"{runtime} {precision}: cosine {cos:.6f} vs keras fp32")
+    assert cos >= bound
+
+
+def test_auto_resolution_and_clear_errors():
+    runtime, precision = runtimes.resolve("auto", "auto")
+    assert runtime in ("openvino", "onnxruntime", "keras")
+    assert precision == ("bf16" if runtime == "openvino" and runtimes.native_bf16() else "fp32")
+    with pytest.raises(TransferkitError, match="bf16 needs --runtime openvino"):
+        runtimes.resolve("onnxruntime", "bf16")
+    with pytest.raises(TransferkitError, match="--runtime must be one of"):
+        runtimes.resolve("tensorrt", "auto")
+
+
+def test_low_precision_that_drifts_falls_back_to_fp32(photos, monkeypatch, capsys):
+    if not (runtimes.installed("openvino") and runtimes.native_bf16()):
+        pytest.skip("needs openvino on a CPU with native bf16")
+    monkeypatch.setattr(runtimes, "MIN_COSINE", 1.01)  # no bf16 result can pass: the fallback must engage
+    fx = FeatureExtractor("efficientnet_lite0", SIZE, runtime="openvino", precision="bf16", cache=False)
+    fx.forward(photos)
+    assert fx.engine.label == "openvino fp32"
+    assert "drifts from fp32" in capsys.readouterr().err
+
+
+def test_training_on_keras_and_auto_runtimes_agree(dataset, tmp_path):
+    kw = dict(image_size=64, epochs=10, augment_views=1, verbose=False)
+    a = transferkit.train(dataset[0], out=str(tmp_path / "keras"), runtime="keras", **kw)
+    b = transferkit.train(dataset[0], out=str(tmp_path / "auto"), runtime="auto", **kw)
+    ra = transferkit.predict(a["model_path"], dataset[1])
+    rb = transferkit.predict(b["model_path"], dataset[1], runtime="auto")
+    agreement = np.mean([x["label"] == y["label"] for x, y in zip(ra, rb)])
+    assert agreement >= 0.99
