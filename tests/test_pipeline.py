@@ -179,3 +179,23 @@ def test_flatten_head_option_trains(dataset, tmp_path):
     assert model.metadata["training"]["head"] == "flatten-256-128"
     rows = transferkit.predict(model, os.path.join(dataset[1], CLASSES[2]))
     assert len(rows) == 6 and all(r["label"] in CLASSES for r in rows)
+
+
+def test_head_fit_honours_class_weights():
+    """A class weighted 0 contributes no loss, so the head never learns it; unweighted, it is learned."""
+    from transferkit.training import _fit_head
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 3
+    y = np.repeat(np.arange(3), 40)
+    x = (centres[y] + rng.normal(size=(120, 16))).astype("float32")
+
+    def class0_recall(class_weight):
+        keras.utils.set_random_seed(0)
+        head = build_head("gap", (16,), 3, dropout=0.0)
+        _fit_head(head, x, y, x[:30], y[:30], epochs=15, batch_size=16, learning_rate=1e-2,
+                  class_weight=class_weight, seed=0, callbacks=[])
+        return float(np.mean(np.argmax(head.predict(x[y == 0], verbose=0), axis=1) == 0))
+
+    assert class0_recall(None) >= 0.9
+    assert class0_recall({0: 0.0, 1: 1.0, 2: 1.0}) <= 0.1

@@ -32,6 +32,23 @@ def _flatten_views(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     return features.reshape((n * v,) + features.shape[2:]), np.repeat(labels, v)
 
 
+def _fit_head(head_model: keras.Model, x_train, y_train, x_val, y_val, epochs: int, batch_size: int,
+              learning_rate: float, class_weight: dict | None, seed: int, callbacks: list):
+    """Fit the head on in-memory features. The data is tiny, so Keras's per-step and per-epoch overheads dominate:
+    a tf.data pipeline built once (seeded reshuffle every epoch) and a whole epoch per compiled call make it
+    several times faster than ``fit`` on numpy arrays, with the same batches, optimiser and callbacks."""
+    import tensorflow as tf
+
+    steps = -(-len(x_train) // batch_size)
+    head_model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                       metrics=["accuracy"], steps_per_execution=steps)
+    train_ds = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
+                .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True).batch(batch_size).prefetch(2))
+    val_ds = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(batch_size)
+    return head_model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=class_weight,
+                          shuffle=False, callbacks=callbacks, verbose=0)  # shuffled by the dataset
+
+
 def _metadata(data, data_dir, backbone, weights, size, options: dict) -> dict:
     return {
         "format": "transferkit-model/1",
@@ -126,13 +143,11 @@ def train(data_dir: str, test_dir: str | None = None, backbone: str = DEFAULT_BA
 
         keras.utils.set_random_seed(seed)
         head_model = build_head(head, x_train.shape[1:], len(data.class_names), dropout=dropout)
-        head_model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
-                           metrics=["accuracy"])
         keeper = KeepBestEpoch(MONITOR, "val_loss", patience)
         t0 = time.perf_counter()
-        fit = head_model.fit(x_train, y_train_views, validation_data=(x_val, y_val), epochs=epochs,
-                             batch_size=batch_size, class_weight=weights_by_class, shuffle=True,
-                             callbacks=[keeper] + ([ProgressLine()] if verbose else []), verbose=0)
+        fit = _fit_head(head_model, x_train, y_train_views, x_val, y_val, epochs=epochs, batch_size=batch_size,
+                        learning_rate=learning_rate, class_weight=weights_by_class, seed=seed,
+                        callbacks=[keeper] + ([ProgressLine()] if verbose else []))
         head_seconds = time.perf_counter() - t0
         history = {k: [float(x) for x in v] for k, v in fit.history.items()}
         best_epoch = keeper.best_epoch
