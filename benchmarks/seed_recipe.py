@@ -24,7 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["TRANSFERKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="tk-bench-cache-")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 import transferkit  # noqa: E402
 from transferkit.backbones import build_backbone  # noqa: E402

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -65,6 +66,37 @@ def test_low_precision_that_drifts_falls_back_to_fp32(photos, monkeypatch, capsy
     assert "drifts from fp32" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_conversion_that_disagrees_with_keras_falls_back_to_keras(runtime, photos, monkeypatch, capsys):
+    if not runtimes.installed(runtime):
+        pytest.skip(f"{runtime} not installed")
+    monkeypatch.setattr(runtimes, "FP32_COSINE", 1.01)  # no converted model can pass: the fallback must engage
+    fx = FeatureExtractor("efficientnet_lite0", SIZE, runtime=runtime, precision="fp32", cache=False)
+    features = fx.forward(photos)
+    assert fx.engine.label == "keras fp32"
+    assert f"{runtime} fp32 disagrees with keras" in capsys.readouterr().err
+    np.testing.assert_allclose(features, run_model(without_resize(fx.model, SIZE), photos),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_auto_keeps_keras_where_keras_measured_faster(photos, reference, monkeypatch, capsys):
+    runtime, _ = runtimes.resolve()
+    if runtime == "keras":
+        pytest.skip("no fast runtime installed")
+    extractor, expected = reference
+    # the speeds measured once per model: make Keras the faster one, as it is for MobileNetV3 on OpenVINO
+    monkeypatch.setattr(runtimes, "_speed", lambda engine, images: 1000.0 if engine.runtime == "keras" else 10.0)
+    auto = runtimes.build_engine(extractor, f"test-speed-{SIZE}", "auto", "auto", check_images=photos)
+    assert auto.label == "keras fp32"
+    assert "keras fp32 is faster than" in capsys.readouterr().err
+    # asked for by name, the runtime is used anyway; and the verdict (cached) is the same on the next run
+    named = runtimes.build_engine(extractor, f"test-speed-{SIZE}", runtime, "fp32", check_images=photos)
+    assert named.runtime == runtime
+    monkeypatch.undo()
+    again = runtimes.build_engine(extractor, f"test-speed-{SIZE}", "auto", "auto", check_images=photos, verbose=False)
+    assert again.label == "keras fp32"
+
+
 def test_training_on_keras_and_auto_runtimes_agree(dataset, tmp_path):
     kw = dict(image_size=64, epochs=10, augment_views=1, verbose=False)
     a = transferkit.train(dataset[0], out=str(tmp_path / "keras"), runtime="keras", **kw)
@@ -73,3 +105,29 @@ def test_training_on_keras_and_auto_runtimes_agree(dataset, tmp_path):
     rb = transferkit.predict(b["model_path"], dataset[1], runtime="auto")
     agreement = np.mean([x["label"] == y["label"] for x, y in zip(ra, rb)])
     assert agreement >= 0.99
+
+
+def test_adapted_normalization_exports_as_constants(photos, tmp_path):
+    """Keras's adapted Normalization (the stem of EfficientNet B*) used to become two extra ONNX inputs; now its
+    mean and variance are constants of the graph and onnxruntime computes what Keras computes."""
+    import onnxruntime as ort
+
+    from transferkit.keras_onnx import save_onnx
+
+    norm = keras.layers.Normalization(axis=-1)
+    norm.adapt(photos)
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(norm(inputs)))
+    expected = run_model(model, photos)
+    assert np.abs(expected).max() > 0.1  # the statistics matter to the output
+    save_onnx(model, tmp_path / "norm.onnx")
+    session = ort.InferenceSession(str(tmp_path / "norm.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    np.testing.assert_allclose(session.run(None, {"image": photos})[0], expected, atol=1e-5)
+    assert norm.mean is not norm.adapt_mean  # the layer is left as it was
+
+    # and the registry's EfficientNetB0 now runs on the fast runtimes instead of falling back to Keras
+    extractor = without_resize(build_feature_extractor("efficientnet_b0", SIZE, weights=None), SIZE)
+    save_onnx(extractor, tmp_path / "effb0.onnx")
+    session = ort.InferenceSession(str(tmp_path / "effb0.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]

@@ -21,6 +21,7 @@ from transferkit.errors import TransferkitError
 from transferkit.files import atomic_path, write_json_atomic, write_text_atomic
 from transferkit.images import UnreadableImage, load_image
 from transferkit.inference import without_resize
+from transferkit.keras_onnx import save_onnx
 
 FORMATS = ("onnx", "tflite", "saved_model")
 QUANTIZE = {"onnx": ("none", "int8", "float16"), "tflite": ("none", "int8", "float16"), "saved_model": ("none",)}
@@ -81,7 +82,7 @@ def export_model(model_path: str, fmt: str, out: str, quantize: str = "none", ca
             shutil.move(staged, out)
         elif fmt == "onnx":
             staged = os.path.join(work, "model.onnx")
-            fixed.export(staged, format="onnx", verbose=False)
+            save_onnx(fixed, staged)
             if quantize == "int8":
                 staged = _onnx_int8(staged, samples, work)
             elif quantize == "float16":

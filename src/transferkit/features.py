@@ -76,7 +76,7 @@ class FeatureExtractor:
             if self.verbose:
                 check = getattr(self.engine, "check_cosine", None)
                 print(f"transferkit: feature extraction on {self.engine.label}"
-                      + (f" (cosine {check:.4f} vs fp32)" if check else ""), file=sys.stderr, flush=True)
+                      + (f" (cosine {check:.4f} vs keras fp32)" if check else ""), file=sys.stderr, flush=True)
         return self.engine(images)
 
     def extract(self, paths: list[str], views: int = 0, desc: str = "features") -> tuple[np.ndarray, list[int], list[dict]]:

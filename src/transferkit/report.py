@@ -10,7 +10,6 @@ import io
 import os
 
 import numpy as np
-from PIL import Image
 
 from transferkit.files import write_text_atomic
 from transferkit.images import UnreadableImage, open_rgb

@@ -3,8 +3,11 @@ the whole classifier for prediction): Keras's compiled predict step, onnxruntime
 
 ``auto`` picks the fastest engine that is installed and safe here: OpenVINO in bf16 only where the CPU computes
 bf16 natively (AVX512-BF16 or AMX), else OpenVINO fp32, else onnxruntime, else Keras. A lower precision is
-checked once per model against fp32 on real images (the user's own) and dropped, with a one-line notice, if the
-output cosine falls below 0.995. Converted models are cached (ONNX files keyed like the feature cache).
+checked once per model against Keras fp32 on real images (the user's own) and dropped, with a one-line notice, if
+the output cosine falls below 0.995; the converted fp32 model is checked the same way (cosine >= 0.9999), so that
+a converter bug falls back to Keras instead of giving wrong features. Converted models and the verdicts are cached
+(ONNX files keyed like the feature cache). ``auto`` also times the engine against Keras on those images once and
+keeps Keras where Keras is faster (MobileNetV3 here: its converted graph runs slower in OpenVINO).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,10 +26,13 @@ import numpy as np
 from transferkit.errors import TransferkitError
 from transferkit.files import atomic_path, cache_dir, write_json_atomic
 from transferkit.inference import run_model
+from transferkit.keras_onnx import save_onnx
 
 RUNTIMES = ("auto", "keras", "onnxruntime", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16")
-MIN_COSINE = 0.995
+MIN_COSINE = 0.995  # a lower precision (bf16) vs Keras fp32
+FP32_COSINE = 0.9999  # a converted fp32 model vs Keras fp32: the same computation, up to rounding
+CONVERSION = "c2"  # part of the cached files' names: a fixed converter (c2: Normalization constants) redoes them
 
 
 @dataclass
@@ -82,12 +89,11 @@ def resolve(runtime: str = "auto", precision: str = "auto") -> tuple[str, str]:
 
 def onnx_file(model: keras.Model, key: str) -> str:
     """The model as ONNX, converted once and cached under ``key``."""
-    path = cache_dir("runtimes") / f"{key}.onnx"
+    path = cache_dir("runtimes") / f"{key}-{CONVERSION}.onnx"
     if not path.exists():
-        model(np.zeros((1,) + tuple(model.input.shape[1:]), "float32"))  # Keras refuses to export a never-called model
         with atomic_path(path, suffix=".onnx") as tmp:
-            os.unlink(tmp)
-            model.export(str(tmp), format="onnx", verbose=False)
+            os.unlink(tmp)  # the exporter writes the file itself
+            save_onnx(model, tmp)
     return str(path)
 
 
@@ -127,34 +133,62 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(num / den))
 
 
+def _speed(engine: Engine, images: np.ndarray, repeats: int = 3) -> float:
+    """Images per second of ``engine`` on ``images`` (best of ``repeats`` calls; the caller has warmed it up)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine(images)
+        best = min(best, time.perf_counter() - start)
+    return len(images) / best
+
+
+def _verdict(engine: Engine, keras_engine: Engine, sample: np.ndarray, path) -> dict:
+    """Cosine of ``engine`` vs Keras fp32 on ``sample``, and both speeds; measured once per model and cached."""
+    if path.exists():
+        return json.loads(path.read_text())
+    expected = keras_engine(sample)  # also warms up Keras's compiled step for the timing
+    verdict = {"cosine": cosine(engine(sample), expected), "images": int(len(sample)),
+               "img_per_s": {"engine": _speed(engine, sample), "keras": _speed(keras_engine, sample)}}
+    write_json_atomic(path, verdict)
+    return verdict
+
+
 def build_engine(model: keras.Model, key: str, runtime: str = "auto", precision: str = "auto",
                  check_images: np.ndarray | None = None, verbose: bool = True) -> Engine:
-    """An engine for ``model`` (fixed input); bf16 is verified against Keras fp32 on ``check_images``."""
+    """An engine for ``model`` (fixed input). With ``check_images``, its outputs are compared once with Keras fp32
+    on them: a lower precision that drifts falls back to fp32, a conversion that disagrees falls back to Keras, and
+    ``auto`` keeps Keras where it measured faster for this model."""
+    asked_auto = runtime == "auto"
     runtime, precision = resolve(runtime, precision)
     keras_engine = Engine("keras", "fp32", lambda x: run_model(model, x))
     if runtime == "keras":
         return keras_engine
+    sample = None if check_images is None or not len(check_images) else np.asarray(check_images[:8], np.float32)
     try:
         path = onnx_file(model, key)
-        run = _onnxruntime(path) if runtime == "onnxruntime" else _openvino(path, precision)
+        for candidate in dict.fromkeys((precision, "fp32")):
+            engine = Engine(runtime, candidate, _onnxruntime(path) if runtime == "onnxruntime" else
+                            _openvino(path, candidate))
+            if sample is None:
+                return engine
+            verdict = _verdict(engine, keras_engine, sample,
+                               cache_dir("runtimes") / f"{key}-{CONVERSION}-{runtime}-{candidate}.check.json")
+            bound = FP32_COSINE if candidate == "fp32" else MIN_COSINE
+            if verdict["cosine"] >= bound:
+                speed = verdict["img_per_s"]
+                if asked_auto and speed["keras"] > speed["engine"]:
+                    _notice(verbose, f"keras fp32 is faster than {engine.label} for this model ({speed['keras']:.0f} "
+                                     f"vs {speed['engine']:.0f} img/s); using keras fp32")
+                    return keras_engine
+                engine.check_cosine = verdict["cosine"]
+                return engine
+            fallback = f"{runtime} fp32" if candidate != "fp32" else "keras fp32"
+            what = "drifts from fp32" if candidate != "fp32" else "disagrees with keras"
+            _notice(verbose, f"{runtime} {candidate} {what} (cosine {verdict['cosine']:.4f} < {bound}); using {fallback}")
     except Exception as exc:  # a converter or runtime that cannot take this model: Keras still can
         _notice(verbose, f"{runtime} cannot run {key} ({str(exc).splitlines()[0] if str(exc) else exc!r}); using keras fp32")
-        return keras_engine
-    engine = Engine(runtime, precision, run)
-    if precision != "fp32" and check_images is not None and len(check_images):
-        verdict_file = cache_dir("runtimes") / f"{key}-{runtime}-{precision}.check.json"
-        if verdict_file.exists():
-            verdict = json.loads(verdict_file.read_text())
-        else:
-            sample = np.asarray(check_images[:8], dtype=np.float32)
-            verdict = {"cosine": cosine(engine(sample), keras_engine(sample)), "images": int(len(sample))}
-            write_json_atomic(verdict_file, verdict)
-        if verdict["cosine"] < MIN_COSINE:
-            _notice(verbose, f"{runtime} {precision} drifts from fp32 (cosine {verdict['cosine']:.4f} < {MIN_COSINE}); "
-                             f"using {runtime} fp32")
-            return Engine(runtime, "fp32", _onnxruntime(path) if runtime == "onnxruntime" else _openvino(path, "fp32"))
-        engine.check_cosine = verdict["cosine"]
-    return engine
+    return keras_engine
 
 
 def _notice(verbose: bool, message: str) -> None:
