@@ -144,3 +144,26 @@ def test_offline_download_gives_one_line_error_naming_the_offline_default(tmp_pa
     assert len(errors) == 1
     assert "efficientnet_lite0" in errors[0] and "--weights PATH" in errors[0]
     assert not (tmp_path / "run" / "model.keras").exists()
+
+
+def test_convnext_per_channel_convs_become_depthwise_with_the_same_outputs():
+    """TF runs ConvNeXt's grouped 7x7 convolutions ~5x slower than the DepthwiseConv2D they are equal to."""
+    from transferkit.backbones import depthwise_for_grouped
+
+    keras.utils.set_random_seed(1)
+    app = keras.applications.ConvNeXtTiny(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
+    grouped = [layer for layer in app.layers if isinstance(layer, keras.layers.Conv2D) and layer.groups > 1]
+    assert len(grouped) == 18
+    fast = depthwise_for_grouped(app)
+    assert not any(isinstance(layer, keras.layers.Conv2D) and layer.groups > 1 for layer in fast.layers)
+    assert sum(isinstance(layer, keras.layers.DepthwiseConv2D) for layer in fast.layers) == 18
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = app.predict(x, verbose=0)
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(fast.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-4)
+    assert fast.name == app.name
+    assert [layer.name for layer in fast.layers[1:]] == [layer.name for layer in app.layers[1:]]  # fine-tuning blocks
+    # the registry's convnext_tiny is built that way
+    extractor = build_feature_extractor("convnext_tiny", image_size=32, weights=None)
+    assert not any(isinstance(layer, keras.layers.Conv2D) and layer.groups > 1
+                   for layer in extractor.get_layer("convnext_tiny").layers)
