@@ -14,7 +14,7 @@ from transferkit.health import inspect_dataset
 from transferkit.prediction import show_predictions
 
 from browser import chromium, save_screenshot
-from conftest import CLASSES, pattern_image, write_dataset
+from conftest import CLASSES, write_dataset
 
 
 @pytest.fixture()
