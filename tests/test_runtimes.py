@@ -97,6 +97,27 @@ def test_auto_keeps_keras_where_keras_measured_faster(photos, reference, monkeyp
     assert again.label == "keras fp32"
 
 
+def test_random_weights_are_never_cached(photos):
+    """weights=None differ in every process: a cached conversion or cached features of them would be another
+    model's. Each uncached engine computes its own model."""
+    from transferkit.files import cache_dir
+
+    before = set(cache_dir().rglob("*"))
+    fx = FeatureExtractor("efficientnet_lite0", SIZE, weights=None, runtime="auto")
+    assert fx.model_key is None and fx.cache_root is None
+    fx.forward(photos)
+    assert set(cache_dir().rglob("*")) == before
+    if runtimes.resolve()[0] == "keras":
+        return
+    for seed in (1, 2):  # two different small models, converted without a key: each engine runs its own
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((SIZE, SIZE, 3))
+        model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3)(inputs)))
+        engine = runtimes.build_engine(model, None, runtimes.resolve()[0], "fp32")
+        np.testing.assert_allclose(engine(photos), run_model(model, photos), rtol=1e-4, atol=1e-3)
+    assert set(cache_dir().rglob("*")) == before
+
+
 def test_training_on_keras_and_auto_runtimes_agree(dataset, tmp_path):
     kw = dict(image_size=64, epochs=10, augment_views=1, verbose=False)
     a = transferkit.train(dataset[0], out=str(tmp_path / "keras"), runtime="keras", **kw)

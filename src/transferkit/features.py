@@ -39,12 +39,13 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.verbose = verbose
         self.model = build_feature_extractor(backbone, self.image_size, weights, pooling)
-        weights_id = weights if weights in (None, "imagenet") else file_digest(weights)[:16]
-        self.model_key = f"{backbone}-{weights_id}-{self.image_size}px-{pooling or 'map'}"
+        # random weights (weights=None, for tests) differ in every process: nothing of them is cached
+        weights_id = "imagenet" if weights == "imagenet" else None if weights is None else file_digest(weights)[:16]
+        self.model_key = weights_id and f"{backbone}-{weights_id}-{self.image_size}px-{pooling or 'map'}"
         self.runtime, self.precision = runtimes.resolve(runtime, precision)
         self.engine: runtimes.Engine | None = None
         key = f"v{FEATURE_VERSION}-{self.model_key}-{self.precision}-{augment.RECIPE}"
-        self.cache_root: Path | None = cache_dir("features", key) if cache else None
+        self.cache_root: Path | None = cache_dir("features", key) if cache and self.model_key else None
         self.dtype = np.float32 if pooling else np.float16  # feature maps are large: half precision on disk
 
     def _cache_file(self, digest: str, view: int) -> Path:

@@ -12,10 +12,12 @@ keeps Keras where Keras is faster (MobileNetV3 here: its converted graph runs sl
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -87,14 +89,21 @@ def resolve(runtime: str = "auto", precision: str = "auto") -> tuple[str, str]:
     return runtime, precision
 
 
-def onnx_file(model: keras.Model, key: str) -> str:
-    """The model as ONNX, converted once and cached under ``key``."""
+@contextlib.contextmanager
+def onnx_file(model: keras.Model, key: str | None):
+    """The model as an ONNX file: converted once and cached under ``key``, or, for a model that has no stable
+    identity (``key=None``: random weights), converted into a temporary folder that is removed afterwards."""
+    if key is None:
+        with tempfile.TemporaryDirectory(prefix="transferkit-onnx-") as folder:
+            save_onnx(model, os.path.join(folder, "model.onnx"))
+            yield os.path.join(folder, "model.onnx")
+        return
     path = cache_dir("runtimes") / f"{key}-{CONVERSION}.onnx"
     if not path.exists():
         with atomic_path(path, suffix=".onnx") as tmp:
             os.unlink(tmp)  # the exporter writes the file itself
             save_onnx(model, tmp)
-    return str(path)
+    yield str(path)
 
 
 def _onnxruntime(path: str) -> Callable:
@@ -144,19 +153,26 @@ def _speed(engine: Engine, images: np.ndarray, repeats: int = 3) -> float:
 
 
 def _verdict(engine: Engine, keras_engine: Engine, sample: np.ndarray, path) -> dict:
-    """Cosine of ``engine`` vs Keras fp32 on ``sample``, and both speeds; measured once per model and cached."""
-    if path.exists():
-        return json.loads(path.read_text())
+    """Cosine of ``engine`` vs Keras fp32 on ``sample``, and both speeds; measured once per model and cached in
+    ``path`` (None: not cached)."""
+    try:
+        cached = json.loads(path.read_text()) if path is not None else {}
+        if isinstance(cached.get("cosine"), float) and {"engine", "keras"} <= set(cached.get("img_per_s", {})):
+            return cached
+    except (OSError, ValueError, AttributeError):
+        pass  # absent, damaged or from an older version: measure again
     expected = keras_engine(sample)  # also warms up Keras's compiled step for the timing
     verdict = {"cosine": cosine(engine(sample), expected), "images": int(len(sample)),
                "img_per_s": {"engine": _speed(engine, sample), "keras": _speed(keras_engine, sample)}}
-    write_json_atomic(path, verdict)
+    if path is not None:
+        write_json_atomic(path, verdict)
     return verdict
 
 
-def build_engine(model: keras.Model, key: str, runtime: str = "auto", precision: str = "auto",
+def build_engine(model: keras.Model, key: str | None, runtime: str = "auto", precision: str = "auto",
                  check_images: np.ndarray | None = None, verbose: bool = True) -> Engine:
-    """An engine for ``model`` (fixed input). With ``check_images``, its outputs are compared once with Keras fp32
+    """An engine for ``model`` (fixed input); ``key`` names its cached conversion (None: not cached, for models
+    without a stable identity such as random weights). With ``check_images``, its outputs are compared once with Keras fp32
     on them: a lower precision that drifts falls back to fp32, a conversion that disagrees falls back to Keras, and
     ``auto`` keeps Keras where it measured faster for this model."""
     asked_auto = runtime == "auto"
@@ -166,26 +182,27 @@ def build_engine(model: keras.Model, key: str, runtime: str = "auto", precision:
         return keras_engine
     sample = None if check_images is None or not len(check_images) else np.asarray(check_images[:8], np.float32)
     try:
-        path = onnx_file(model, key)
-        for candidate in dict.fromkeys((precision, "fp32")):
-            engine = Engine(runtime, candidate, _onnxruntime(path) if runtime == "onnxruntime" else
-                            _openvino(path, candidate))
-            if sample is None:
-                return engine
-            verdict = _verdict(engine, keras_engine, sample,
-                               cache_dir("runtimes") / f"{key}-{CONVERSION}-{runtime}-{candidate}.check.json")
-            bound = FP32_COSINE if candidate == "fp32" else MIN_COSINE
-            if verdict["cosine"] >= bound:
-                speed = verdict["img_per_s"]
-                if asked_auto and speed["keras"] > speed["engine"]:
-                    _notice(verbose, f"keras fp32 is faster than {engine.label} for this model ({speed['keras']:.0f} "
-                                     f"vs {speed['engine']:.0f} img/s); using keras fp32")
-                    return keras_engine
-                engine.check_cosine = verdict["cosine"]
-                return engine
-            fallback = f"{runtime} fp32" if candidate != "fp32" else "keras fp32"
-            what = "drifts from fp32" if candidate != "fp32" else "disagrees with keras"
-            _notice(verbose, f"{runtime} {candidate} {what} (cosine {verdict['cosine']:.4f} < {bound}); using {fallback}")
+        with onnx_file(model, key) as path:
+            for candidate in dict.fromkeys((precision, "fp32")):
+                engine = Engine(runtime, candidate, _onnxruntime(path) if runtime == "onnxruntime" else
+                                _openvino(path, candidate))
+                if sample is None:
+                    return engine
+                verdict = _verdict(engine, keras_engine, sample, None if key is None else
+                                   cache_dir("runtimes") / f"{key}-{CONVERSION}-{runtime}-{candidate}.check.json")
+                bound = FP32_COSINE if candidate == "fp32" else MIN_COSINE
+                if verdict["cosine"] >= bound:
+                    speed = verdict["img_per_s"]
+                    if asked_auto and speed["keras"] > speed["engine"]:
+                        _notice(verbose, f"keras fp32 is faster than {engine.label} for this model "
+                                         f"({speed['keras']:.0f} vs {speed['engine']:.0f} img/s); using keras fp32")
+                        return keras_engine
+                    engine.check_cosine = verdict["cosine"]
+                    return engine
+                fallback = f"{runtime} fp32" if candidate != "fp32" else "keras fp32"
+                what = "drifts from fp32" if candidate != "fp32" else "disagrees with keras"
+                _notice(verbose, f"{runtime} {candidate} {what} (cosine {verdict['cosine']:.4f} < {bound}); "
+                                 f"using {fallback}")
     except Exception as exc:  # a converter or runtime that cannot take this model: Keras still can
         _notice(verbose, f"{runtime} cannot run {key} ({str(exc).splitlines()[0] if str(exc) else exc!r}); using keras fp32")
     return keras_engine
