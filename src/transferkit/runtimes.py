@@ -172,9 +172,9 @@ def _verdict(engine: Engine, keras_engine: Engine, sample: np.ndarray, path) -> 
 def build_engine(model: keras.Model, key: str | None, runtime: str = "auto", precision: str = "auto",
                  check_images: np.ndarray | None = None, verbose: bool = True) -> Engine:
     """An engine for ``model`` (fixed input); ``key`` names its cached conversion (None: not cached, for models
-    without a stable identity such as random weights). With ``check_images``, its outputs are compared once with Keras fp32
-    on them: a lower precision that drifts falls back to fp32, a conversion that disagrees falls back to Keras, and
-    ``auto`` keeps Keras where it measured faster for this model."""
+    without a stable identity such as random weights). With ``check_images``, its outputs are compared once with
+    Keras fp32 on them: a lower precision that drifts falls back to fp32, a conversion that disagrees falls back
+    to Keras, and ``auto`` keeps Keras where it measured faster for this model."""
     asked_auto = runtime == "auto"
     runtime, precision = resolve(runtime, precision)
     keras_engine = Engine("keras", "fp32", lambda x: run_model(model, x))
@@ -204,7 +204,7 @@ def build_engine(model: keras.Model, key: str | None, runtime: str = "auto", pre
                 _notice(verbose, f"{runtime} {candidate} {what} (cosine {verdict['cosine']:.4f} < {bound}); "
                                  f"using {fallback}")
     except Exception as exc:  # a converter or runtime that cannot take this model: Keras still can
-        _notice(verbose, f"{runtime} cannot run {key} ({str(exc).splitlines()[0] if str(exc) else exc!r}); using keras fp32")
+        _notice(verbose, f"{runtime} cannot run {key or 'this model'} ({str(exc).splitlines()[0] if str(exc) else exc!r}); using keras fp32")
     return keras_engine
 
 
