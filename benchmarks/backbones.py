@@ -52,8 +52,8 @@ def engine_for(model: keras.Model, key: str | None, weights: str, images: np.nda
     engine = runtimes.build_engine(model, key, "auto", "auto", check_images=images, verbose=False)
     if engine.runtime == "keras" and weights == "None":
         unchecked = runtimes.build_engine(model, key, "auto", "auto", verbose=False)
-        bound = runtimes.MIN_COSINE if unchecked.precision != "fp32" else runtimes.FP32_COSINE
-        if unchecked.runtime != "keras" and runtimes.cosine(unchecked(images[:8]), run_model(model, images[:8])) < bound:
+        cos = runtimes.cosine(unchecked(images[:8]), run_model(model, images[:8]))
+        if unchecked.runtime != "keras" and cos < runtimes.min_cosine(unchecked.precision):
             return unchecked, "*"  # refused for its (noise) features, not for its speed
     return engine, ""
 

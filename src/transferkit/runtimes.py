@@ -142,6 +142,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(num / den))
 
 
+def min_cosine(precision: str) -> float:
+    """The least cosine vs Keras fp32 that an engine of ``precision`` must reach to be used."""
+    return FP32_COSINE if precision == "fp32" else MIN_COSINE
+
+
 def _speed(engine: Engine, images: np.ndarray, repeats: int = 3) -> float:
     """Images per second of ``engine`` on ``images`` (best of ``repeats`` calls; the caller has warmed it up)."""
     best = float("inf")
@@ -190,7 +195,7 @@ def build_engine(model: keras.Model, key: str | None, runtime: str = "auto", pre
                     return engine
                 verdict = _verdict(engine, keras_engine, sample, None if key is None else
                                    cache_dir("runtimes") / f"{key}-{CONVERSION}-{runtime}-{candidate}.check.json")
-                bound = FP32_COSINE if candidate == "fp32" else MIN_COSINE
+                bound = min_cosine(candidate)
                 if verdict["cosine"] >= bound:
                     speed = verdict["img_per_s"]
                     if asked_auto and speed["keras"] > speed["engine"]:
