@@ -24,9 +24,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transferkit import runtimes  # noqa: E402
-from transferkit.backbones import REGISTRY, build_feature_extractor  # noqa: E402
+from transferkit.models.backbones import REGISTRY, build_feature_extractor  # noqa: E402
 from transferkit.errors import TransferkitError  # noqa: E402
-from transferkit.inference import run_model, without_resize  # noqa: E402
+from transferkit.engines.base import run_model, without_resize  # noqa: E402
 
 
 def extractor(name: str, size: int) -> tuple[keras.Model, str]:

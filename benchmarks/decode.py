@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from transferkit.images import decode_batch  # noqa: E402
+from transferkit.data.images import decode_batch  # noqa: E402
 
 
 def main() -> None:

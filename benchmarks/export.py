@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from transferkit.export import calibration_images, export_model  # noqa: E402
-from transferkit.prediction import load_model  # noqa: E402
+from transferkit.engines.predict import load_model  # noqa: E402
 
 
 def images_per_second(model, batch: np.ndarray, seconds: float) -> float:

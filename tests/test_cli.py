@@ -9,7 +9,7 @@ from conftest import CLASSES, IMAGE_SIZE
 
 
 def run_cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "transferkit.cli", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

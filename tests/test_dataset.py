@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.dataset import scan_folder, stratified_split
+from transferkit.data.folders import scan_folder, stratified_split
 from transferkit.errors import TransferkitError
 
 

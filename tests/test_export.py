@@ -11,7 +11,7 @@ from skimage import data as skdata
 import transferkit
 from transferkit.errors import TransferkitError
 from transferkit.export import export_model
-from transferkit.images import load_image
+from transferkit.data.images import load_image
 
 from conftest import CLASSES, IMAGE_SIZE
 
@@ -27,7 +27,7 @@ def images(dataset):
 
 @pytest.fixture(scope="module")
 def reference(trained, images):
-    model = transferkit.load_model(trained[0]["model_path"])
+    model = transferkit.load_model(trained[0]["model_path"], runtime="keras")
     return model.predict_images(images)
 
 
@@ -91,11 +91,11 @@ def test_quantized_export_agrees_on_top1(fmt, quantize, trained, dataset, images
 
 def test_predict_with_onnx_without_tensorflow(trained, dataset, tmp_path):
     out = str(tmp_path / "model.onnx")
-    subprocess.run([sys.executable, "-m", "transferkit.cli", "export", trained[0]["model_path"], "--format", "onnx",
+    subprocess.run([sys.executable, "-m", "transferkit", "export", trained[0]["model_path"], "--format", "onnx",
                     "--out", out], check=True, capture_output=True, timeout=300)
     keras_rows = transferkit.predict(trained[0]["model_path"], [dataset[1]])
     code = ("import sys, json; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
-            "from transferkit.cli import main\n"
+            "from transferkit.apps.cli import main\n"
             f"sys.exit(main(['predict', {out!r}, {dataset[1]!r}, '--format', 'json']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import transferkit
-from transferkit import modelfile
-from transferkit.backbones import REGISTRY, backbone_blocks, find_backbone
+from transferkit.models import modelfile
+from transferkit.models.backbones import REGISTRY, backbone_blocks, find_backbone
 from transferkit.errors import TransferkitError
 
 from conftest import IMAGE_SIZE
 
-KW = dict(image_size=IMAGE_SIZE, epochs=5, augment_views=1, verbose=False)
+KW = dict(image_size=IMAGE_SIZE, epochs=5, augment_views=1)
 
 
 def _backbone_weights(path):
@@ -66,5 +66,5 @@ def test_interrupted_fine_tuning_leaves_a_good_model_and_resumes(dataset, tmp_pa
 
 
 def test_unfreeze_top_out_of_range_is_a_clear_error(dataset, tmp_path):
-    with pytest.raises(TransferkitError, match="--unfreeze-top must be between 1 and 18"):
+    with pytest.raises(TransferkitError, match="unfreeze_top must be between 1 and 18 for efficientnet_lite0, got 99"):
         transferkit.train(dataset[0], out=str(tmp_path / "x"), fine_tune_epochs=1, unfreeze_top=99, **KW)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferkit.images import UnreadableImage, load_image, open_rgb, sniff_format
+from transferkit.data.images import UnreadableImage, load_image, open_rgb, sniff_format
 
 
 def _jpeg_bytes(arr, **kw):

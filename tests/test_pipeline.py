@@ -9,13 +9,15 @@ import pytest
 from PIL import Image
 
 import transferkit
-from transferkit import modelfile
-from transferkit.backbones import build_feature_extractor
+from transferkit.models import modelfile
+from transferkit.models.backbones import build_feature_extractor
+from transferkit.engines.keras_model import KerasPredictor
 from transferkit.errors import TransferkitError
-from transferkit.features import FeatureExtractor
-from transferkit.heads import build_head
-from transferkit.images import load_image
-from transferkit.callbacks import KeepBestEpoch
+from transferkit.options import EngineOptions
+from transferkit.training.features import FeatureExtractor
+from transferkit.models.heads import build_head
+from transferkit.data.images import load_image
+from transferkit.training.callbacks import KeepBestEpoch
 
 from conftest import CLASSES, IMAGE_SIZE, pattern_image, write_dataset
 
@@ -63,7 +65,7 @@ def test_reloaded_file_predicts_exactly_like_the_in_memory_model(tmp_path, datas
     head = build_head("gap", extractor.output.shape[1:], 3)
     model = modelfile.assemble(extractor, head)
     path = modelfile.save(model, str(tmp_path / "m.keras"), {"class_names": ["a", "b", "c"], "image_size": IMAGE_SIZE})
-    loaded = modelfile.load(path)
+    loaded = KerasPredictor.from_file(path, EngineOptions(runtime="keras"))
     folder = os.path.join(dataset[1], CLASSES[0])
     images = np.stack([load_image(os.path.join(folder, f), IMAGE_SIZE) for f in sorted(os.listdir(folder))])
     np.testing.assert_allclose(loaded.predict_images(images), np.asarray(model(images.astype("float32"))), atol=1e-6)
@@ -94,7 +96,7 @@ def test_frozen_backbone_batchnorm_stays_in_inference_mode():
 
 
 def test_same_seed_same_split_same_metrics(dataset, tmp_path):
-    kw = dict(image_size=IMAGE_SIZE, epochs=4, augment_views=1, verbose=False)
+    kw = dict(image_size=IMAGE_SIZE, epochs=4, augment_views=1)
     a = transferkit.train(dataset[0], out=str(tmp_path / "a"), seed=3, **kw)
     b = transferkit.train(dataset[0], out=str(tmp_path / "b"), seed=3, **kw)
     ha = json.load(open(tmp_path / "a" / "history.json"))["history"]
@@ -111,7 +113,7 @@ def test_feature_cache_reused_and_invalidated_by_content(tmp_path, monkeypatch, 
     monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
     data = shutil.copytree(dataset[1], tmp_path / "data")
     paths = sorted(str(p) for p in data.rglob("*.jpg"))
-    fx = FeatureExtractor("efficientnet_lite0", IMAGE_SIZE, verbose=False)
+    fx = FeatureExtractor("efficientnet_lite0", IMAGE_SIZE)
     first, kept, skipped = fx.extract(paths, views=2)
     assert first.shape == (len(paths), 3, 1280) and not skipped
     files = _cache_files(fx.cache_root)
@@ -145,8 +147,7 @@ def test_bad_files_are_skipped_and_reported_never_crash(tmp_path):
     Image.new("CMYK", (40, 40), (0, 200, 200, 0)).save(tmp_path / "data" / "bon" / "cmyk.jpg")
     Image.fromarray((np.arange(1600).reshape(40, 40) * 40).astype(np.uint16)).save(tmp_path / "data" / "mauvais" / "deep.png")
     Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(tmp_path / "data" / "mauvais" / "alpha.png")
-    result = transferkit.train(root, image_size=IMAGE_SIZE, epochs=2, augment_views=0, out=str(tmp_path / "run"),
-                               verbose=False)
+    result = transferkit.train(root, image_size=IMAGE_SIZE, epochs=2, augment_views=0, out=str(tmp_path / "run"))
     reasons = {os.path.basename(s["path"]): s["reason"] for s in result["skipped"]}
     assert set(reasons) == {"truncated.jpg", "zero.jpg", "readme.jpg"}
     assert "truncated image" in reasons["truncated.jpg"] and reasons["zero.jpg"] == "empty file"
@@ -161,7 +162,7 @@ def test_empty_class_is_a_clear_error(tmp_path):
     for f in (tmp_path / "data" / "vide").iterdir():
         f.write_text("broken")
     with pytest.raises(TransferkitError, match="class 'vide' has no readable images"):
-        transferkit.train(root, image_size=IMAGE_SIZE, epochs=1, out=str(tmp_path / "run"), verbose=False)
+        transferkit.train(root, image_size=IMAGE_SIZE, epochs=1, out=str(tmp_path / "run"))
 
 
 def test_missing_monitored_metric_fails_loudly():
@@ -174,7 +175,7 @@ def test_missing_monitored_metric_fails_loudly():
 
 def test_flatten_head_option_trains(dataset, tmp_path):
     result = transferkit.train(dataset[0], image_size=IMAGE_SIZE, epochs=3, augment_views=0, head="flatten-256-128",
-                               out=str(tmp_path / "run"), verbose=False)
+                               out=str(tmp_path / "run"))
     model = transferkit.load_model(result["model_path"])
     assert model.metadata["training"]["head"] == "flatten-256-128"
     rows = transferkit.predict(model, os.path.join(dataset[1], CLASSES[2]))
@@ -183,7 +184,7 @@ def test_flatten_head_option_trains(dataset, tmp_path):
 
 def test_head_fit_honours_class_weights():
     """A class weighted 0 contributes no loss, so the head never learns it; unweighted, it is learned."""
-    from transferkit.training import _fit_head
+    from transferkit.training.head import fit_head
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 16)) * 3
@@ -193,7 +194,7 @@ def test_head_fit_honours_class_weights():
     def class0_recall(class_weight):
         keras.utils.set_random_seed(0)
         head = build_head("gap", (16,), 3, dropout=0.0)
-        _fit_head(head, x, y, x[:30], y[:30], epochs=15, batch_size=16, learning_rate=1e-2,
+        fit_head(head, x, y, x[:30], y[:30], epochs=15, batch_size=16, learning_rate=1e-2,
                   class_weight=class_weight, seed=0, callbacks=[])
         return float(np.mean(np.argmax(head.predict(x[y == 0], verbose=0), axis=1) == 0))
 

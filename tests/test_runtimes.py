@@ -5,11 +5,11 @@ from PIL import Image
 from skimage import data as skdata
 
 import transferkit
-from transferkit import runtimes
-from transferkit.backbones import build_feature_extractor
+from transferkit.engines import runtimes
+from transferkit.models.backbones import build_feature_extractor
 from transferkit.errors import TransferkitError
-from transferkit.features import FeatureExtractor
-from transferkit.inference import run_model, without_resize
+from transferkit.training.features import FeatureExtractor
+from transferkit.engines.base import run_model, without_resize
 
 SIZE = 96
 
@@ -37,8 +37,7 @@ def test_each_runtime_matches_keras_fp32_on_real_photos(runtime, precision, boun
     if precision == "bf16" and not runtimes.native_bf16():
         pytest.skip("this CPU has no native bf16")
     extractor, expected = reference
-    engine = runtimes.build_engine(extractor, f"test-lite0-{SIZE}", runtime, precision, check_images=photos,
-                                   verbose=False)
+    engine = runtimes.build_engine(extractor, f"test-lite0-{SIZE}", runtime, precision, check_images=photos)
     assert (engine.runtime, engine.precision) == (runtime, precision)
     got = engine(photos)
     cos = runtimes.cosine(got, expected)
@@ -56,30 +55,30 @@ def test_auto_resolution_and_clear_errors():
         runtimes.resolve("tensorrt", "auto")
 
 
-def test_low_precision_that_drifts_falls_back_to_fp32(photos, monkeypatch, capsys):
+def test_low_precision_that_drifts_falls_back_to_fp32(photos, monkeypatch, caplog):
     if not (runtimes.installed("openvino") and runtimes.native_bf16()):
         pytest.skip("needs openvino on a CPU with native bf16")
     monkeypatch.setattr(runtimes, "MIN_COSINE", 1.01)  # no bf16 result can pass: the fallback must engage
     fx = FeatureExtractor("efficientnet_lite0", SIZE, runtime="openvino", precision="bf16", cache=False)
     fx.forward(photos)
     assert fx.engine.label == "openvino fp32"
-    assert "drifts from fp32" in capsys.readouterr().err
+    assert "drifts from fp32" in caplog.text
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_a_conversion_that_disagrees_with_keras_falls_back_to_keras(runtime, photos, monkeypatch, capsys):
+def test_a_conversion_that_disagrees_with_keras_falls_back_to_keras(runtime, photos, monkeypatch, caplog):
     if not runtimes.installed(runtime):
         pytest.skip(f"{runtime} not installed")
     monkeypatch.setattr(runtimes, "FP32_COSINE", 1.01)  # no converted model can pass: the fallback must engage
     fx = FeatureExtractor("efficientnet_lite0", SIZE, runtime=runtime, precision="fp32", cache=False)
     features = fx.forward(photos)
     assert fx.engine.label == "keras fp32"
-    assert f"{runtime} fp32 disagrees with keras" in capsys.readouterr().err
+    assert f"{runtime} fp32 disagrees with keras" in caplog.text
     np.testing.assert_allclose(features, run_model(without_resize(fx.model, SIZE), photos),
                                rtol=1e-5, atol=1e-5)
 
 
-def test_auto_keeps_keras_where_keras_measured_faster(photos, reference, monkeypatch, capsys):
+def test_auto_keeps_keras_where_keras_measured_faster(photos, reference, monkeypatch, caplog):
     runtime, _ = runtimes.resolve()
     if runtime == "keras":
         pytest.skip("no fast runtime installed")
@@ -88,12 +87,12 @@ def test_auto_keeps_keras_where_keras_measured_faster(photos, reference, monkeyp
     monkeypatch.setattr(runtimes, "_speed", lambda engine, images: 1000.0 if engine.runtime == "keras" else 10.0)
     auto = runtimes.build_engine(extractor, f"test-speed-{SIZE}", "auto", "auto", check_images=photos)
     assert auto.label == "keras fp32"
-    assert "keras fp32 is faster than" in capsys.readouterr().err
+    assert "keras fp32 is faster than" in caplog.text
     # asked for by name, the runtime is used anyway; and the verdict (cached) is the same on the next run
     named = runtimes.build_engine(extractor, f"test-speed-{SIZE}", runtime, "fp32", check_images=photos)
     assert named.runtime == runtime
     monkeypatch.undo()
-    again = runtimes.build_engine(extractor, f"test-speed-{SIZE}", "auto", "auto", check_images=photos, verbose=False)
+    again = runtimes.build_engine(extractor, f"test-speed-{SIZE}", "auto", "auto", check_images=photos)
     assert again.label == "keras fp32"
 
 
@@ -119,7 +118,7 @@ def test_random_weights_are_never_cached(photos):
 
 
 def test_training_on_keras_and_auto_runtimes_agree(dataset, tmp_path):
-    kw = dict(image_size=64, epochs=10, augment_views=1, verbose=False)
+    kw = dict(image_size=64, epochs=10, augment_views=1)
     a = transferkit.train(dataset[0], out=str(tmp_path / "keras"), runtime="keras", **kw)
     b = transferkit.train(dataset[0], out=str(tmp_path / "auto"), runtime="auto", **kw)
     ra = transferkit.predict(a["model_path"], dataset[1])
@@ -133,7 +132,7 @@ def test_adapted_normalization_exports_as_constants(photos, tmp_path):
     mean and variance are constants of the graph and onnxruntime computes what Keras computes."""
     import onnxruntime as ort
 
-    from transferkit.keras_onnx import save_onnx
+    from transferkit.engines.keras_onnx import save_onnx
 
     norm = keras.layers.Normalization(axis=-1)
     norm.adapt(photos)

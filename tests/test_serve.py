@@ -30,7 +30,7 @@ def server(trained):
     result, out = trained
     port = _free_port()
     log = open(os.path.join(out, "serve.log"), "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit.cli", "serve", result["model_path"], "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", result["model_path"], "--port", str(port),
                              "--max-upload-mb", str(MAX_UPLOAD_MB)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -69,7 +69,7 @@ def test_binds_loopback_by_default_and_reports_model(server):
 def test_http_predictions_equal_the_cli(server, dataset):
     url, model_path, _ = server
     paths = [os.path.join(dataset[1], c, "photo_001.jpg") for c in CLASSES]
-    cli = subprocess.run([sys.executable, "-m", "transferkit.cli", "predict", model_path, *paths, "--format", "json"],
+    cli = subprocess.run([sys.executable, "-m", "transferkit", "predict", model_path, *paths, "--format", "json"],
                          capture_output=True, text=True, timeout=300)
     expected = json.loads(cli.stdout)
     handles = [(os.path.basename(p), open(p, "rb").read(), "image/jpeg") for p in paths]

@@ -4,9 +4,9 @@ import pickle
 import numpy as np
 import pytest
 
-from transferkit.efficientnet_lite import pretrained_weights_file
+from transferkit.models.efficientnet_lite import pretrained_weights_file
 from transferkit.errors import TransferkitError
-from transferkit.torch_legacy import _MAGIC_NUMBER, UnsafePickleError, load_legacy_state_dict
+from transferkit.models.torch_legacy import _MAGIC_NUMBER, UnsafePickleError, load_legacy_state_dict
 
 
 def test_reads_the_shipped_lite0_state_dict():

@@ -1,9 +1,14 @@
 """transferkit: train, evaluate and serve image classifiers by transfer learning with Keras 3.
 
-    import transferkit
-    result = transferkit.train("photos/", test_dir="test/", out="runs/fruit")
+    from transferkit import ImageClassifier
+    clf = ImageClassifier(epochs=30).fit("photos/", test_dir="test/", out="runs/fruit")
+    clf.predict(["new.jpg"])
     transferkit.evaluate("runs/fruit/model.keras", "test/")
-    transferkit.predict("runs/fruit/model.keras", ["new.jpg"])
+
+The package reads top-down like the pipeline: ``data`` (decode, folders, health) -> ``models`` (registry,
+EfficientNet-Lite, heads, the model file) -> ``engines`` (Keras / onnxruntime / OpenVINO, the Predictor
+protocol) -> ``training`` (features, head, fine-tuning) -> ``reports`` (metrics, plots, HTML, evaluation) ->
+``classifier`` (ImageClassifier) and ``api`` -> ``apps`` (cli, serve, demo) and ``export``.
 """
 
 import os
@@ -13,24 +18,28 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from transferkit._version import __version__  # noqa: E402
 from transferkit.errors import TransferkitError  # noqa: E402
+from transferkit.options import EngineOptions, ServeOptions, TrainOptions  # noqa: E402  (no Keras import)
+
+_LAZY = {  # the heavy parts (Keras, TensorFlow) are imported when used, so ``transferkit --help`` is instant
+    "ImageClassifier": ("transferkit.classifier", "ImageClassifier"),
+    "train": ("transferkit.api", "train"),
+    "evaluate": ("transferkit.api", "evaluate"),
+    "predict": ("transferkit.api", "predict"),
+    "load_model": ("transferkit.api", "load_model"),
+    "list_backbones": ("transferkit.models.backbones", "list_backbones"),
+    "export_model": ("transferkit.export", "export_model"),
+    "backbones": ("transferkit.models.backbones", None),
+}
 
 
 def __getattr__(name):
-    """Import the heavy parts (Keras, TensorFlow) only when they are used, so ``transferkit --help`` is instant."""
-    lazy = {
-        "train": ("transferkit.training", "train"),
-        "evaluate": ("transferkit.evaluation", "evaluate"),
-        "predict": ("transferkit.prediction", "predict"),
-        "load_model": ("transferkit.prediction", "load_model"),
-        "backbones": ("transferkit.backbones", None),
-    }
-    if name not in lazy:
+    if name not in _LAZY:
         raise AttributeError(f"module 'transferkit' has no attribute '{name}'")
     import importlib
 
-    module_name, attr = lazy[name]
+    module_name, attr = _LAZY[name]
     module = importlib.import_module(module_name)
     return module if attr is None else getattr(module, attr)
 
 
-__all__ = ["__version__", "TransferkitError", "train", "evaluate", "predict", "load_model", "backbones"]
+__all__ = ["__version__", "TransferkitError", "TrainOptions", "EngineOptions", "ServeOptions", *_LAZY]

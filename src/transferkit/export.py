@@ -16,12 +16,12 @@ import tempfile
 
 import numpy as np
 
-from transferkit import modelfile
+from transferkit.models import modelfile
 from transferkit.errors import TransferkitError
 from transferkit.files import atomic_path, write_json_atomic, write_text_atomic
-from transferkit.images import UnreadableImage, load_image
-from transferkit.inference import without_resize
-from transferkit.keras_onnx import save_onnx
+from transferkit.data.images import UnreadableImage, load_image
+from transferkit.engines.base import without_resize
+from transferkit.engines.keras_onnx import save_onnx
 
 FORMATS = ("onnx", "tflite", "saved_model")
 QUANTIZE = {"onnx": ("none", "int8", "float16"), "tflite": ("none", "int8", "float16"), "saved_model": ("none",)}
@@ -68,7 +68,7 @@ def export_model(model_path: str, fmt: str, out: str, quantize: str = "none", ca
     metadata = dict(loaded.metadata, export={"format": fmt, "quantize": quantize,
                                              "input": f"float32 (batch, {size}, {size}, 3) RGB 0-255, resized first"})
     if quantize == "int8":
-        calibration = calibration or metadata.get("training", {}).get("data_dir")
+        calibration = calibration or metadata.get("data", {}).get("dir")
         samples = calibration_images(calibration, size)
         metadata["export"]["calibration_images"] = int(len(samples))
     work = tempfile.mkdtemp(prefix="transferkit-export-")

@@ -120,3 +120,22 @@ def decode_batch(paths: list, size: int, pool) -> tuple[list[np.ndarray | None],
 
     results = list(pool.map(one, paths))
     return [r[0] for r in results], [r[1] for r in results]
+
+
+def to_model_input(item, size: int) -> np.ndarray:
+    """One image for a model of input ``size``: a path or bytes (decoded as every file is), a Pillow image, or an
+    RGB / grey array (uint8 0-255, or float 0-255) of any size -> uint8 (size, size, 3), resized like files are."""
+    if isinstance(item, (str, os.PathLike, bytes)):
+        return load_image(item, size)
+    if isinstance(item, Image.Image):
+        img = to_rgb(item)
+    else:
+        arr = np.asarray(item)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise TransferkitError(f"an image array must be (height, width, 3), got shape {arr.shape}")
+        img = to_rgb(Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)

@@ -1,26 +1,23 @@
-"""Run an exported ONNX model with onnxruntime alone (no TensorFlow, no Keras): the same interface as a loaded
-``.keras`` model, so `transferkit predict` and `evaluate` take either."""
+"""An exported ONNX classifier as a ``Predictor``, run by onnxruntime alone (no TensorFlow, no Keras), so
+`transferkit predict` and `evaluate` take an export exactly as they take the ``.keras`` file."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from transferkit.errors import TransferkitError
 
 
-@dataclass
-class OnnxModel:
+class OnnxPredictor:
     """An ONNX classifier exported by transferkit, with the class names and metadata embedded in it."""
 
-    session: object
-    class_names: list[str]
-    image_size: int
-    metadata: dict = field(default_factory=dict)
-    path: str = ""
+    def __init__(self, session, class_names: list[str], image_size: int, metadata: dict, path: str = ""):
+        self.session, self.class_names, self.image_size = session, list(class_names), int(image_size)
+        self.metadata, self.path = metadata, path
+        self.engine_label = "onnxruntime fp32"
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of RGB 0-255 images (n, size, size, 3)."""
@@ -28,7 +25,7 @@ class OnnxModel:
         return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
 
 
-def load_onnx(path: str) -> OnnxModel:
+def load_onnx(path: str) -> OnnxPredictor:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -44,4 +41,4 @@ def load_onnx(path: str) -> OnnxModel:
         raise TransferkitError(f"{path}: not a transferkit export (no class names inside)")
     metadata = json.loads(raw)
     size = int(session.get_inputs()[0].shape[1])
-    return OnnxModel(session, list(metadata["class_names"]), size, metadata, path)
+    return OnnxPredictor(session, list(metadata["class_names"]), size, metadata, path)

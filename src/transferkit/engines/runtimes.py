@@ -16,7 +16,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,12 +25,12 @@ import keras
 import numpy as np
 
 from transferkit.errors import TransferkitError
+from transferkit.log import logger
+from transferkit.options import PRECISIONS, RUNTIMES
 from transferkit.files import atomic_path, cache_dir, write_json_atomic
-from transferkit.inference import run_model
-from transferkit.keras_onnx import save_onnx
+from transferkit.engines.base import run_model
+from transferkit.engines.keras_onnx import save_onnx
 
-RUNTIMES = ("auto", "keras", "onnxruntime", "openvino")
-PRECISIONS = ("auto", "fp32", "bf16")
 MIN_COSINE = 0.995  # a lower precision (bf16) vs Keras fp32
 FP32_COSINE = 0.9999  # a converted fp32 model vs Keras fp32: the same computation, up to rounding
 CONVERSION = "c2"  # part of the cached files' names: a fixed converter (c2: Normalization constants) redoes them
@@ -174,8 +173,8 @@ def _verdict(engine: Engine, keras_engine: Engine, sample: np.ndarray, path) -> 
     return verdict
 
 
-def build_engine(model: keras.Model, key: str | None, runtime: str = "auto", precision: str = "auto",
-                 check_images: np.ndarray | None = None, verbose: bool = True) -> Engine:
+def build_engine(model: keras.Model, key: str | None, runtime: str = "auto", precision: str = "fp32",
+                 check_images: np.ndarray | None = None) -> Engine:
     """An engine for ``model`` (fixed input); ``key`` names its cached conversion (None: not cached, for models
     without a stable identity such as random weights). With ``check_images``, its outputs are compared once with
     Keras fp32 on them: a lower precision that drifts falls back to fp32, a conversion that disagrees falls back
@@ -199,20 +198,17 @@ def build_engine(model: keras.Model, key: str | None, runtime: str = "auto", pre
                 if verdict["cosine"] >= bound:
                     speed = verdict["img_per_s"]
                     if asked_auto and speed["keras"] > speed["engine"]:
-                        _notice(verbose, f"keras fp32 is faster than {engine.label} for this model "
-                                         f"({speed['keras']:.0f} vs {speed['engine']:.0f} img/s); using keras fp32")
+                        logger.info(f"keras fp32 is faster than {engine.label} for this model "
+                                    f"({speed['keras']:.0f} vs {speed['engine']:.0f} img/s); using keras fp32")
                         return keras_engine
                     engine.check_cosine = verdict["cosine"]
                     return engine
                 fallback = f"{runtime} fp32" if candidate != "fp32" else "keras fp32"
                 what = "drifts from fp32" if candidate != "fp32" else "disagrees with keras"
-                _notice(verbose, f"{runtime} {candidate} {what} (cosine {verdict['cosine']:.4f} < {bound}); "
-                                 f"using {fallback}")
+                logger.warning(f"{runtime} {candidate} {what} (cosine {verdict['cosine']:.4f} < {bound}); "
+                               f"using {fallback}")
     except Exception as exc:  # a converter or runtime that cannot take this model: Keras still can
-        _notice(verbose, f"{runtime} cannot run {key or 'this model'} ({str(exc).splitlines()[0] if str(exc) else exc!r}); using keras fp32")
+        reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        logger.warning(f"{runtime} cannot run {key or 'this model'} ({reason}); using keras fp32")
     return keras_engine
 
-
-def _notice(verbose: bool, message: str) -> None:
-    if verbose:
-        print(f"transferkit: {message}", file=sys.stderr, flush=True)

@@ -7,6 +7,8 @@ crashing training mid-epoch.
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -14,8 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from transferkit.errors import TransferkitError
-from transferkit.images import UnreadableImage, sniff_format
+from transferkit.errors import OptionError, TransferkitError
+from transferkit.files import file_digest
+from transferkit.data.images import UnreadableImage, sniff_format
 
 
 @dataclass
@@ -99,7 +102,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     """Seeded, stratified (train index, validation index); each class keeps >= 1 training and >= 1 validation
     image when it has 2 or more. The same labels and seed always give the same split."""
     if not 0 < val_fraction < 1:
-        raise TransferkitError(f"--val-split must be between 0 and 1, got {val_fraction}")
+        raise OptionError("val_split", "must be > 0 and < 1", val_fraction)
     index = np.arange(len(labels))
     counts = np.bincount(labels)
     n_val = max(int(round(val_fraction * len(labels))), int((counts > 0).sum()))
@@ -112,6 +115,64 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(train), np.sort(val)
 
 
+@dataclass
+class TrainingData:
+    """The labelled images of a training run, split (what every stage after the scan reads), and a fingerprint
+    of the files: their paths below the root and their contents."""
+
+    root: str
+    class_names: list[str]
+    train_paths: list[str]
+    val_paths: list[str]
+    y_train: np.ndarray
+    y_val: np.ndarray
+    skipped: list[dict]
+    fingerprint: str
+
+    def relative(self, paths: list[str]) -> list[str]:
+        return [nfc(os.path.relpath(p, self.root)) for p in paths]
+
+
+def fingerprint(root: str, paths: list[str]) -> str:
+    """BLAKE2b over the sorted (path below ``root``, content hash) of ``paths``: equal iff the same files."""
+    h = hashlib.blake2b(digest_size=16)
+    for rel, digest in sorted((nfc(os.path.relpath(p, root)), file_digest(p)) for p in paths):
+        h.update(f"{rel}\0{digest}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def split_training_folder(root: str, val_split: float, seed: int) -> TrainingData:
+    """Scan ``root/<class>/``, check every class has images, and split it (seeded, stratified)."""
+    data = scan_folder(root)
+    check_trainable(data)
+    train_idx, val_idx = stratified_split(data.labels, val_split, seed)
+    return TrainingData(data.root, data.class_names, [data.paths[i] for i in train_idx],
+                        [data.paths[i] for i in val_idx], data.labels[train_idx], data.labels[val_idx],
+                        data.skipped, fingerprint(data.root, data.paths))
+
+
 def nfc(text: str) -> str:
     """Unicode NFC form (macOS writes decomposed accents in file names)."""
     return unicodedata.normalize("NFC", text)
+
+
+_HIDDEN = (".", "__MACOSX")
+
+
+def expand_paths(items: list[str]) -> list[str]:
+    """Files, folders (recursively, sorted) and glob patterns -> a list of file paths, in the order given."""
+    paths = []
+    for item in items:
+        item = str(item)
+        if os.path.isdir(item):
+            for dirpath, dirnames, filenames in os.walk(item):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith(_HIDDEN))
+                paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+        elif os.path.exists(item):
+            paths.append(item)
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise TransferkitError(f"{item}: no such file, folder or matching pattern")
+            paths.extend(m for m in matches if os.path.isfile(m))
+    return paths

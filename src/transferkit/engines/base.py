@@ -1,10 +1,32 @@
-"""Run a Keras model on a numpy batch through its compiled predict step, padding the batch to a power of two so
-that a stream of odd-sized batches traces a handful of graphs instead of one per size."""
+"""The prediction interface every model kind implements, and the two Keras helpers the engines share.
+
+``Predictor`` is the one declared protocol: a batch of RGB images (uint8 or float, 0-255, already at the model's
+square ``image_size``) -> class probabilities (n, classes), with the class names and metadata beside it. A
+``.keras`` file on any engine (``engines.keras_model``), an ONNX export (``engines.onnx_model``) and a classifier
+still in memory all satisfy it, so ``predict``, ``evaluate`` and the server take any of them.
+
+``run_model`` pads a batch to a power of two so that a stream of odd-sized batches traces a handful of graphs
+instead of one per size.
+"""
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import keras
 import numpy as np
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """RGB 0-255 batch (n, image_size, image_size, 3) -> probabilities (n, len(class_names))."""
+
+    class_names: list[str]
+    image_size: int
+    metadata: dict
+    path: str
+
+    def predict_images(self, images: np.ndarray) -> np.ndarray: ...
 
 
 def run_model(model: keras.Model, images: np.ndarray) -> np.ndarray:

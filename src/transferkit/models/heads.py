@@ -6,8 +6,8 @@ import keras
 from keras import layers
 
 from transferkit.errors import TransferkitError
+from transferkit.options import HEADS
 
-HEADS = ("gap", "flatten-256-128")
 
 
 def head_pooling(kind: str) -> str | None:

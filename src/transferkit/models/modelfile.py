@@ -13,12 +13,9 @@ import zipfile
 from dataclasses import dataclass, field
 
 import keras
-import numpy as np
 
 from transferkit.errors import TransferkitError
-from transferkit import runtimes
-from transferkit.files import atomic_path, file_digest
-from transferkit.inference import run_model, without_resize
+from transferkit.files import atomic_path
 
 METADATA_NAME = "transferkit.json"
 
@@ -41,36 +38,14 @@ def save(model: keras.Model, path: str, metadata: dict) -> str:
 
 
 @dataclass
-class LoadedModel:
-    """A trained classifier and what it knows about itself."""
+class ModelFile:
+    """What a ``.keras`` model file holds: the Keras classifier and what it knows about itself."""
 
     keras_model: keras.Model
     class_names: list[str]
     image_size: int
     metadata: dict = field(default_factory=dict)
     path: str = ""
-    runtime: str = "keras"
-    precision: str = "fp32"
-    verbose: bool = False
-    _engine: object = field(default=None, repr=False)
-
-    def use_runtime(self, runtime: str = "auto", precision: str = "auto", verbose: bool = False) -> "LoadedModel":
-        """Run predictions on another engine (onnxruntime, OpenVINO; see transferkit.runtimes)."""
-        self.runtime, self.precision = runtimes.resolve(runtime, precision)
-        self.verbose, self._engine = verbose, None
-        return self
-
-    def predict_images(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for a batch of RGB 0-255 images (n, size, size, 3), through the compiled model or the
-        chosen engine (converted, and checked against fp32 for bf16, at the first call)."""
-        if self.runtime == "keras":
-            return run_model(self.keras_model, images)
-        if self._engine is None:
-            key = f"classifier-{file_digest(self.path)[:16] if self.path else id(self)}-{self.image_size}px"
-            self._engine = runtimes.build_engine(without_resize(self.keras_model, self.image_size), key, self.runtime,
-                                                 self.precision, check_images=np.asarray(images, np.float32),
-                                                 verbose=self.verbose)
-        return self._engine(images)
 
 
 def read_metadata(path: str) -> dict:
@@ -86,7 +61,7 @@ def read_metadata(path: str) -> dict:
         raise TransferkitError(f"{path}: not a .keras model file (not a zip archive)") from None
 
 
-def load(path: str) -> LoadedModel:
+def load(path: str) -> ModelFile:
     """Load a model file written by :func:`save`."""
     path = str(path)
     metadata = read_metadata(path)
@@ -101,4 +76,4 @@ def load(path: str) -> LoadedModel:
     class_names = list(metadata["class_names"])
     if model.output.shape[-1] != len(class_names):
         raise TransferkitError(f"{path}: {len(class_names)} class names for {model.output.shape[-1]} outputs")
-    return LoadedModel(model, class_names, size, metadata, path)
+    return ModelFile(model, class_names, size, metadata, path)

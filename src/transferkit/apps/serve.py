@@ -20,9 +20,10 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from transferkit.errors import TransferkitError
-from transferkit.images import UnreadableImage, load_image
+from transferkit.log import logger
+from transferkit.options import ServeOptions
+from transferkit.data.images import UnreadableImage, load_image
 
-DEFAULT_MAX_UPLOAD_MB = 20
 MAX_FILES = 64
 
 
@@ -40,18 +41,19 @@ def model_info(model) -> dict:
     }
 
 
-def create_app(model_path: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, top_k: int = 3,
-               runtime: str = "keras", precision: str = "auto") -> Flask:
+def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
     """A Flask app serving ``model_path``; the model is loaded and warmed up here, once. (Keras is imported here,
     in the worker after gunicorn's fork, never in the master.)"""
-    from transferkit.prediction import load_model, rows_from_probs
+    from transferkit.api import load_model
 
-    model = load_model(model_path, runtime, precision)
+    options = options or ServeOptions()
+    max_upload_mb, top_k = options.max_upload_mb, options.top_k
+    model = load_model(model_path, runtime=options.runtime, precision=options.precision)
     lock = threading.Lock()  # one inference at a time per worker: TensorFlow already uses every core for it
     info = model_info(model)
     for n in (1, 2, 4):  # trace the compiled step for small batches before the first request
         model.predict_images(np.zeros((n, model.image_size, model.image_size, 3), np.uint8))
-    page = resources.files("transferkit").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = resources.files("transferkit.apps").joinpath("static/index.html").read_text(encoding="utf-8")
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
@@ -85,39 +87,48 @@ def create_app(model_path: str, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, to
         if len(files) > MAX_FILES:
             return error(400, f"at most {MAX_FILES} files per request")
         k = request.args.get("top_k", default=top_k, type=int)
-        images, names = [], []
-        for upload in files:
-            name = os.path.basename(upload.filename or "upload")[:200]  # echoed back only, never used as a path
-            try:
-                images.append(load_image(upload.read(), model.image_size, name=name))
-            except UnreadableImage as exc:
-                return error(400, f"{name}: {exc.reason}")
-            names.append(name)
-        with lock:
-            probs = model.predict_images(np.stack(images))  # several files: one batched call
-        rows = rows_from_probs(names, probs, model.class_names, k)
-        for row in rows:
-            row["filename"] = row.pop("path")
+        try:
+            rows = _predict_uploads(model, lock, files, k)
+        except UnreadableImage as exc:
+            return error(400, f"{exc.path}: {exc.reason}")
         return jsonify({"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}})
 
     return app
 
 
-def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, threads: int = 4,
-          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, top_k: int = 3, runtime: str = "keras",
-          precision: str = "auto") -> None:
+def _predict_uploads(model, lock: threading.Lock, files, top_k: int) -> list[dict]:
+    """Decode every upload (in memory; the client's file name is echoed back, never used as a path), then one
+    batched prediction; an unreadable upload raises UnreadableImage naming it."""
+    from transferkit.engines.predict import rows_from_probs
+
+    images, names = [], []
+    for upload in files:
+        name = os.path.basename(upload.filename or "upload")[:200]
+        images.append(load_image(upload.read(), model.image_size, name=name))
+        names.append(name)
+    with lock:
+        probs = model.predict_images(np.stack(images))
+    rows = rows_from_probs(names, probs, model.class_names, top_k)
+    for row in rows:
+        row["filename"] = row.pop("path")
+    return rows
+
+
+def serve(model_path: str, options: ServeOptions | None = None) -> None:
     """Run the app on gunicorn (a production WSGI server); each worker loads the model after the fork."""
     from gunicorn.app.base import BaseApplication
 
+    options = options or ServeOptions()
     if not os.path.isfile(model_path):
         raise TransferkitError(f"{model_path}: model file not found")
+    host, port = options.host, options.port
 
     class Server(BaseApplication):
         def load_config(self):
-            options = {
+            settings = {
                 "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                "workers": workers,
-                "threads": threads,
+                "workers": options.workers,
+                "threads": options.threads,
                 "worker_class": "gthread",
                 "timeout": 120,
                 "graceful_timeout": 10,
@@ -125,13 +136,12 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, workers: i
                 "errorlog": "-",
                 "loglevel": "warning",
             }
-            for key, value in options.items():
+            for key, value in settings.items():
                 self.cfg.set(key, value)
 
         def load(self):
-            return create_app(model_path, max_upload_mb=max_upload_mb, top_k=top_k, runtime=runtime,
-                              precision=precision)
+            return create_app(model_path, options)
 
-    print(f"transferkit: serving {model_path} on http://{host}:{port}/ ({workers} worker(s) x {threads} threads)",
-          flush=True)
+    logger.info(f"serving {model_path} on http://{host}:{port}/ ({options.workers} worker(s) x "
+                f"{options.threads} threads)")
     Server().run()

@@ -12,8 +12,8 @@ import os
 import numpy as np
 
 from transferkit.files import write_text_atomic
-from transferkit.images import UnreadableImage, open_rgb
-from transferkit.plots import plot_confusion_matrix
+from transferkit.data.images import UnreadableImage, open_rgb
+from transferkit.reports.plots import plot_confusion_matrix
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1100px;color:#222}
@@ -52,9 +52,9 @@ def _thumbnail_uri(path: str, size: int = 180) -> str | None:
 
 def model_summary(metadata: dict) -> dict:
     """The few facts about a model that head its report."""
-    training = metadata.get("training", {})
+    training, fit = metadata.get("training", {}), metadata.get("fit", {})
     return {k: v for k, v in (("backbone", metadata.get("backbone")), ("image size", metadata.get("image_size")),
-                              ("kept epoch", training.get("best_epoch")), ("head", training.get("head")),
+                              ("kept epoch", fit.get("best_epoch")), ("head", training.get("head")),
                               ("transferkit", metadata.get("transferkit_version"))) if v is not None}
 
 

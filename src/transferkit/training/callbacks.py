@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import keras
 
 from transferkit.errors import TransferkitError
+from transferkit.log import logger
 
 MONITOR = "val_accuracy"
 
@@ -48,9 +47,9 @@ class KeepBestEpoch(keras.callbacks.Callback):
 
 
 class ProgressLine(keras.callbacks.Callback):
-    """One line per epoch on stderr (Keras's own bar is per batch, noisy on cached features)."""
+    """One log line per epoch (Keras's own bar is per batch, noisy on cached features)."""
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         parts = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k in ("loss", "accuracy", "val_loss", "val_accuracy"))
-        print(f"epoch {epoch + 1}: {parts}", file=sys.stderr, flush=True)
+        logger.info(f"epoch {epoch + 1}: {parts}")

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import imagehash
 import numpy as np
 from tqdm.auto import tqdm
 
-from transferkit.dataset import scan_folder
+from transferkit.data.folders import scan_folder
 from transferkit.files import file_digest, write_json_atomic
-from transferkit.images import UnreadableImage, open_rgb
+from transferkit.data.images import UnreadableImage, open_rgb
 
 NEAR_THRESHOLD = 6  # max differing bits of the 64-bit perceptual hash for "near duplicate"
 MAX_PAIRS = 1000  # listed; all are counted
@@ -53,18 +52,14 @@ def _kind(a: dict, b: dict) -> str:
     return "same class" if a["label"] == b["label"] else "across classes"
 
 
-def inspect_dataset(data_dir: str, test_dir: str | None = None, near_threshold: int = NEAR_THRESHOLD,
-                    progress: bool = True) -> dict:
-    """The health report of a dataset as a JSON-ready dict."""
-    train = scan_folder(data_dir, min_classes=1)
-    splits = [("train", train)]
-    if test_dir:
-        splits.append(("test", scan_folder(test_dir, class_names=train.class_names, min_classes=1)))
-    items = [(split, data.class_names[label], path) for split, data in splits for path, label in zip(data.paths, data.labels)]
+def _examine_all(splits: list, progress: bool) -> tuple[list[dict], list[dict]]:
+    """Decode and fingerprint every file of every split: (records of readable images, unreadable files)."""
+    items = [(split, data.class_names[label], path) for split, data in splits
+             for path, label in zip(data.paths, data.labels)]
     unreadable = [dict(s, split=split) for split, data in splits for s in data.skipped]
     records = []
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        bar = tqdm(total=len(items), desc="inspect", unit="img", disable=not progress, file=sys.stderr)
+        bar = tqdm(total=len(items), desc="inspect", unit="img", disable=not progress)
         for (split, label, _), rec in zip(items, pool.map(_examine, [p for _, _, p in items])):
             bar.update(1)
             if "error" in rec:
@@ -72,59 +67,79 @@ def inspect_dataset(data_dir: str, test_dir: str | None = None, near_threshold: 
             else:
                 records.append(dict(rec, split=split, label=label))
         bar.close()
+    return records, unreadable
 
-    counts = {split: {name: 0 for name in train.class_names} for split, _ in splits}
-    for r in records:
-        counts[r["split"]][r["label"]] += 1
-    train_counts = [c for c in counts["train"].values()]
-    nonzero = [c for c in train_counts if c]
-    imbalance = (max(nonzero) / min(nonzero)) if nonzero else None
 
+def _where(record: dict) -> dict:
+    return {k: record[k] for k in ("path", "split", "label")}
+
+
+def _exact_duplicates(records: list[dict]) -> dict:
+    """Groups of files with the same content hash, and what kind of pair each group holds."""
     exact = collections.defaultdict(list)
     for i, r in enumerate(records):
         exact[r["digest"]].append(i)
-    exact_groups = []
+    groups = []
     for members in exact.values():
         if len(members) > 1:
             kinds = sorted({_kind(records[a], records[b]) for a in members for b in members if a < b})
-            exact_groups.append({"kinds": kinds, "files": [{k: records[m][k] for k in ("path", "split", "label")}
-                                                           for m in members]})
-    near = []
-    near_counts = collections.Counter()
+            groups.append({"kinds": kinds, "files": [_where(records[m]) for m in members]})
+    return {"groups": groups, "counts": dict(collections.Counter(k for g in groups for k in g["kinds"]))}
+
+
+def _near_duplicates(records: list[dict], threshold: int) -> dict:
+    """Pairs of different files whose perceptual hashes differ by at most ``threshold`` bits."""
+    near, counts = [], collections.Counter()
     if records:
-        for i, j, d in _near_pairs(np.array([r["phash"] for r in records], dtype=np.uint64), near_threshold):
+        for i, j, d in _near_pairs(np.array([r["phash"] for r in records], dtype=np.uint64), threshold):
             if records[i]["digest"] == records[j]["digest"]:
                 continue  # already an exact duplicate
             kind = _kind(records[i], records[j])
-            near_counts[kind] += 1
+            counts[kind] += 1
             if len(near) < MAX_PAIRS:
-                near.append({"kind": kind, "distance": d,
-                             "a": {k: records[i][k] for k in ("path", "split", "label")},
-                             "b": {k: records[j][k] for k in ("path", "split", "label")}})
-    exact_counts = collections.Counter(k for g in exact_groups for k in g["kinds"])
+                near.append({"kind": kind, "distance": d, "a": _where(records[i]), "b": _where(records[j])})
+    return {"threshold_bits": threshold, "pairs": near, "counts": dict(counts)}
+
+
+def _sizes(records: list[dict]) -> dict:
+    sizes = np.array([(r["width"], r["height"]) for r in records]) if records else np.zeros((0, 2))
+    return {
+        "min": sizes.min(axis=0).tolist() if len(sizes) else None,
+        "median": np.median(sizes, axis=0).tolist() if len(sizes) else None,
+        "max": sizes.max(axis=0).tolist() if len(sizes) else None,
+        "distinct": len({tuple(s) for s in sizes.tolist()}),
+    }
+
+
+def inspect_dataset(data_dir: str, test_dir: str | None = None, near_threshold: int = NEAR_THRESHOLD,
+                    progress: bool = True) -> dict:
+    """The health report of a dataset as a JSON-ready dict."""
+    train = scan_folder(data_dir, min_classes=1)
+    splits = [("train", train)]
+    if test_dir:
+        splits.append(("test", scan_folder(test_dir, class_names=train.class_names, min_classes=1)))
+    records, unreadable = _examine_all(splits, progress)
+    counts = {split: {name: 0 for name in train.class_names} for split, _ in splits}
+    for r in records:
+        counts[r["split"]][r["label"]] += 1
+    nonzero = [c for c in counts["train"].values() if c]
 
     def distribution(key):
         return dict(collections.Counter(str(r[key]) for r in records).most_common())
 
-    sizes = np.array([(r["width"], r["height"]) for r in records]) if records else np.zeros((0, 2))
     return {
         "data_dir": str(data_dir),
         "test_dir": str(test_dir) if test_dir else None,
         "class_names": train.class_names,
         "counts": counts,
         "n_images": len(records),
-        "imbalance_ratio": imbalance,
+        "imbalance_ratio": (max(nonzero) / min(nonzero)) if nonzero else None,
         "formats": distribution("format"),
         "modes": distribution("mode"),
-        "sizes": {
-            "min": sizes.min(axis=0).tolist() if len(sizes) else None,
-            "median": np.median(sizes, axis=0).tolist() if len(sizes) else None,
-            "max": sizes.max(axis=0).tolist() if len(sizes) else None,
-            "distinct": len({tuple(s) for s in sizes.tolist()}),
-        },
+        "sizes": _sizes(records),
         "unreadable": unreadable,
-        "exact_duplicates": {"groups": exact_groups, "counts": dict(exact_counts)},
-        "near_duplicates": {"threshold_bits": near_threshold, "pairs": near, "counts": dict(near_counts)},
+        "exact_duplicates": _exact_duplicates(records),
+        "near_duplicates": _near_duplicates(records, near_threshold),
         "samples": {name: [r["path"] for r in records if r["label"] == name and r["split"] == "train"][:5]
                     for name in train.class_names},
     }
@@ -162,7 +177,7 @@ def text_summary(report: dict) -> str:
 
 def write_inspection(report: dict, out: str) -> dict:
     """health.json and samples.png in ``out``; returns the paths."""
-    from transferkit.plots import plot_samples
+    from transferkit.reports.plots import plot_samples
 
     os.makedirs(out, exist_ok=True)
     paths = {"json": os.path.join(out, "health.json"), "samples": os.path.join(out, "samples.png")}

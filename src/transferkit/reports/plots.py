@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from transferkit.data.images import open_rgb  # noqa: E402
+from transferkit.errors import TransferkitError  # noqa: E402
 from transferkit.files import atomic_path  # noqa: E402
 
 
@@ -63,7 +67,7 @@ def plot_confusion_matrix(cm, class_names: list[str], path: str, normalise: bool
 
 def plot_samples(samples: dict[str, list[str]], path: str, thumb: int = 160) -> str:
     """A grid: one row per class (its name as the row title), a few of its images."""
-    from transferkit.images import UnreadableImage, load_image
+    from transferkit.data.images import UnreadableImage, load_image
 
     names = list(samples)
     cols = max([len(v) for v in samples.values()] + [1])
@@ -99,3 +103,18 @@ def plot_prediction(image: np.ndarray, title: str, top_k: list[dict], path: str)
         ax_bar.text(min(v + 0.02, 0.85), i, f"{v:.3f}", va="center")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def show_predictions(rows: list[dict], out: str) -> list[str]:
+    """Draw each predicted image with 'label (probability)' and its top-k bars: ``out`` for one image,
+    ``out`` with ``-1``, ``-2``, ... before the extension for several."""
+    good = [r for r in rows if not r.get("error")]
+    if not good:
+        raise TransferkitError("no readable image to show")
+    stem, ext = os.path.splitext(out)
+    written = []
+    for n, row in enumerate(good, start=1):
+        target = out if len(good) == 1 else f"{stem}-{n}{ext or '.png'}"
+        title = f"{row['label']} ({row['probability']:.3f})"
+        written.append(plot_prediction(np.asarray(open_rgb(row["path"])), title, row["top_k"], target))
+    return written

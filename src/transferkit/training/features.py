@@ -9,18 +9,22 @@ so a changed file is re-extracted and a different head or epoch count reuses eve
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from transferkit import augment, runtimes
-from transferkit.backbones import build_feature_extractor, get_spec
+from transferkit.training import augment
+
+from transferkit.engines import runtimes
+from transferkit.models.backbones import build_feature_extractor, get_spec
 from transferkit.files import atomic_path, cache_dir, file_digest
-from transferkit.images import decode_batch
-from transferkit.inference import without_resize
+from transferkit.data.images import decode_batch
+from transferkit.engines.base import without_resize
+from transferkit.log import logger, show_progress
+from transferkit.models.heads import head_pooling
+from transferkit.options import TrainOptions
 
 FEATURE_VERSION = "1"
 
@@ -29,15 +33,14 @@ class FeatureExtractor:
     """Features of image files through one frozen backbone, with the on-disk cache."""
 
     def __init__(self, backbone: str, image_size: int | None = None, weights="imagenet", pooling: str | None = "avg",
-                 batch_size: int = 32, cache: bool = True, verbose: bool = True, runtime: str = "auto",
-                 precision: str = "auto"):
+                 batch_size: int = 32, cache: bool = True, runtime: str = "auto",
+                 precision: str = "fp32"):
         spec = get_spec(backbone)
         self.backbone = backbone
         self.image_size = int(image_size or spec.default_size)
         self.weights = weights
         self.pooling = pooling
         self.batch_size = batch_size
-        self.verbose = verbose
         self.model = build_feature_extractor(backbone, self.image_size, weights, pooling)
         # random weights (weights=None, for tests) differ in every process: nothing of them is cached
         weights_id = "imagenet" if weights == "imagenet" else None if weights is None else file_digest(weights)[:16]
@@ -47,6 +50,13 @@ class FeatureExtractor:
         key = f"v{FEATURE_VERSION}-{self.model_key}-{self.precision}-{augment.RECIPE}"
         self.cache_root: Path | None = cache_dir("features", key) if cache and self.model_key else None
         self.dtype = np.float32 if pooling else np.float16  # feature maps are large: half precision on disk
+
+    @classmethod
+    def from_options(cls, options: TrainOptions) -> "FeatureExtractor":
+        """The extractor a training run with ``options`` uses (its head decides pooled vectors or feature maps)."""
+        return cls(options.backbone, options.size, weights=options.weights, pooling=head_pooling(options.head),
+                   batch_size=options.batch_size, cache=options.cache, runtime=options.runtime,
+                   precision=options.precision)
 
     def _cache_file(self, digest: str, view: int) -> Path:
         return self.cache_root / digest[:2] / f"{digest}-v{view}.npy"
@@ -73,11 +83,10 @@ class FeatureExtractor:
         if self.engine is None:
             fixed = without_resize(self.model, self.image_size) if self.runtime != "keras" else self.model
             self.engine = runtimes.build_engine(fixed, self.model_key, self.runtime, self.precision,
-                                                check_images=np.asarray(images, np.float32), verbose=self.verbose)
-            if self.verbose:
-                check = getattr(self.engine, "check_cosine", None)
-                print(f"transferkit: feature extraction on {self.engine.label}"
-                      + (f" (cosine {check:.4f} vs keras fp32)" if check else ""), file=sys.stderr, flush=True)
+                                                check_images=np.asarray(images, np.float32))
+            check = getattr(self.engine, "check_cosine", None)
+            logger.info(f"feature extraction on {self.engine.label}"
+                        + (f" (cosine {check:.4f} vs keras fp32)" if check else ""))
         return self.engine(images)
 
     def extract(self, paths: list[str], views: int = 0, desc: str = "features") -> tuple[np.ndarray, list[int], list[dict]]:
@@ -98,8 +107,8 @@ class FeatureExtractor:
                 todo.append(i)
         failed: dict[int, str] = {}
         n_passes = sum(1 for i in todo for v in range(views + 1) if (i, v) not in table)
-        bar = tqdm(total=n_passes, desc=desc, unit="img", disable=not self.verbose or n_passes == 0,
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=n_passes, desc=desc, unit="img", disable=not show_progress() or n_passes == 0,
+                   dynamic_ncols=True)
         with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]

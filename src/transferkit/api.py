@@ -1,0 +1,55 @@
+"""The functional API: each call is a thin wrapper over ``ImageClassifier`` or a ``Predictor``, with the same
+options, files and JSON as the command line.
+
+    transferkit.train("photos/", test_dir="test/", out="runs/fruit", epochs=30)   # -> metrics.json's dict
+    transferkit.predict("runs/fruit/model.keras", ["new.jpg"], top_k=3)         # -> rows
+    transferkit.evaluate("runs/fruit/model.keras", "test/", out="runs/fruit/eval")
+"""
+
+from __future__ import annotations
+
+import os
+
+from transferkit.classifier import ImageClassifier
+from transferkit.engines.base import Predictor
+from transferkit.options import EngineOptions
+
+ENGINE = EngineOptions()  # the one default engine: its defaults are the record's
+
+
+def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
+          callbacks=(), **options) -> dict:
+    """Train with ``options`` (the fields of TrainOptions) and write the run folder; returns its metrics."""
+    clf = ImageClassifier(**options)
+    return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks).summary()
+
+
+def load_model(path, *, runtime: str = ENGINE.runtime, precision: str = ENGINE.precision) -> Predictor:
+    """A ``.keras`` model file as an ``ImageClassifier`` on ``runtime`` / ``precision``, or an ``.onnx`` export
+    (run by onnxruntime, without TensorFlow)."""
+    if str(path).lower().endswith(".onnx"):
+        from transferkit.engines.predict import load_predictor
+
+        return load_predictor(str(path))
+    EngineOptions(runtime=runtime, precision=precision)  # validated before the model is read
+    return ImageClassifier.load(str(path), runtime=runtime, precision=precision)
+
+
+def _model(model, runtime: str, precision: str) -> Predictor:
+    return load_model(model, runtime=runtime, precision=precision) if isinstance(model, (str, os.PathLike)) else model
+
+
+def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str = ENGINE.runtime,
+            precision: str = ENGINE.precision) -> list[dict]:
+    """Rows for every image in ``paths`` (files, folders, globs); ``model`` is a path or a loaded predictor."""
+    from transferkit.engines.predict import predict_rows
+
+    return predict_rows(_model(model, runtime, precision), paths, top_k=top_k, batch_size=batch_size)
+
+
+def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = 32, runtime: str = ENGINE.runtime,
+             precision: str = ENGINE.precision) -> dict:
+    """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/``; report files in ``out``."""
+    from transferkit.reports.evaluation import evaluate_predictor
+
+    return evaluate_predictor(_model(model, runtime, precision), test_dir, out=out, batch_size=batch_size)

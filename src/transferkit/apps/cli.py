@@ -1,0 +1,240 @@
+"""The ``transferkit`` command: a thin layer over the Python API (train, evaluate, predict, inspect, serve, export,
+backbones, demo). The flags of ``train`` and ``serve`` and the engine flags are generated from the options
+records (transferkit.options): a flag's name, default, choices and help are written once, there."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import sys
+
+from transferkit._version import __version__
+from transferkit.errors import OptionError, TransferkitError
+from transferkit.options import EngineOptions, Options, ServeOptions, TrainOptions
+
+log = logging.getLogger("transferkit")
+
+
+def add_options(parser: argparse.ArgumentParser, record: type[Options]) -> None:
+    """One flag per field of ``record`` (``batch_size`` -> ``--batch-size``). Flags not given are absent from
+    the parsed namespace, so the record's own defaults apply."""
+    for f in dataclasses.fields(record):
+        rule = f.metadata
+        flag = rule["flag"] or "--" + f.name.replace("_", "-")
+        shown = "the backbone's" if f.default is None else f.default
+        if rule["kind"] is bool:
+            action = "store_false" if flag.startswith("--no-") else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, default=argparse.SUPPRESS, help=rule["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, type=rule["kind"], choices=rule["choices"],
+                                default=argparse.SUPPRESS, help=f"{rule['help']} (default: {shown})")
+
+
+def record_values(args: argparse.Namespace, record: type[Options]) -> dict:
+    return {name: getattr(args, name) for name in record.names() if hasattr(args, name)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0,
+                        help="warnings and errors only, no progress bars")
+    common.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", help="debug messages")
+    p = argparse.ArgumentParser(prog="transferkit", description="Image classifiers by transfer learning (Keras 3).")
+    p.add_argument("--version", action="version", version=f"transferkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    _data_commands(command)
+    _model_commands(command)
+    return p
+
+
+def _data_commands(command) -> None:
+    t = command("train", "train a classifier on DATA_DIR/<class>/<images>")
+    t.add_argument("data_dir")
+    t.add_argument("--test-dir", help="a separate labelled folder, evaluated at the end")
+    t.add_argument("--out", help="run folder (default runs/<date-time>)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
+    add_options(t, TrainOptions)
+
+    i = command("inspect", "dataset health: counts, imbalance, unreadable files, duplicates, leakage")
+    i.add_argument("data_dir")
+    i.add_argument("--test-dir")
+    i.add_argument("--out", default=os.path.join("runs", "inspect"), help="folder for health.json, samples.png")
+    i.add_argument("--near-threshold", type=int, default=6, help="perceptual-hash bits for a near duplicate")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    d = command("demo", "train and evaluate on scikit-learn's bundled digits (offline)")
+    d.add_argument("--out", default=os.path.join("runs", "demo"))
+    d.add_argument("--data", default="demo_data")
+
+
+def _model_commands(command) -> None:
+    e = command("evaluate", "evaluate MODEL on TEST_DIR/<class>/<images>")
+    e.add_argument("model")
+    e.add_argument("test_dir")
+    e.add_argument("--out", help="folder for metrics.json, report.html and the confusion matrices")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_options(e, EngineOptions)
+
+    r = command("predict", "predict image files, folders or globs")
+    r.add_argument("model")
+    r.add_argument("paths", nargs="+")
+    r.add_argument("--top-k", type=int, default=3)
+    r.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    r.add_argument("--show", metavar="OUT.png", help="also draw the image(s) with label, probability and top-k bars")
+    add_options(r, EngineOptions)
+
+    s = command("serve", "web page + JSON API for MODEL on a production WSGI server (gunicorn)")
+    s.add_argument("model")
+    add_options(s, ServeOptions)
+
+    x = command("export", "export MODEL to ONNX, TFLite or a SavedModel (class names carried along)")
+    x.add_argument("model")
+    x.add_argument("--format", required=True, choices=["onnx", "tflite", "saved_model"])
+    x.add_argument("--quantize", default="none", choices=["none", "int8", "float16"])
+    x.add_argument("--calibration", help="photos for int8 calibration (default: the training folder)")
+    x.add_argument("--out", required=True, help="file (.onnx, .tflite) or folder (saved_model)")
+
+    b = command("backbones", "list the backbones of the registry")
+    b.add_argument("pattern", nargs="?", help="only names matching this pattern (e.g. 'efficientnet*')")
+    b.add_argument("--offline", action="store_true", default=None, help="only those whose weights need no network")
+    b.add_argument("--json", action="store_true", help="print one JSON list")
+
+
+def _print_rows(rows: list[dict], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+    elif fmt == "csv":
+        sys.stdout.write(_csv_rows(rows))
+    else:
+        for r in rows:
+            if r.get("error"):
+                print(f"{r['path']}\tERROR: {r['error']}")
+            else:
+                others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"][1:])
+                print(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({others})" if others else ""))
+
+
+def _csv_rows(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    k = max((len(r["top_k"]) for r in rows), default=0)
+    tops_header = [f"top{i + 1}_{c}" for i in range(k) for c in ("label", "probability")]
+    writer.writerow(["path", "label", "probability"] + tops_header + ["error"])
+    for r in rows:
+        tops = [x for t in r["top_k"] for x in (t["label"], f"{t['probability']:.6f}")]
+        tops += [""] * (2 * k - len(tops))
+        prob = "" if r["probability"] is None else f"{r['probability']:.6f}"
+        writer.writerow([r["path"], r["label"] or "", prob] + tops + [r.get("error", "")])
+    return buf.getvalue()
+
+
+def _train(args) -> None:
+    from transferkit.api import train
+
+    train(args.data_dir, test_dir=args.test_dir, out=args.out, resume=args.resume,
+          **record_values(args, TrainOptions))
+
+
+def _evaluate(args) -> None:
+    from transferkit.api import evaluate
+    from transferkit.reports.metrics import text_report
+
+    metrics = evaluate(args.model, args.test_dir, out=args.out, **record_values(args, EngineOptions))
+    if args.json:
+        keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
+        print(json.dumps({k: metrics[k] for k in keys} | {k: v for k, v in metrics.items() if k not in keys},
+                         ensure_ascii=False))
+    else:
+        print(text_report(metrics))
+
+
+def _predict(args) -> None:
+    from transferkit.api import predict
+
+    rows = predict(args.model, args.paths, top_k=args.top_k, **record_values(args, EngineOptions))
+    _print_rows(rows, args.format)
+    if args.show:
+        from transferkit.reports.plots import show_predictions
+
+        for path in show_predictions(rows, args.show):
+            log.info(f"wrote {path}")
+
+
+def _inspect(args) -> None:
+    from transferkit.data.health import inspect_dataset, text_summary, write_inspection
+
+    report = inspect_dataset(args.data_dir, args.test_dir, near_threshold=args.near_threshold,
+                             progress=not args.json and args.verbosity >= 0)
+    written = write_inspection(report, args.out)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(text_summary(report))
+        print(f"\nwrote {written['json']} and {written['samples']}")
+
+
+def _serve(args) -> None:
+    from transferkit.apps.serve import serve
+
+    serve(args.model, ServeOptions(**record_values(args, ServeOptions)))
+
+
+def _export(args) -> None:
+    from transferkit.export import export_model
+
+    done = export_model(args.model, args.format, args.out, quantize=args.quantize, calibration=args.calibration)
+    print(f"transferkit: exported {args.model} to {done['path']} ({done['format']}, quantize {done['quantize']})")
+
+
+def _backbones(args) -> None:
+    from transferkit.models.backbones import list_backbones
+
+    found = list_backbones(args.pattern, offline=args.offline)
+    if args.json:
+        print(json.dumps(found, ensure_ascii=False, indent=2))
+        return
+    for b in found:
+        print(f"{b['name']:<20} {b['default_size']:>4}px  {b['feature_dim']:>5} features  {b['n_blocks']:>3} blocks  "
+              f"{'offline' if b['offline'] else 'download'}  {b['weights']}")
+
+
+def _demo(args) -> None:
+    from transferkit.apps.demo import run_demo
+
+    run_demo(args.data, args.out)
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "inspect": _inspect, "serve": _serve,
+            "export": _export, "backbones": _backbones, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from transferkit.log import configure
+
+    configure(args.verbosity)
+    try:
+        COMMANDS[args.command](args)
+    except OptionError as exc:
+        print(f"transferkit: error: {exc.flag_message}", file=sys.stderr)
+        return 2
+    except TransferkitError as exc:
+        print(f"transferkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transferkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

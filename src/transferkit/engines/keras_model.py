@@ -1,0 +1,46 @@
+"""A ``.keras`` classifier as a ``Predictor``, on any engine: Keras's compiled step, or the frozen model converted
+once to onnxruntime / OpenVINO (checked against Keras fp32 on the first real batch; see ``engines.runtimes``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from transferkit.engines import runtimes
+from transferkit.engines.base import run_model, without_resize
+from transferkit.files import file_digest
+from transferkit.models import modelfile
+from transferkit.options import EngineOptions
+
+
+class KerasPredictor:
+    """A Keras classifier (raw RGB of any size -> probabilities) with its class names, run on ``engine``."""
+
+    def __init__(self, keras_model, class_names: list[str], image_size: int, metadata: dict | None = None,
+                 path: str = "", engine: EngineOptions | None = None):
+        self.keras_model, self.class_names, self.image_size = keras_model, list(class_names), int(image_size)
+        self.metadata, self.path = dict(metadata or {}), str(path or "")
+        self.engine_options = engine or EngineOptions()
+        self.runtime, self.precision = runtimes.resolve(self.engine_options.runtime, self.engine_options.precision)
+        self._engine = None
+
+    @classmethod
+    def from_file(cls, path: str, engine: EngineOptions | None = None) -> "KerasPredictor":
+        loaded = modelfile.load(path)
+        return cls(loaded.keras_model, loaded.class_names, loaded.image_size, loaded.metadata, loaded.path, engine)
+
+    @property
+    def engine_label(self) -> str:
+        return self._engine.label if self._engine is not None else f"{self.runtime} {self.precision}"
+
+    def predict_images(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for a batch of RGB 0-255 images (n, size, size, 3), through the compiled model or the
+        chosen engine (converted, and checked against fp32 on these images, at the first call)."""
+        if self.runtime == "keras":
+            return run_model(self.keras_model, images)
+        if self._engine is None:
+            # a model without a file has no stable identity: its conversion is not cached
+            key = f"classifier-{file_digest(self.path)[:16]}-{self.image_size}px" if self.path else None
+            fixed = without_resize(self.keras_model, self.image_size)
+            self._engine = runtimes.build_engine(fixed, key, self.runtime, self.precision,
+                                                 check_images=np.asarray(images, np.float32))
+        return self._engine(images)

@@ -1,0 +1,81 @@
+"""Files -> probabilities -> result rows, with any ``Predictor``: a ``.keras`` file on its engine, an ONNX export,
+or a classifier in memory. Unreadable files get a row with their reason, in their place, never a crash."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from transferkit.data.folders import expand_paths
+from transferkit.data.images import decode_batch
+from transferkit.engines.base import Predictor
+from transferkit.log import logger
+from transferkit.options import EngineOptions
+
+
+def load_predictor(path, engine: EngineOptions | None = None) -> Predictor:
+    """A ``.keras`` model file on ``engine`` (default: the one default engine), or an ``.onnx`` export (run by
+    onnxruntime, without TensorFlow); either knows its class names, image size and metadata."""
+    if str(path).lower().endswith(".onnx"):
+        from transferkit.engines.onnx_model import load_onnx
+
+        return load_onnx(str(path))
+    from transferkit.engines.keras_model import KerasPredictor
+
+    return KerasPredictor.from_file(str(path), engine)
+
+
+def predict_files(predictor: Predictor, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[int], list[dict]]:
+    """Probabilities for the files that decode: (probs (n_ok, classes), indices of ``paths`` kept, skipped)."""
+    probs, kept, skipped = [], [], []
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            arrays, reasons = decode_batch(chunk, predictor.image_size, pool)
+            ok = [j for j, a in enumerate(arrays) if a is not None]
+            for j, reason in enumerate(reasons):
+                if reason is not None:
+                    skipped.append({"path": chunk[j], "reason": reason})
+                    logger.info(f"skipped {chunk[j]}: {reason}")
+            if ok:
+                probs.append(predictor.predict_images(np.stack([arrays[j] for j in ok])))
+                kept.extend(start + j for j in ok)
+    n_classes = len(predictor.class_names)
+    return (np.concatenate(probs) if probs else np.zeros((0, n_classes), np.float32)), kept, skipped
+
+
+def files_to_probs(predictor: Predictor, paths: list[str], batch_size: int = 32):
+    """``predict_files`` through the predictor's own ``predict_files`` where it has one (a classifier answering
+    from its feature cache), else through its ``predict_images``."""
+    own = getattr(predictor, "predict_files", None)
+    return own(paths, batch_size) if own else predict_files(predictor, paths, batch_size=batch_size)
+
+
+def rows_from_probs(paths: list[str], probs: np.ndarray, class_names: list[str], top_k: int) -> list[dict]:
+    """One result dict per image: path, label, probability and the top-k (label, probability)."""
+    k = max(1, min(int(top_k), len(class_names)))
+    rows = []
+    for path, p in zip(paths, probs):
+        order = np.argsort(-p, kind="stable")[:k]
+        rows.append({
+            "path": path,
+            "label": class_names[order[0]],
+            "probability": float(p[order[0]]),
+            "top_k": [{"label": class_names[i], "probability": float(p[i])} for i in order],
+        })
+    return rows
+
+
+def predict_rows(predictor: Predictor, items, top_k: int = 3, batch_size: int = 32) -> list[dict]:
+    """A row for every image in ``items`` (files, folders, globs), in order; an unreadable file's row has
+    ``error`` instead of a label."""
+    if isinstance(items, (str, os.PathLike)):
+        items = [items]
+    files = expand_paths([str(i) for i in items])
+    probs, kept, skipped = files_to_probs(predictor, files, batch_size)
+    rows = dict(zip(kept, rows_from_probs([files[i] for i in kept], probs, predictor.class_names, top_k)))
+    errors = {s["path"]: s["reason"] for s in skipped}
+    return [rows.get(i) or {"path": f, "label": None, "probability": None, "top_k": [], "error": errors[f]}
+            for i, f in enumerate(files)]

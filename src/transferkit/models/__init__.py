@@ -1,0 +1,3 @@
+"""Models: the backbone registry (``backbones``) with its offline EfficientNet-Lite (``efficientnet_lite``, weights
+read by ``torch_legacy``), the heads trained on cached features (``heads``), and the one ``.keras`` model file
+(``modelfile``)."""

@@ -1,0 +1,168 @@
+"""The options records: the one place where an option is defined (name, default, choices, bounds, help).
+
+Before, every training option was written four times (argparse, the CLI glue, a 25-parameter ``train`` signature,
+the metadata) and the defaults had drifted apart (``runtime`` was ``auto`` in the CLI, ``keras`` in Python's
+``predict``). Now the CLI builds its flags from these records (``batch_size`` -> ``--batch-size``), the
+``ImageClassifier`` validates one record before any image is read, and ``metadata["training"]`` *is* the record, so
+``--resume`` can compare it field by field. This module imports no Keras: ``transferkit --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass, field
+
+from transferkit.errors import OptionError, TransferkitError
+
+RUNTIMES = ("auto", "keras", "onnxruntime", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16")
+HEADS = ("gap", "flatten-256-128")
+CLASS_WEIGHTS = ("balanced", "none")
+# what decides the split and the features: a resumed run must have the same values (and the same training files)
+SPLIT_AND_FEATURES = ("seed", "val_split", "image_size", "backbone", "weights", "augment_views")
+
+
+def option(default, help: str, *, choices: tuple | None = None, low=None, high=None, low_open: bool = False,
+           high_open: bool = False, none_ok: bool = False, flag: str | None = None, kind: type | None = None):
+    """A dataclass field carrying its validation rule and help text (read by :func:`check_field` and the CLI)."""
+    kind = kind or type(default)
+    rule = dict(help=help, choices=choices, low=low, high=high, low_open=low_open, high_open=high_open,
+                none_ok=none_ok or default is None, flag=flag, kind=kind)
+    return field(default=default, metadata=rule)
+
+
+def _describe_range(rule: dict) -> str:
+    low, high = rule["low"], rule["high"]
+    lo = f"> {low}" if rule["low_open"] else f">= {low}"
+    hi = f"< {high}" if rule["high_open"] else f"<= {high}"
+    if low is not None and high is not None:
+        return f"{lo} and {hi}"
+    return lo if low is not None else hi
+
+
+def check_field(name: str, value, rule: dict) -> None:
+    """Raise :class:`OptionError` (naming ``name`` and ``value``) unless ``value`` obeys ``rule``."""
+    if value is None:
+        if not rule["none_ok"]:
+            raise OptionError(name, "must be set", value)
+        return
+    kind = rule["kind"]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise OptionError(name, "must be True or False", value)
+        return
+    if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise OptionError(name, "must be a whole number", value)
+    if kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise OptionError(name, "must be a number", value)
+    if kind is str and not isinstance(value, str):
+        raise OptionError(name, "must be a string", value)
+    if rule["choices"] and value not in rule["choices"]:
+        raise OptionError(name, f"must be one of {', '.join(map(str, rule['choices']))}", value)
+    low, high = rule["low"], rule["high"]
+    below = low is not None and (value <= low if rule["low_open"] else value < low)
+    above = high is not None and (value >= high if rule["high_open"] else value > high)
+    if below or above:
+        raise OptionError(name, f"must be {_describe_range(rule)}", value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Base of the records: field-by-field validation at construction, plain-dict round trip."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name), f.metadata)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Options":
+        """A record from ``values``; an unknown name is a one-line error that lists the known ones."""
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            raise TransferkitError(f"unknown option {unknown[0]!r}; known: {', '.join(cls.names())}")
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions(Options):
+    """Which engine computes a model's outputs (feature extraction, predict, evaluate, serve): the same default
+    for every entry point."""
+
+    runtime: str = option("auto", "inference engine: auto = the fastest installed that matches keras fp32 on your "
+                                  "images, else keras", choices=RUNTIMES)
+    precision: str = option("fp32", "fp32 (the same answer as the exports), bf16 (openvino on a CPU with native bf16, "
+                                    "checked against fp32), or auto (bf16 where native)", choices=PRECISIONS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions(EngineOptions):
+    """Every option of a training run. ``transferkit train --help`` is generated from these fields."""
+
+    backbone: str = option("efficientnet_lite0", "see `transferkit backbones`")
+    weights: str = option("imagenet", "'imagenet' or PATH to a local weights file", none_ok=True)
+    image_size: int = option(None, "square input size", low=32, high=1024, kind=int)
+    epochs: int = option(30, "epochs of the head fit", low=1, high=10_000)
+    val_split: float = option(0.2, "share of each class held out for validation", low=0.0, high=1.0,
+                              low_open=True, high_open=True)
+    seed: int = option(42, "seed of the split, the augmented views and the fits", low=0)
+    batch_size: int = option(32, "images (or feature vectors) per batch", low=1, high=4096)
+    augment_views: int = option(4, "augmented views per training image (random flip, rotation, zoom), each cached",
+                                low=0, high=64)
+    class_weight: str = option("balanced", "weight classes by inverse frequency, or not", choices=CLASS_WEIGHTS)
+    head: str = option("gap", "gap: dropout + softmax on pooled features; flatten-256-128: the seed's dense head",
+                       choices=HEADS)
+    learning_rate: float = option(1e-3, "head learning rate (Adam)", low=0.0, low_open=True, high=10.0)
+    patience: int = option(8, "epochs without a better val_accuracy before stopping", low=1)
+    dropout: float = option(0.2, "dropout before the head's classifier", low=0.0, high=1.0, high_open=True)
+    cache: bool = option(True, "read and write the feature cache", flag="--no-cache")
+    fine_tune_epochs: int = option(0, "second stage: epochs of end-to-end training (0: none)", low=0, high=10_000)
+    unfreeze_top: int = option(2, "backbone blocks to unfreeze in the second stage, from the top", low=1)
+    fine_tune_lr: float = option(1e-5, "learning rate of the second stage", low=0.0, low_open=True, high=10.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_backbone()
+
+    def _check_backbone(self) -> None:
+        from transferkit.models.backbones import get_spec  # the registry (imports Keras) only when validating
+
+        try:
+            spec = get_spec(self.backbone)
+        except TransferkitError as exc:
+            raise OptionError("backbone", f"is unknown ({str(exc).split('; ', 1)[-1]})", self.backbone) from None
+        if self.unfreeze_top > spec.n_blocks:
+            raise OptionError("unfreeze_top", f"must be between 1 and {spec.n_blocks} for {spec.name}",
+                              self.unfreeze_top)
+
+    @property
+    def size(self) -> int:
+        """The square input size: ``image_size`` or the backbone's default."""
+        from transferkit.models.backbones import get_spec
+
+        return int(self.image_size or get_spec(self.backbone).default_size)
+
+    def differences(self, other: "TrainOptions", names=SPLIT_AND_FEATURES) -> list[str]:
+        """``name: old -> new`` for each of ``names`` where ``other`` differs from this record."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        mine["image_size"], theirs["image_size"] = self.size, other.size
+        return [f"{n}: {mine[n]!r} -> {theirs[n]!r}" for n in names if mine[n] != theirs[n]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeOptions(EngineOptions):
+    """The web server's options (``transferkit serve``)."""
+
+    host: str = option("127.0.0.1", "address to bind (default: this machine only)")
+    port: int = option(8000, "TCP port", low=0, high=65535)
+    workers: int = option(1, "processes, each with its own copy of the model", low=1, high=64)
+    threads: int = option(4, "request threads per worker", low=1, high=256)
+    max_upload_mb: float = option(20.0, "largest request body accepted (413 above)", low=0.0, low_open=True)
+    top_k: int = option(3, "classes listed per image", low=1)

@@ -1,0 +1,38 @@
+"""Evaluate any ``Predictor`` on a labelled test folder: scikit-learn metrics, confusion matrix, report.html.
+
+This is the one evaluation: ``transferkit evaluate``, ``ImageClassifier.evaluate`` and the test metrics that
+``train`` prints all come through here. A predictor that can answer from cached features (a classifier whose
+backbone is still the frozen one it extracted them with) offers ``predict_files``; it is used when present, so
+training's test evaluation costs no second pass through the backbone.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transferkit.data.folders import scan_folder
+from transferkit.engines.base import Predictor
+from transferkit.engines.predict import files_to_probs
+from transferkit.files import write_json_atomic
+from transferkit.reports.html import model_summary, write_report
+from transferkit.reports.metrics import compute_metrics
+
+
+def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None = None, batch_size: int = 32,
+                       title: str | None = None, history_png: str | None = None) -> dict:
+    """Metrics of ``predictor`` on ``test_dir/<class>/``; with ``out``, writes metrics.json and report.html (with
+    confusion_matrix.png, confusion_matrix_normalised.png) there. Class folders are matched to the model's
+    classes by name, never by order."""
+    data = scan_folder(test_dir, class_names=predictor.class_names)
+    probs, kept, skipped = files_to_probs(predictor, data.paths, batch_size)
+    metrics = compute_metrics(data.labels[kept], probs, predictor.class_names, [data.paths[i] for i in kept],
+                              data.skipped + skipped)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        write_json_atomic(os.path.join(out, "metrics.json"), metrics)
+        if history_png is None and predictor.path:
+            history_png = os.path.join(os.path.dirname(os.path.abspath(predictor.path)), "history.png")
+        name = os.path.basename(predictor.path or "model")
+        write_report(metrics, out, title=title or f"Evaluation of {name} on {test_dir}",
+                                         history_png=history_png, model_info=model_summary(predictor.metadata))
+    return metrics

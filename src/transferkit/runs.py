@@ -1,0 +1,80 @@
+"""The run folder a training writes (``runs/<date-time>/`` or ``--out``): what each file holds, and the checks
+that let ``--resume`` continue a run only on the same split and the same features.
+
+    model.keras           the classifier + metadata (rewritten at every better epoch, atomically)
+    split.json            which files went to training and to validation, the files' fingerprint, skipped files
+    history.json / .png   the head's (and the second stage's) curves, the kept epoch marked
+    metrics.json          validation (and test) metrics, timings, skipped files
+    finetune_state.json   the second stage's progress (epochs done, best epoch), for --resume
+    report.html           the test report (with confusion matrices) when a test folder was given
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from transferkit.data.folders import TrainingData
+from transferkit.errors import TransferkitError
+from transferkit.files import file_digest, write_json_atomic
+from transferkit.options import SPLIT_AND_FEATURES, TrainOptions
+
+MODEL_NAME = "model.keras"
+SPLIT_NAME = "split.json"
+
+
+def default_folder() -> str:
+    return os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def weights_id(weights) -> str | None:
+    """How a run records its weights: ``imagenet``, None (random), or a local file by name and content hash (the
+    path itself stays on this machine)."""
+    if weights in (None, "imagenet") or not os.path.isfile(str(weights)):
+        return weights
+    return f"{os.path.basename(str(weights))}#blake2b:{file_digest(weights)[:16]}"
+
+
+def stored_options(options: TrainOptions) -> dict:
+    """``metadata["training"]``: the options record, with the image size resolved and the weights by identity."""
+    return options.to_dict() | {"image_size": options.size, "weights": weights_id(options.weights)}
+
+
+def write_split(out: str, data: TrainingData) -> None:
+    write_json_atomic(os.path.join(out, SPLIT_NAME), {
+        "root": data.root, "fingerprint": data.fingerprint, "class_names": data.class_names,
+        "train": data.relative(data.train_paths), "validation": data.relative(data.val_paths),
+        "skipped": data.skipped})
+
+
+def read_split(out: str) -> dict:
+    try:
+        with open(os.path.join(out, SPLIT_NAME), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def check_resumable(out: str, metadata: dict, options: TrainOptions) -> None:
+    """Refuse, in one line naming the difference, a resume whose options would change the split or features."""
+    stored, now = metadata.get("training", {}), stored_options(options)
+    for name in SPLIT_AND_FEATURES:
+        if stored.get(name) != now[name]:
+            raise TransferkitError(f"{out}: cannot resume with {name}={now[name]!r}: the run used "
+                                   f"{name}={stored.get(name)!r}, and another value would change the split or the "
+                                   f"features (start a new run with another --out)")
+
+
+def check_same_files(out: str, metadata: dict, data: TrainingData) -> None:
+    """Refuse a resume on training files that changed since the run began (validation images could leak into
+    training); name one file that was added, removed or changed."""
+    if metadata.get("data", {}).get("fingerprint") == data.fingerprint:
+        return
+    before = read_split(out)
+    old = set(before.get("train", []) + before.get("validation", []))
+    new = set(data.relative(data.train_paths + data.val_paths))
+    change = (f"'{sorted(new - old)[0]}' was added" if new - old else
+              f"'{sorted(old - new)[0]}' was removed" if old - new else "a file's content changed")
+    raise TransferkitError(f"{out}: cannot resume: the training files changed since the run began ({change}); "
+                           f"start a new run with another --out")
