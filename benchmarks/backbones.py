@@ -23,10 +23,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transferkit import runtimes  # noqa: E402
+from transferkit.engines import runtimes  # noqa: E402
 from transferkit.models.backbones import REGISTRY, build_feature_extractor  # noqa: E402
 from transferkit.errors import TransferkitError  # noqa: E402
-from transferkit.engines.base import run_model, without_resize  # noqa: E402
+from transferkit.engines.keras_step import run_model, without_resize  # noqa: E402
 
 
 def extractor(name: str, size: int) -> tuple[keras.Model, str]:
@@ -49,9 +49,9 @@ def cache_key(name: str, weights: str, size: int) -> str | None:
 
 def engine_for(model: keras.Model, key: str | None, weights: str, images: np.ndarray) -> tuple[runtimes.Engine, str]:
     """The `auto` engine, checked on ``images``; with random weights that fail the check, the unchecked one ("*")."""
-    engine = runtimes.build_engine(model, key, "auto", "auto", check_images=images, verbose=False)
+    engine = runtimes.build_engine(model, key, "auto", "auto", check_images=images)
     if engine.runtime == "keras" and weights == "None":
-        unchecked = runtimes.build_engine(model, key, "auto", "auto", verbose=False)
+        unchecked = runtimes.build_engine(model, key, "auto", "auto")
         cos = runtimes.cosine(unchecked(images[:8]), run_model(model, images[:8]))
         if unchecked.runtime != "keras" and cos < runtimes.min_cosine(unchecked.precision):
             return unchecked, "*"  # refused for its (noise) features, not for its speed

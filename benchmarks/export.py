@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from transferkit.export import calibration_images, export_model  # noqa: E402
-from transferkit.engines.predict import load_model  # noqa: E402
+from transferkit.api import load_model  # noqa: E402
 
 
 def images_per_second(model, batch: np.ndarray, seconds: float) -> float:
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="tk-export-bench-")
-    keras_model = load_model(args.model)
+    keras_model = load_model(args.model, runtime="keras")
     size = keras_model.image_size
     photos = calibration_images(args.photos, size, limit=10_000)
     fp32, int8 = os.path.join(work, "fp32.onnx"), os.path.join(work, "int8.onnx")

@@ -61,7 +61,7 @@ def one_time_setup(data_dir: str) -> float:
     from transferkit.training.features import FeatureExtractor
 
     start = time.perf_counter()
-    FeatureExtractor("efficientnet_lite0", cache=False, verbose=False).extract(scan_folder(data_dir).paths[:8])
+    FeatureExtractor("efficientnet_lite0", cache=False).extract(scan_folder(data_dir).paths[:8])
     return time.perf_counter() - start
 
 

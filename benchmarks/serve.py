@@ -70,7 +70,7 @@ def main() -> None:
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buf, "JPEG")
         payload = buf.getvalue()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit.apps.cli", "serve", args.model, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", args.model, "--port", str(port),
                              "--workers", str(args.workers), "--threads", str(args.threads)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src")))

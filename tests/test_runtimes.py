@@ -9,7 +9,7 @@ from transferkit.engines import runtimes
 from transferkit.models.backbones import build_feature_extractor
 from transferkit.errors import TransferkitError
 from transferkit.training.features import FeatureExtractor
-from transferkit.engines.base import run_model, without_resize
+from transferkit.engines.keras_step import run_model, without_resize
 
 SIZE = 96
 

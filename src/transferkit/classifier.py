@@ -66,6 +66,7 @@ class ImageClassifier:
         self._engine = None  # EngineOptions of predictions, set by fit or load
         self._predictor = None
         self._features_current = False  # the backbone is the frozen one that extracted the cached features
+        self._file_metadata = {}  # what a loaded model file said about itself (kept where not recomputed)
         self._saved = False  # model_ is what model_path_ holds
 
     # ----- parameters (scikit-learn's protocol) -----
@@ -91,7 +92,8 @@ class ImageClassifier:
 
     @property
     def metadata(self) -> dict:
-        return self._metadata()
+        """What the model file says about itself (as written, once saved)."""
+        return self._file_metadata if self._saved else self._metadata()
 
     @property
     def path(self) -> str:
@@ -111,7 +113,7 @@ class ImageClassifier:
         backbone is the frozen one that extracted it (the same function, without a second backbone pass)."""
         batch_size = batch_size or self.options_.batch_size
         if self._features_current and self.extractor_ is not None:
-            from transferkit.engines.base import run_model
+            from transferkit.engines.keras_step import run_model
 
             features, kept, skipped = self.extractor_.extract(list(paths), 0, desc="features")
             return run_model(self.head_, features[:, 0]), kept, skipped
@@ -222,7 +224,7 @@ class ImageClassifier:
 
     def fit_head(self, features: FeatureSplit) -> "ImageClassifier":
         """Train the head on ``features``; the classifier becomes backbone + best head."""
-        from transferkit.engines.base import run_model
+        from transferkit.engines.keras_step import run_model
         from transferkit.models import modelfile
         from transferkit.reports.metrics import compute_metrics
         from transferkit.training.head import class_weights, train_head
@@ -263,7 +265,7 @@ class ImageClassifier:
 
     def _fine_tune_state(self, finetune, options: TrainOptions, images, resume: bool) -> dict:
         from transferkit.training.head import mean_log_loss
-        from transferkit.engines.base import run_model
+        from transferkit.engines.keras_step import run_model
 
         if not resume:
             val_loss = mean_log_loss(run_model(self.model_, images.x_val), images.y_val)
@@ -287,7 +289,7 @@ class ImageClassifier:
         return ImageSplit(x_train, data.y_train[kept_t], x_val, data.y_val[kept_v])
 
     def _validate_on_images(self, images) -> None:
-        from transferkit.engines.base import run_model
+        from transferkit.engines.keras_step import run_model
         from transferkit.reports.metrics import compute_metrics
 
         self.validation_ = compute_metrics(images.y_val, run_model(self.model_, images.x_val), self.classes_,
@@ -316,8 +318,9 @@ class ImageClassifier:
         (``.keras``), atomically."""
         from transferkit.models import modelfile
 
-        modelfile.save(self._fitted().model_, path, self._metadata())
-        self.model_path_, self._saved, self._predictor = str(path), True, None
+        metadata = self._metadata()
+        modelfile.save(self._fitted().model_, path, metadata)
+        self.model_path_, self._saved, self._predictor, self._file_metadata = str(path), True, None, metadata
         return str(path)
 
     @classmethod
@@ -344,7 +347,8 @@ class ImageClassifier:
         self.classes_, self.model_ = list(loaded.class_names), loaded.keras_model
         fit = meta.get("fit", {})
         self.history_, self.best_epoch_ = fit.get("history"), fit.get("best_epoch")
-        self.validation_, self.test_, self.fine_tune_ = meta.get("validation"), meta.get("test"), None
+        self.validation_, self.test_, self.fine_tune_ = meta.get("validation"), meta.get("test"), meta.get("fine_tune")
+        self._file_metadata = dict(meta)
         self.timing_ = dict(fit.get("timing", {}))
         self._set_model(loaded.keras_model, features_current=False)
 
@@ -353,7 +357,7 @@ class ImageClassifier:
         import keras
 
         options = self._fitted().options_
-        meta = {
+        meta = dict(self._file_metadata) | {
             "format": "transferkit-model/2", "transferkit_version": __version__,
             "keras_version": keras.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

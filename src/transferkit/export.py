@@ -20,7 +20,7 @@ from transferkit.models import modelfile
 from transferkit.errors import TransferkitError
 from transferkit.files import atomic_path, write_json_atomic, write_text_atomic
 from transferkit.data.images import UnreadableImage, load_image
-from transferkit.engines.base import without_resize
+from transferkit.engines.keras_step import without_resize
 from transferkit.engines.keras_onnx import save_onnx
 
 FORMATS = ("onnx", "tflite", "saved_model")

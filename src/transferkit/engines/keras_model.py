@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from transferkit.engines import runtimes
-from transferkit.engines.base import run_model, without_resize
+from transferkit.engines.keras_step import run_model, without_resize
 from transferkit.files import file_digest
 from transferkit.models import modelfile
 from transferkit.options import EngineOptions

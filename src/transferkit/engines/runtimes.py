@@ -28,7 +28,7 @@ from transferkit.errors import TransferkitError
 from transferkit.log import logger
 from transferkit.options import PRECISIONS, RUNTIMES
 from transferkit.files import atomic_path, cache_dir, write_json_atomic
-from transferkit.engines.base import run_model
+from transferkit.engines.keras_step import run_model
 from transferkit.engines.keras_onnx import save_onnx
 
 MIN_COSINE = 0.995  # a lower precision (bf16) vs Keras fp32

