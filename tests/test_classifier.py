@@ -48,6 +48,26 @@ def test_fit_save_load_predict_round_trip(dataset, tmp_path):
     np.testing.assert_allclose(loaded.predict_proba(photo[None]), before[:1], atol=1e-5)
 
 
+def test_each_stage_is_a_method_a_test_can_call(dataset, tmp_path):
+    """prepare -> extract_features -> fit_head -> save -> evaluate, one at a time, as fit runs them."""
+    clf = ImageClassifier(runtime="keras", **FAST).prepare(dataset[0], out=str(tmp_path / "run"))
+    assert len(clf.data_.train_paths) + len(clf.data_.val_paths) == 48 and clf.model_ is None
+    features = clf.extract_features()
+    assert features.x_train.shape == (len(clf.data_.train_paths), 1280)
+    assert clf.fit_head(features) is clf and clf.best_epoch_ >= 1
+    path = clf.save(str(tmp_path / "staged.keras"))
+    whole = ImageClassifier(runtime="keras", **FAST).fit(dataset[0], out=str(tmp_path / "whole"))
+    assert clf.history_ == whole.history_  # the same seeded stages
+    staged = clf.evaluate(dataset[1])  # from the feature cache (the backbone is still the frozen one)
+    from_file = transferkit.evaluate(path, dataset[1], runtime="keras")  # through the model file
+    assert staged["confusion_matrix"] == from_file["confusion_matrix"]
+    paths = _test_paths(dataset)
+    cached, kept, _ = clf.predict_files(paths)  # the cached-feature shortcut ...
+    assert kept == list(range(len(paths)))
+    np.testing.assert_allclose(cached, ImageClassifier.load(path, runtime="keras").predict_proba(paths),
+                               atol=1e-4)  # ... computes what the model file computes
+
+
 def test_metadata_training_is_the_options_record(trained):
     meta = transferkit.load_model(trained[0]["model_path"]).metadata
     record = TrainOptions(**meta["training"])  # the stored record validates as it is
