@@ -43,9 +43,33 @@ def test_fit_save_load_predict_round_trip(dataset, tmp_path):
     assert loaded.get_params()["image_size"] == IMAGE_SIZE
     rows = loaded.predict(dataset[1], top_k=2)
     assert [r["label"] for r in rows] == [clf.classes_[i] for i in before.argmax(1)]
-    # arrays of another size go through the same resize as files
+    # arrays of another size go through the same resize as files; a single image is not a batch
     photo = np.asarray(Image.open(paths[0]).convert("RGB"))
     np.testing.assert_allclose(loaded.predict_proba(photo[None]), before[:1], atol=1e-5)
+    with pytest.raises(TransferkitError, match="takes a batch of images"):
+        loaded.predict_proba(photo)
+    # what the loaded object says about itself is what the file says, and a re-save keeps it true
+    assert loaded.metadata == clf.metadata
+    loaded.save(str(tmp_path / "again.keras"))
+    again = ImageClassifier.load(str(tmp_path / "again.keras"), runtime="keras")
+    assert again.image_size == IMAGE_SIZE and again.metadata["training"] == clf.metadata["training"]
+    with pytest.raises(TransferkitError, match="fine_tune needs the training images"):
+        loaded.fine_tune(1)
+
+
+def test_protocol_and_a_second_fit_starts_from_nothing(dataset, tmp_path):
+    from transferkit.engines.base import FilePredictor, Predictor
+
+    clf = ImageClassifier(runtime="keras", **FAST)
+    assert not isinstance(clf, Predictor)  # not fitted: no class names yet
+    with pytest.raises(TransferkitError, match="not fitted"):
+        clf.predict([dataset[1]])
+    clf.fit(dataset[0], test_dir=dataset[1], out=str(tmp_path / "a"))
+    assert isinstance(clf, FilePredictor) and clf.test_["n_images"] == 18
+    clf.set_params(epochs=2).fit(dataset[0], out=str(tmp_path / "b"))
+    assert clf.test_ is None and len(clf.history_["loss"]) <= 2
+    assert "test" not in json.load(open(tmp_path / "b" / "metrics.json", encoding="utf-8"))
+    assert "test" not in clf.metadata
 
 
 def test_each_stage_is_a_method_a_test_can_call(dataset, tmp_path):
@@ -62,7 +86,7 @@ def test_each_stage_is_a_method_a_test_can_call(dataset, tmp_path):
     from_file = transferkit.evaluate(path, dataset[1], runtime="keras")  # through the model file
     assert staged["confusion_matrix"] == from_file["confusion_matrix"]
     paths = _test_paths(dataset)
-    cached, kept, _ = clf.predict_files(paths)  # the cached-feature shortcut ...
+    cached, kept, _ = clf.probabilities_for_files(paths)  # the cached-feature shortcut ...
     assert kept == list(range(len(paths)))
     np.testing.assert_allclose(cached, ImageClassifier.load(path, runtime="keras").predict_proba(paths),
                                atol=1e-4)  # ... computes what the model file computes
@@ -98,7 +122,13 @@ def test_bad_option_fails_before_any_image_is_read(dataset, tmp_path, monkeypatc
         assert isinstance(caught.value, ValueError)  # TransferkitError subclasses ValueError
     with pytest.raises(TransferkitError, match="unknown option 'epoch'"):
         ImageClassifier(epoch=3)
-    assert not (tmp_path / "never").exists() or not any((tmp_path / "never").iterdir())
+    monkeypatch.undo()
+    for data, test in ((str(tmp_path / "nowhere"), None), (dataset[0], str(tmp_path / "no-test"))):
+        with pytest.raises(TransferkitError, match="not a folder"):  # before any feature is extracted
+            ImageClassifier(**FAST).fit(data, test_dir=test, out=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()  # no empty run folder left behind
+    with pytest.raises(OptionError, match="runtime of an .onnx export is onnxruntime fp32"):
+        transferkit.load_model(str(tmp_path / "m.onnx"), runtime="openvino")
 
 
 def test_cli_flags_come_from_the_record_and_errors_name_the_flag(dataset, tmp_path):

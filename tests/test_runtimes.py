@@ -49,9 +49,9 @@ def test_auto_resolution_and_clear_errors():
     runtime, precision = runtimes.resolve("auto", "auto")
     assert runtime in ("openvino", "onnxruntime", "keras")
     assert precision == ("bf16" if runtime == "openvino" and runtimes.native_bf16() else "fp32")
-    with pytest.raises(TransferkitError, match="bf16 needs --runtime openvino"):
+    with pytest.raises(TransferkitError, match="precision bf16 needs runtime openvino"):
         runtimes.resolve("onnxruntime", "bf16")
-    with pytest.raises(TransferkitError, match="--runtime must be one of"):
+    with pytest.raises(TransferkitError, match="runtime must be one of"):
         runtimes.resolve("tensorrt", "auto")
 
 

@@ -12,9 +12,8 @@ import os
 
 from transferkit.classifier import ImageClassifier
 from transferkit.engines.base import Predictor
-from transferkit.options import EngineOptions
-
-ENGINE = EngineOptions()  # the one default engine: its defaults are the record's
+from transferkit.errors import OptionError
+from transferkit.options import DEFAULT_ENGINE, EngineOptions
 
 
 def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
@@ -24,14 +23,18 @@ def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None,
     return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks).summary()
 
 
-def load_model(path, *, runtime: str = ENGINE.runtime, precision: str = ENGINE.precision) -> Predictor:
+def load_model(path, *, runtime: str = DEFAULT_ENGINE.runtime,
+               precision: str = DEFAULT_ENGINE.precision) -> Predictor:
     """A ``.keras`` model file as an ``ImageClassifier`` on ``runtime`` / ``precision``, or an ``.onnx`` export
     (run by onnxruntime, without TensorFlow)."""
+    engine = EngineOptions(runtime=runtime, precision=precision)  # validated before the model is read
     if str(path).lower().endswith(".onnx"):
         from transferkit.engines.predict import load_predictor
 
+        if engine.runtime not in ("auto", "onnxruntime") or engine.precision not in ("auto", "fp32"):
+            raise OptionError("runtime", "of an .onnx export is onnxruntime fp32",
+                              f"{engine.runtime} {engine.precision}")
         return load_predictor(str(path))
-    EngineOptions(runtime=runtime, precision=precision)  # validated before the model is read
     return ImageClassifier.load(str(path), runtime=runtime, precision=precision)
 
 
@@ -39,16 +42,16 @@ def _model(model, runtime: str, precision: str) -> Predictor:
     return load_model(model, runtime=runtime, precision=precision) if isinstance(model, (str, os.PathLike)) else model
 
 
-def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str = ENGINE.runtime,
-            precision: str = ENGINE.precision) -> list[dict]:
+def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str = DEFAULT_ENGINE.runtime,
+            precision: str = DEFAULT_ENGINE.precision) -> list[dict]:
     """Rows for every image in ``paths`` (files, folders, globs); ``model`` is a path or a loaded predictor."""
     from transferkit.engines.predict import predict_rows
 
     return predict_rows(_model(model, runtime, precision), paths, top_k=top_k, batch_size=batch_size)
 
 
-def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = 32, runtime: str = ENGINE.runtime,
-             precision: str = ENGINE.precision) -> dict:
+def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = 32,
+             runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision) -> dict:
     """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/``; report files in ``out``."""
     from transferkit.reports.evaluation import evaluate_predictor
 

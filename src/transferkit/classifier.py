@@ -6,7 +6,7 @@
     clf.predict(["new/peach.jpg"], top_k=3)                             # rows: path, label, probability, top_k
     clf = ImageClassifier.load("runs/fruit/model.keras")                # the same object from the model file
 
-``fit`` runs the stages in order, each a method a test can call on its own: ``_prepare`` (validate the options,
+``fit`` runs the stages in order, each a method a test can call on its own: ``prepare`` (validate the options,
 before any image is read; scan; split), ``extract_features`` (cached frozen-backbone features), ``fit_head``,
 ``save``, then ``fine_tune`` when asked, ``evaluate`` on the test folder, and ``_write_run`` (history, metrics,
 report). A new step (say, calibration after the head fit) is one more method called from ``fit``, whose result
@@ -20,6 +20,7 @@ second pass through the backbone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import os
@@ -29,14 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from transferkit._version import __version__
-from transferkit.errors import OptionError, TransferkitError
+from transferkit.errors import NotFittedError, TransferkitError
 from transferkit.log import logger
-from transferkit.options import EngineOptions, TrainOptions
+from transferkit.options import DEFAULT_ENGINE, EngineOptions, TrainOptions
 from transferkit import runs
 
-ENGINE = EngineOptions()  # the one default engine
-_ATTRIBUTES = ("classes_", "options_", "model_", "history_", "best_epoch_", "validation_", "test_",
-               "fine_tune_", "skipped_", "timing_", "data_", "out_", "model_path_")
+_LEARNED = ("classes_", "options_", "model_", "history_", "best_epoch_", "validation_", "test_", "fine_tune_",
+            "skipped_", "timing_", "data_", "out_", "model_path_", "extractor_", "head_")
 
 
 @dataclass
@@ -56,18 +56,19 @@ class ImageClassifier:
     :class:`transferkit.options.TrainOptions` (``backbone``, ``epochs``, ``augment_views``, ...)."""
 
     def __init__(self, **options):
-        unknown = sorted(set(options) - set(TrainOptions.names()))
-        if unknown:
-            raise TransferkitError(f"unknown option {unknown[0]!r}; known: {', '.join(TrainOptions.names())}")
+        TrainOptions.check_names(options)  # a misspelt name fails here; values are checked by fit
         self._params = dict(options)
-        for name in _ATTRIBUTES:
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget everything learned (a second ``fit`` starts from nothing)."""
+        for name in _LEARNED:
             setattr(self, name, None)
-        self.extractor_ = self.head_ = None
         self._engine = None  # EngineOptions of predictions, set by fit or load
         self._predictor = None
         self._features_current = False  # the backbone is the frozen one that extracted the cached features
-        self._file_metadata = {}  # what a loaded model file said about itself (kept where not recomputed)
-        self._saved = False  # model_ is what model_path_ holds
+        self._file_metadata = {}  # what the model file last written or read says about itself
+        self._saved_to = None  # the file that holds model_ as it is now, if any
 
     # ----- parameters (scikit-learn's protocol) -----
     def get_params(self, deep: bool = True) -> dict:
@@ -93,11 +94,12 @@ class ImageClassifier:
     @property
     def metadata(self) -> dict:
         """What the model file says about itself (as written, once saved)."""
-        return self._file_metadata if self._saved else self._metadata()
+        return self._file_metadata if self._saved_to else self._metadata()
 
     @property
     def path(self) -> str:
-        return self.model_path_ if self._saved else ""
+        """The model file that holds this classifier as it is now ("" after a change not yet saved)."""
+        return self._saved_to or ""
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of RGB 0-255 images at ``image_size`` (n, size, size, 3)."""
@@ -105,10 +107,10 @@ class ImageClassifier:
             from transferkit.engines.keras_model import KerasPredictor
 
             self._predictor = KerasPredictor(self._fitted().model_, self.classes_, self.image_size,
-                                             self._metadata(), self.path, self._engine or ENGINE)
+                                             self.metadata, self.path, self._engine or DEFAULT_ENGINE)
         return self._predictor.predict_images(images)
 
-    def predict_files(self, paths: list[str], batch_size: int | None = None):
+    def probabilities_for_files(self, paths: list[str], batch_size: int | None = None):
         """(probabilities, indices of ``paths`` that decoded, skipped files); from the feature cache while the
         backbone is the frozen one that extracted it (the same function, without a second backbone pass)."""
         batch_size = batch_size or self.options_.batch_size
@@ -134,6 +136,9 @@ class ImageClassifier:
         from transferkit.data.images import to_model_input
 
         self._fitted()
+        if isinstance(images, np.ndarray) and images.ndim != 4:
+            raise TransferkitError(f"predict_proba takes a batch of images: an array (n, height, width, 3) or a "
+                                   f"list; got an array of shape {images.shape}")
         batch = np.stack([to_model_input(image, self.image_size) for image in images])
         return self.predict_images(batch)
 
@@ -151,12 +156,13 @@ class ImageClassifier:
         interrupted second stage of ``out`` (same options, same files); ``callbacks`` are Keras callbacks for
         the second stage."""
         started = time.perf_counter()
-        self._prepare(data_dir, out, resume)
+        self.prepare(data_dir, out=out, resume=resume, test_dir=test_dir)
         if resume:
             self._restore()
         else:
             self.fit_head(self.extract_features())
             self.save(self.model_path_)  # the head-only model is safe on disk before any fine-tuning
+            self._write_records()
         if resume or self.options_.fine_tune_epochs:
             self.fine_tune(resume=resume, callbacks=callbacks)
         if test_dir:
@@ -164,36 +170,42 @@ class ImageClassifier:
 
             self.test_ = self.evaluate(test_dir)
             logger.info(text_report(self.test_))
-        self.save(self.model_path_)
         self.timing_["total_seconds"] = round(time.perf_counter() - started, 2)
+        self.save(self.model_path_)
         self._write_run()
         logger.info(f"val_accuracy {self.validation_['accuracy']:.4f}; model written to {self.model_path_} "
                     f"({self.timing_['total_seconds']:.1f} s)")
         return self
 
-    def _prepare(self, data_dir: str, out: str | None, resume: bool) -> None:
-        """Validate every option (before any image is read), then scan and split ``data_dir``."""
+    def prepare(self, data_dir: str, *, out: str | None = None, resume: bool = False,
+                test_dir: str | None = None) -> "ImageClassifier":
+        """The first stage: validate every option (before any image is read), scan and split ``data_dir``, check
+        that ``test_dir``'s classes are the training classes, and only then make the run folder ``out``."""
         import keras
 
-        from transferkit.data.folders import split_training_folder
+        from transferkit.data.folders import scan_folder, split_training_folder
+        from transferkit.training.finetune import STATE_NAME
 
+        self._reset()
         params = self.get_params()
         if isinstance(params["weights"], os.PathLike):
             params["weights"] = os.fspath(params["weights"])
-        self.options_ = options = TrainOptions(**params)
-        if options.weights not in (None, "imagenet") and not os.path.isfile(options.weights):
-            raise OptionError("weights", "must be 'imagenet' or an existing weights file", options.weights)
+        self.options_ = options = TrainOptions(**params).for_training()
         if resume and not out:
             raise TransferkitError("resume needs out, the run folder to continue (--resume --out RUN)")
-        self.out_ = str(out or runs.default_folder())
-        self.model_path_ = os.path.join(self.out_, runs.MODEL_NAME)
-        os.makedirs(self.out_, exist_ok=True)
-        self.timing_, self._engine = {}, EngineOptions(runtime=options.runtime, precision=options.precision)
         keras.utils.set_random_seed(options.seed)
         self.data_ = split_training_folder(data_dir, options.val_split, options.seed)
+        if test_dir:
+            scan_folder(test_dir, class_names=self.data_.class_names)
         self.classes_, self.skipped_ = list(self.data_.class_names), list(self.data_.skipped)
+        self.out_ = str(out or runs.default_folder())
+        self.model_path_ = os.path.join(self.out_, runs.MODEL_NAME)
+        self.timing_, self._engine = {}, EngineOptions(runtime=options.runtime, precision=options.precision)
+        os.makedirs(self.out_, exist_ok=True)
         if not resume:
             runs.write_split(self.out_, self.data_)
+            runs.remove(self.out_, STATE_NAME)  # a new run: an older run's second stage is not ours to resume
+        return self
 
     def extract_features(self) -> FeatureSplit:
         """Features of every training view and validation image, through the frozen backbone and its cache."""
@@ -248,12 +260,16 @@ class ImageClassifier:
         from transferkit.training import finetune
 
         self._fitted()
+        if self.data_ is None:
+            raise TransferkitError("fine_tune needs the training images: call fit(data_dir) first, or "
+                                   "fit(data_dir, out=RUN, resume=True) to continue a run")
         changes = {k: v for k, v in (("fine_tune_epochs", epochs), ("unfreeze_top", unfreeze_top),
                                      ("fine_tune_lr", learning_rate)) if v is not None}
-        options = dataclasses.replace(self.options_, **changes)  # validated like every option
+        self.options_ = dataclasses.replace(self.options_, **changes)  # validated like every option
         t0 = time.perf_counter()
         images = self._decode_split()
-        state = self._fine_tune_state(finetune, options, images, resume)
+        state = self._fine_tune_state(finetune, self.options_, images, resume)
+        options = self.options_
         self.fine_tune_ = finetune.fine_tune(
             self.model_, self._spec(), images, state, save=self._checkpoint, out=self.out_,
             batch_size=options.batch_size, seed=options.seed, patience=options.patience,
@@ -277,6 +293,8 @@ class ImageClassifier:
         if state.get("status") == "done":
             raise TransferkitError(f"{self.out_}: fine-tuning already finished")
         logger.info(f"resuming fine-tuning in {self.out_}: {state['epochs_done']} of {state['epochs']} epochs done")
+        self.options_ = dataclasses.replace(self.options_, fine_tune_epochs=state["epochs"],
+                                            unfreeze_top=state["unfreeze_top"], fine_tune_lr=state["learning_rate"])
         return state
 
     def _decode_split(self):
@@ -307,7 +325,7 @@ class ImageClassifier:
         if not os.path.exists(self.model_path_):
             raise TransferkitError(f"{self.out_}: nothing to resume (no {runs.MODEL_NAME})")
         loaded = modelfile.load(self.model_path_)
-        runs.check_resumable(self.out_, loaded.metadata, self.options_)
+        self.options_ = runs.check_resumable(self.out_, loaded.metadata, self.options_)
         runs.check_same_files(self.out_, loaded.metadata, self.data_)
         self._adopt(loaded)
         self.skipped_ = runs.read_split(self.out_).get("skipped", self.skipped_)
@@ -320,37 +338,40 @@ class ImageClassifier:
 
         metadata = self._metadata()
         modelfile.save(self._fitted().model_, path, metadata)
-        self.model_path_, self._saved, self._predictor, self._file_metadata = str(path), True, None, metadata
+        self._saved_to, self._predictor, self._file_metadata = str(path), None, metadata
         return str(path)
 
     @classmethod
-    def load(cls, path: str, *, runtime: str = ENGINE.runtime, precision: str = ENGINE.precision) -> "ImageClassifier":
-        """A fitted classifier from a ``.keras`` model file; predictions run on ``runtime`` / ``precision``."""
+    def load(cls, path: str, *, runtime: str = DEFAULT_ENGINE.runtime,
+             precision: str = DEFAULT_ENGINE.precision) -> "ImageClassifier":
+        """A fitted classifier from a ``.keras`` model file; predictions run on ``runtime`` / ``precision``.
+        What it learned comes from the file's metadata: ``validation_`` and ``test_`` hold the summaries stored
+        there (accuracy, macro F1), not the full reports of the run folder."""
+        from transferkit.engines.runtimes import resolve
         from transferkit.models import modelfile
 
+        engine = EngineOptions(runtime=runtime, precision=precision)
+        resolve(engine.runtime, engine.precision)  # an impossible engine fails here, not at the first prediction
         loaded = modelfile.load(str(path))
         stored = {k: v for k, v in loaded.metadata.get("training", {}).items() if k in TrainOptions.names()}
-        clf = cls(**(stored | {"runtime": runtime, "precision": precision}))
+        clf = cls(**stored)
         clf._adopt(loaded)
-        clf._engine = EngineOptions(runtime=runtime, precision=precision)
-        clf.out_, clf.model_path_, clf._saved = os.path.dirname(os.path.abspath(str(path))), str(path), True
+        clf._engine, clf.model_path_, clf._saved_to = engine, str(path), str(path)
+        clf.out_ = os.path.dirname(os.path.abspath(str(path)))
         return clf
 
     def _adopt(self, loaded) -> None:
         """Take the model and what its metadata says it learned."""
         meta = loaded.metadata
         if self.options_ is None:
-            try:
-                self.options_ = TrainOptions(**self.get_params())
-            except TransferkitError:  # a file from an older version: its record no longer validates
-                self.options_ = TrainOptions(image_size=loaded.image_size)
+            self.options_ = runs.options_of(loaded.metadata, loaded.image_size, self.get_params())
         self.classes_, self.model_ = list(loaded.class_names), loaded.keras_model
         fit = meta.get("fit", {})
         self.history_, self.best_epoch_ = fit.get("history"), fit.get("best_epoch")
         self.validation_, self.test_, self.fine_tune_ = meta.get("validation"), meta.get("test"), meta.get("fine_tune")
-        self._file_metadata = dict(meta)
         self.timing_ = dict(fit.get("timing", {}))
         self._set_model(loaded.keras_model, features_current=False)
+        self._file_metadata = dict(meta)
 
     def _metadata(self) -> dict:
         """Everything the model file says about itself, built in this one place from the learned state."""
@@ -358,16 +379,15 @@ class ImageClassifier:
 
         options = self._fitted().options_
         meta = dict(self._file_metadata) | {
-            "format": "transferkit-model/2", "transferkit_version": __version__,
+            "format": runs.FORMAT, "transferkit_version": __version__,
             "keras_version": keras.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "class_names": self.classes_, "backbone": options.backbone,
             "weights": runs.weights_id(options.weights), "image_size": options.size,
             "input": "RGB 0-255, any size (resized inside the model)",
             "training": runs.stored_options(options),
-            "fit": {"best_epoch": self.best_epoch_, "history": self.history_, "timing": self.timing_,
-                    "feature_runtime": self.extractor_.engine.label if self.extractor_ and self.extractor_.engine
-                    else None},
+            "fit": {"best_epoch": self.best_epoch_, "history": copy.deepcopy(self.history_),
+                    "timing": dict(self.timing_ or {}), "feature_runtime": self._feature_runtime()},
         }
         if self.data_ is not None:
             meta["data"] = {"dir": os.path.abspath(self.data_.root), "fingerprint": self.data_.fingerprint,
@@ -380,6 +400,11 @@ class ImageClassifier:
             meta["fine_tune"] = {k: self.fine_tune_.get(k) for k in
                                  ("epochs", "unfreeze_top", "learning_rate", "blocks", "best_epoch")}
         return meta
+
+    def _feature_runtime(self) -> str | None:
+        if self.extractor_ is not None and self.extractor_.engine is not None:
+            return self.extractor_.engine.label
+        return self._file_metadata.get("fit", {}).get("feature_runtime")
 
     # ----- the run folder -----
     def summary(self) -> dict:
@@ -394,39 +419,52 @@ class ImageClassifier:
             result["report"] = os.path.join(self.out_, "report.html")
         return result
 
-    def _write_run(self) -> None:
-        """history.json + history.png, metrics.json, and report.html when there are test metrics."""
-        from transferkit.files import write_json_atomic
-        from transferkit.reports.html import model_summary, write_report
-        from transferkit.reports.plots import plot_history
+    def _curves(self) -> tuple[dict, dict, int | None]:
+        """(history.json's record, both stages' curves end to end, the epoch where the second stage began)."""
         from transferkit.training.callbacks import MONITOR
 
         record = {"history": self.history_, "best_epoch": self.best_epoch_, "monitor": MONITOR}
-        curves, best, boundary = self.history_, self.best_epoch_, None
-        if self.fine_tune_:
-            tuned = self.fine_tune_.get("history", {})
-            boundary = len(self.history_["loss"])
-            curves = {k: self.history_[k] + tuned.get(k, []) for k in self.history_}
-            best = boundary + self.fine_tune_["best_epoch"] if self.fine_tune_.get("best_epoch") else best
-            record |= {"fine_tune_history": tuned, "best_epoch": best, "head_best_epoch": self.best_epoch_}
+        if not self.fine_tune_:
+            return record, self.history_, None
+        tuned = self.fine_tune_.get("history", {})
+        boundary = len(self.history_["loss"])
+        best = boundary + self.fine_tune_["best_epoch"] if self.fine_tune_.get("best_epoch") else self.best_epoch_
+        record |= {"fine_tune_history": tuned, "best_epoch": best, "head_best_epoch": self.best_epoch_}
+        return record, {k: self.history_[k] + tuned.get(k, []) for k in self.history_}, boundary
+
+    def _write_records(self) -> dict:
+        """history.json and metrics.json (after the head stage already, so an interrupted run has them)."""
+        from transferkit.files import write_json_atomic
+
+        record = self._curves()[0]
         write_json_atomic(os.path.join(self.out_, "history.json"), record)
-        history_png = plot_history(curves, os.path.join(self.out_, "history.png"), best, stage_boundary=boundary)
+        write_json_atomic(os.path.join(self.out_, "metrics.json"), self.summary())
+        return record
+
+    def _write_run(self) -> None:
+        """The records, history.png, and report.html when there are test metrics."""
+        from transferkit.reports.html import model_summary, write_report
+        from transferkit.reports.plots import plot_history
+
+        record = self._write_records()
+        _, curves, boundary = self._curves()
+        history_png = plot_history(curves, os.path.join(self.out_, "history.png"), record["best_epoch"],
+                                   stage_boundary=boundary)
         if self.test_:
             title = f"Test report: {os.path.basename(os.path.abspath(self.out_))}"
             write_report(self.test_, self.out_, title=title, history_png=history_png,
-                         model_info=model_summary(self._metadata()))
-        write_json_atomic(os.path.join(self.out_, "metrics.json"), self.summary())
+                         model_info=model_summary(self.metadata))
 
     # ----- helpers -----
     def _fitted(self) -> "ImageClassifier":
         if self.model_ is None:
-            raise TransferkitError("this ImageClassifier is not fitted yet: call fit(data_dir) or "
+            raise NotFittedError("this ImageClassifier is not fitted yet: call fit(data_dir) or "
                                    "ImageClassifier.load(path) first")
         return self
 
     def _set_model(self, model, *, features_current: bool) -> None:
         self.model_, self._features_current = model, features_current
-        self._saved, self._predictor = False, None
+        self._saved_to, self._predictor = None, None
 
     def _spec(self):
         from transferkit.models.backbones import get_spec

@@ -20,3 +20,8 @@ class OptionError(TransferkitError):
     @property
     def flag_message(self) -> str:
         return f"--{self.option.replace('_', '-')} {self.problem}, got {self.value!r}"
+
+
+class NotFittedError(TransferkitError, AttributeError):
+    """A classifier used before ``fit`` or ``load`` (an AttributeError too, as scikit-learn's, so ``hasattr``
+    and protocol checks answer False instead of raising)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from dataclasses import dataclass, field
 
 from transferkit.errors import OptionError, TransferkitError
@@ -83,12 +84,11 @@ class Options:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Options":
-        """A record from ``values``; an unknown name is a one-line error that lists the known ones."""
+    def check_names(cls, values: dict) -> None:
+        """A misspelt option name is a one-line error that lists the known ones."""
         unknown = sorted(set(values) - set(cls.names()))
         if unknown:
             raise TransferkitError(f"unknown option {unknown[0]!r}; known: {', '.join(cls.names())}")
-        return cls(**values)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +100,12 @@ class EngineOptions(Options):
                                   "images, else keras", choices=RUNTIMES)
     precision: str = option("fp32", "fp32 (the same answer as the exports), bf16 (openvino on a CPU with native bf16, "
                                     "checked against fp32), or auto (bf16 where native)", choices=PRECISIONS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.precision == "bf16" and self.runtime not in ("auto", "openvino"):
+            raise OptionError("precision", f"bf16 needs runtime openvino (runtime is {self.runtime!r})",
+                              self.precision)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +137,12 @@ class TrainOptions(EngineOptions):
         super().__post_init__()
         self._check_backbone()
 
+    def for_training(self) -> "TrainOptions":
+        """This record, after the checks only a training run needs (a local weights file must exist)."""
+        if self.weights not in (None, "imagenet") and not os.path.isfile(self.weights):
+            raise OptionError("weights", "must be 'imagenet' or an existing weights file", self.weights)
+        return self
+
     def _check_backbone(self) -> None:
         from transferkit.models.backbones import get_spec  # the registry (imports Keras) only when validating
 
@@ -149,12 +161,6 @@ class TrainOptions(EngineOptions):
 
         return int(self.image_size or get_spec(self.backbone).default_size)
 
-    def differences(self, other: "TrainOptions", names=SPLIT_AND_FEATURES) -> list[str]:
-        """``name: old -> new`` for each of ``names`` where ``other`` differs from this record."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        mine["image_size"], theirs["image_size"] = self.size, other.size
-        return [f"{n}: {mine[n]!r} -> {theirs[n]!r}" for n in names if mine[n] != theirs[n]]
-
 
 @dataclass(frozen=True, kw_only=True)
 class ServeOptions(EngineOptions):
@@ -166,3 +172,6 @@ class ServeOptions(EngineOptions):
     threads: int = option(4, "request threads per worker", low=1, high=256)
     max_upload_mb: float = option(20.0, "largest request body accepted (413 above)", low=0.0, low_open=True)
     top_k: int = option(3, "classes listed per image", low=1)
+
+
+DEFAULT_ENGINE = EngineOptions()  # the one default engine of every entry point (CLI, Python, server)

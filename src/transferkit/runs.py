@@ -11,6 +11,8 @@ that let ``--resume`` continue a run only on the same split and the same feature
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -18,8 +20,10 @@ import os
 from transferkit.data.folders import TrainingData
 from transferkit.errors import TransferkitError
 from transferkit.files import file_digest, write_json_atomic
+from transferkit.log import logger
 from transferkit.options import SPLIT_AND_FEATURES, TrainOptions
 
+FORMAT = "transferkit-model/2"  # the metadata layout: "training" is the options record, "data" the fingerprint
 MODEL_NAME = "model.keras"
 SPLIT_NAME = "split.json"
 
@@ -56,14 +60,43 @@ def read_split(out: str) -> dict:
         return {}
 
 
-def check_resumable(out: str, metadata: dict, options: TrainOptions) -> None:
-    """Refuse, in one line naming the difference, a resume whose options would change the split or features."""
+def check_resumable(out: str, metadata: dict, options: TrainOptions) -> TrainOptions:
+    """Refuse, in one line naming the difference, a resume whose options would change the split or features.
+    Returns the options the run continues with: the run's own record (its head was trained with them), with this
+    call's engine and cache choices."""
+    if metadata.get("format") != FORMAT:
+        raise TransferkitError(f"{out}: made by transferkit {metadata.get('transferkit_version', '?')}, whose runs "
+                               f"this version cannot resume; start a new run with another --out")
     stored, now = metadata.get("training", {}), stored_options(options)
     for name in SPLIT_AND_FEATURES:
         if stored.get(name) != now[name]:
             raise TransferkitError(f"{out}: cannot resume with {name}={now[name]!r}: the run used "
                                    f"{name}={stored.get(name)!r}, and another value would change the split or the "
                                    f"features (start a new run with another --out)")
+    kept = {k: v for k, v in stored.items() if k in TrainOptions.names()}
+    ignored = [k for k in kept if k not in ("runtime", "precision", "cache") and kept[k] != now[k]]
+    if ignored:
+        logger.info(f"resuming with the run's own {', '.join(ignored)} (the model was trained with them)")
+    return TrainOptions(**(kept | {k: now[k] for k in ("runtime", "precision", "cache")}))
+
+
+def options_of(metadata: dict, image_size: int, params: dict) -> TrainOptions:
+    """The options record of a loaded model file, true to the file's own image size and backbone even where the
+    record is missing or from an older version."""
+    try:
+        options = TrainOptions(**params)
+    except TransferkitError:  # a record that no longer validates: keep what the file itself says
+        options = TrainOptions()
+    backbone = metadata.get("backbone", options.backbone)
+    try:
+        return dataclasses.replace(options, image_size=int(image_size), backbone=backbone)
+    except TransferkitError:  # a backbone this version does not know: the file still predicts
+        return dataclasses.replace(options, image_size=int(image_size))
+
+
+def remove(out: str, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(out, name))
 
 
 def check_same_files(out: str, metadata: dict, data: TrainingData) -> None:
@@ -72,6 +105,9 @@ def check_same_files(out: str, metadata: dict, data: TrainingData) -> None:
     if metadata.get("data", {}).get("fingerprint") == data.fingerprint:
         return
     before = read_split(out)
+    if not before:
+        raise TransferkitError(f"{out}: cannot resume: the training files differ from the run's (and its "
+                               f"{SPLIT_NAME} is missing); start a new run with another --out")
     old = set(before.get("train", []) + before.get("validation", []))
     new = set(data.relative(data.train_paths + data.val_paths))
     change = (f"'{sorted(new - old)[0]}' was added" if new - old else

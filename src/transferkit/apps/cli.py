@@ -9,15 +9,13 @@ import csv
 import dataclasses
 import io
 import json
-import logging
 import os
 import sys
 
 from transferkit._version import __version__
 from transferkit.errors import OptionError, TransferkitError
+from transferkit.log import configure, logger
 from transferkit.options import EngineOptions, Options, ServeOptions, TrainOptions
-
-log = logging.getLogger("transferkit")
 
 
 def add_options(parser: argparse.ArgumentParser, record: type[Options]) -> None:
@@ -166,7 +164,7 @@ def _predict(args) -> None:
         from transferkit.reports.plots import show_predictions
 
         for path in show_predictions(rows, args.show):
-            log.info(f"wrote {path}")
+            logger.info(f"wrote {path}")
 
 
 def _inspect(args) -> None:
@@ -219,8 +217,6 @@ COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "inspec
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from transferkit.log import configure
-
     configure(args.verbosity)
     try:
         COMMANDS[args.command](args)

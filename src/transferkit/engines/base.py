@@ -1,4 +1,4 @@
-"""The prediction interface every model kind implements, and the two Keras helpers the engines share.
+"""The prediction interface every model kind implements.
 
 ``Predictor`` is the one declared protocol: a batch of RGB images (uint8 or float, 0-255, already at the model's
 square ``image_size``) -> class probabilities (n, classes), with the class names and metadata beside it. A
@@ -24,3 +24,11 @@ class Predictor(Protocol):
     path: str
 
     def predict_images(self, images: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class FilePredictor(Predictor, Protocol):
+    """A predictor that answers image files itself, e.g. from cached features (an ImageClassifier whose backbone
+    is still the frozen one that extracted them): (probabilities, indices of ``paths`` kept, skipped files)."""
+
+    def probabilities_for_files(self, paths: list[str], batch_size: int | None = None) -> tuple: ...

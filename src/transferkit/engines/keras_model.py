@@ -28,10 +28,6 @@ class KerasPredictor:
         loaded = modelfile.load(path)
         return cls(loaded.keras_model, loaded.class_names, loaded.image_size, loaded.metadata, loaded.path, engine)
 
-    @property
-    def engine_label(self) -> str:
-        return self._engine.label if self._engine is not None else f"{self.runtime} {self.precision}"
-
     def predict_images(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of RGB 0-255 images (n, size, size, 3), through the compiled model or the
         chosen engine (converted, and checked against fp32 on these images, at the first call)."""

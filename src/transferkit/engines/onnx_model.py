@@ -17,7 +17,6 @@ class OnnxPredictor:
     def __init__(self, session, class_names: list[str], image_size: int, metadata: dict, path: str = ""):
         self.session, self.class_names, self.image_size = session, list(class_names), int(image_size)
         self.metadata, self.path = metadata, path
-        self.engine_label = "onnxruntime fp32"
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of RGB 0-255 images (n, size, size, 3)."""

@@ -47,9 +47,9 @@ def predict_files(predictor: Predictor, paths: list[str], batch_size: int = 32) 
 
 
 def files_to_probs(predictor: Predictor, paths: list[str], batch_size: int = 32):
-    """``predict_files`` through the predictor's own ``predict_files`` where it has one (a classifier answering
-    from its feature cache), else through its ``predict_images``."""
-    own = getattr(predictor, "predict_files", None)
+    """``predict_files`` through the predictor's own ``probabilities_for_files`` where it has one (a classifier
+    answering from its feature cache; see ``FilePredictor``), else through its ``predict_images``."""
+    own = getattr(predictor, "probabilities_for_files", None)
     return own(paths, batch_size) if own else predict_files(predictor, paths, batch_size=batch_size)
 
 

@@ -24,9 +24,9 @@ from typing import Callable
 import keras
 import numpy as np
 
-from transferkit.errors import TransferkitError
+from transferkit.errors import OptionError, TransferkitError
 from transferkit.log import logger
-from transferkit.options import PRECISIONS, RUNTIMES
+from transferkit.options import DEFAULT_ENGINE, PRECISIONS, RUNTIMES
 from transferkit.files import atomic_path, cache_dir, write_json_atomic
 from transferkit.engines.keras_step import run_model
 from transferkit.engines.keras_onnx import save_onnx
@@ -71,12 +71,12 @@ def native_bf16() -> bool:
         return False
 
 
-def resolve(runtime: str = "auto", precision: str = "auto") -> tuple[str, str]:
+def resolve(runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision) -> tuple[str, str]:
     """The (runtime, precision) that ``auto`` means on this machine, or a clear error for an impossible ask."""
     if runtime not in RUNTIMES:
-        raise TransferkitError(f"--runtime must be one of {', '.join(RUNTIMES)}")
+        raise OptionError("runtime", f"must be one of {', '.join(RUNTIMES)}", runtime)
     if precision not in PRECISIONS:
-        raise TransferkitError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}", precision)
     if runtime == "auto":
         runtime = next(r for r in ("openvino", "onnxruntime", "keras") if installed(r))
     elif not installed(runtime):
@@ -84,7 +84,7 @@ def resolve(runtime: str = "auto", precision: str = "auto") -> tuple[str, str]:
     if precision == "auto":
         precision = "bf16" if runtime == "openvino" and native_bf16() else "fp32"
     if precision == "bf16" and runtime != "openvino":
-        raise TransferkitError(f"bf16 needs --runtime openvino (asked: {runtime})")
+        raise OptionError("precision", f"bf16 needs runtime openvino (runtime is {runtime!r})", precision)
     return runtime, precision
 
 
@@ -173,7 +173,8 @@ def _verdict(engine: Engine, keras_engine: Engine, sample: np.ndarray, path) -> 
     return verdict
 
 
-def build_engine(model: keras.Model, key: str | None, runtime: str = "auto", precision: str = "fp32",
+def build_engine(model: keras.Model, key: str | None, runtime: str = DEFAULT_ENGINE.runtime,
+                 precision: str = DEFAULT_ENGINE.precision,
                  check_images: np.ndarray | None = None) -> Engine:
     """An engine for ``model`` (fixed input); ``key`` names its cached conversion (None: not cached, for models
     without a stable identity such as random weights). With ``check_images``, its outputs are compared once with

@@ -286,87 +286,55 @@ register(_lite_spec("efficientnet_lite0", feature_dim=1280, n_blocks=18))
 register(_lite_spec("efficientnet_lite1", feature_dim=1280, n_blocks=23))
 register(_lite_spec("efficientnet_lite2", feature_dim=1280, n_blocks=23))
 
-_RESNET = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
-register(
-    BackboneSpec(
-        name="resnet50v2",
-        build=KerasApplication("ResNet50V2"),
-        load=_load_keras_weights,
-        default_size=224,
-        feature_dim=2048,
-        n_blocks=19,
-        weights=_keras_file(_RESNET, "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                            "fac2f116257151a9d068a22e544a4917"),
-        top_weights=_keras_file(_RESNET, "resnet50v2_weights_tf_dim_ordering_tf_kernels.h5",
-                                "3ef43a0b657b3be2300d5770ece849e0"),
-        preprocess=_rescale(1.0 / 127.5, -1.0, "resnet50v2_preprocess"),
-        input_range="[-1, 1] (keras.applications.resnet_v2.preprocess_input), before the backbone",
-        block_pattern=r"^(conv1|pool1|conv\d_block\d+|post)_",
-    )
-)
+def _keras_spec(name: str, constructor: str, base_url: str, files: tuple, *, size: int, dim: int, blocks: int,
+                options: tuple = (), **fields) -> BackboneSpec:
+    """A keras.applications backbone: ``files`` = (headless file, its hash, file with the classifier, its hash)."""
+    notop, notop_hash, top, top_hash = files
+    return BackboneSpec(name=name, build=KerasApplication(constructor, options), load=_load_keras_weights,
+                        default_size=size, feature_dim=dim, n_blocks=blocks,
+                        weights=_keras_file(base_url, notop, notop_hash),
+                        top_weights=_keras_file(base_url, top, top_hash), **fields)
 
-_EFFICIENTNET = "https://storage.googleapis.com/keras-applications/"
+
+_PREPROCESSING_INSIDE = (("include_preprocessing", True),)
+register(_keras_spec(
+    "resnet50v2", "ResNet50V2", "https://storage.googleapis.com/tensorflow/keras-applications/resnet/",
+    ("resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5", "fac2f116257151a9d068a22e544a4917",
+     "resnet50v2_weights_tf_dim_ordering_tf_kernels.h5", "3ef43a0b657b3be2300d5770ece849e0"),
+    size=224, dim=2048, blocks=19, preprocess=_rescale(1.0 / 127.5, -1.0, "resnet50v2_preprocess"),
+    input_range="[-1, 1] (keras.applications.resnet_v2.preprocess_input), before the backbone",
+    block_pattern=r"^(conv1|pool1|conv\d_block\d+|post)_"))
 for _i, _size, _dim, _blocks, _top_md5, _notop_md5 in (
     (0, 224, 1280, 18, "902e53a9f72be733fc0bcb005b3ebbac", "50bc09e76180e00e4465e1a485ddc09d"),
     (1, 240, 1280, 25, "1d254153d4ab51201f1646940f018540", "74c4e6b3e1f6a1eea24c589628592432"),
     (2, 260, 1408, 25, "b15cce36ff4dcbd00b6dd88e7857a6ad", "111f8e2ac8aa800a7a99e3239f7bfb39"),
     (3, 300, 1536, 28, "ffd1fdc53d0ce67064dc6a9c7960ede0", "af6d107764bb5b1abb91932881670226"),
 ):
-    register(
-        BackboneSpec(
-            name=f"efficientnet_b{_i}",
-            build=KerasApplication(f"EfficientNetB{_i}"),
-            load=_load_keras_weights,
-            default_size=_size,
-            feature_dim=_dim,
-            n_blocks=_blocks,
-            weights=_keras_file(_EFFICIENTNET, f"efficientnetb{_i}_notop.h5", _notop_md5),
-            top_weights=_keras_file(_EFFICIENTNET, f"efficientnetb{_i}.h5", _top_md5),
-            after_load=_match_keras_efficientnet_imagenet_scaling,
-            input_range="x / 255 then ImageNet mean/std normalisation, inside the backbone",
-            block_pattern=r"^(stem|block\d+[a-z]|top)_",
-        )
-    )
-
-_MOBILENET_V3 = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v3/"
+    register(_keras_spec(
+        f"efficientnet_b{_i}", f"EfficientNetB{_i}", "https://storage.googleapis.com/keras-applications/",
+        (f"efficientnetb{_i}_notop.h5", _notop_md5, f"efficientnetb{_i}.h5", _top_md5),
+        size=_size, dim=_dim, blocks=_blocks, after_load=_match_keras_efficientnet_imagenet_scaling,
+        input_range="x / 255 then ImageNet mean/std normalisation, inside the backbone",
+        block_pattern=r"^(stem|block\d+[a-z]|top)_"))
 for _name, _ctor, _dim, _blocks, _file, _top_md5, _notop_md5 in (
     ("mobilenet_v3_small", "MobileNetV3Small", 576, 13, "weights_mobilenet_v3_small_224_1.0_float",
      "8768d4c2e7dee89b9d02b2d03d65d862", "d3e8ec802a04aa4fc771ee12a9a9b836"),
     ("mobilenet_v3_large", "MobileNetV3Large", 960, 17, "weights_mobilenet_v3_large_224_1.0_float",
      "59e551e166be033d707958cf9e29a6a7", "07fb09a5933dd0c8eaafa16978110389"),
 ):
-    register(
-        BackboneSpec(
-            name=_name,
-            build=KerasApplication(_ctor, (("include_preprocessing", True),)),
-            load=_load_keras_weights,
-            default_size=224,
-            feature_dim=_dim,
-            n_blocks=_blocks,
-            weights=_keras_file(_MOBILENET_V3, f"{_file}_no_top_v2.h5", _notop_md5),
-            top_weights=_keras_file(_MOBILENET_V3, f"{_file}.h5", _top_md5),
-            input_range="[-1, 1], inside the backbone",
-            block_pattern=r"^(expanded_conv(?:_\d+)?|conv_1|conv)(?:_|$)",
-        )
-    )
-
-_CONVNEXT = "https://storage.googleapis.com/tensorflow/keras-applications/convnext/"
-register(
-    BackboneSpec(
-        name="convnext_tiny",
-        build=KerasApplication("ConvNeXtTiny", (("include_preprocessing", True),)),
-        load=_load_keras_weights,
-        default_size=224,
-        feature_dim=768,
-        n_blocks=22,
-        weights=_keras_file(_CONVNEXT, "convnext_tiny_notop.h5",
-                            "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1"),
-        top_weights=_keras_file(_CONVNEXT, "convnext_tiny.h5",
-                                "8ae6e78ce2933352b1ef4008e6dd2f17bc40771563877d156bc6426c7cf503ff"),
-        input_range="ImageNet mean/std normalisation of 0-255, inside the backbone",
-        block_pattern=r"^(convnext_\w+?_(?:stem|stage_\d+_block_\d+|downsampling_block_\d+))",
-    )
-)
+    register(_keras_spec(
+        _name, _ctor, "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v3/",
+        (f"{_file}_no_top_v2.h5", _notop_md5, f"{_file}.h5", _top_md5),
+        size=224, dim=_dim, blocks=_blocks, options=_PREPROCESSING_INSIDE,
+        input_range="[-1, 1], inside the backbone",
+        block_pattern=r"^(expanded_conv(?:_\d+)?|conv_1|conv)(?:_|$)"))
+register(_keras_spec(
+    "convnext_tiny", "ConvNeXtTiny", "https://storage.googleapis.com/tensorflow/keras-applications/convnext/",
+    ("convnext_tiny_notop.h5", "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1",
+     "convnext_tiny.h5", "8ae6e78ce2933352b1ef4008e6dd2f17bc40771563877d156bc6426c7cf503ff"),
+    size=224, dim=768, blocks=22, options=_PREPROCESSING_INSIDE,
+    input_range="ImageNet mean/std normalisation of 0-255, inside the backbone",
+    block_pattern=r"^(convnext_\w+?_(?:stem|stage_\d+_block_\d+|downsampling_block_\d+))"))
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -34,5 +34,5 @@ def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None =
             history_png = os.path.join(os.path.dirname(os.path.abspath(predictor.path)), "history.png")
         name = os.path.basename(predictor.path or "model")
         write_report(metrics, out, title=title or f"Evaluation of {name} on {test_dir}",
-                                         history_png=history_png, model_info=model_summary(predictor.metadata))
+                     history_png=history_png, model_info=model_summary(predictor.metadata))
     return metrics

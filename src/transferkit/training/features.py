@@ -24,7 +24,7 @@ from transferkit.data.images import decode_batch
 from transferkit.engines.keras_step import without_resize
 from transferkit.log import logger, show_progress
 from transferkit.models.heads import head_pooling
-from transferkit.options import TrainOptions
+from transferkit.options import DEFAULT_ENGINE, TrainOptions
 
 FEATURE_VERSION = "1"
 
@@ -33,8 +33,8 @@ class FeatureExtractor:
     """Features of image files through one frozen backbone, with the on-disk cache."""
 
     def __init__(self, backbone: str, image_size: int | None = None, weights="imagenet", pooling: str | None = "avg",
-                 batch_size: int = 32, cache: bool = True, runtime: str = "auto",
-                 precision: str = "fp32"):
+                 batch_size: int = 32, cache: bool = True, runtime: str = DEFAULT_ENGINE.runtime,
+                 precision: str = DEFAULT_ENGINE.precision):
         spec = get_spec(backbone)
         self.backbone = backbone
         self.image_size = int(image_size or spec.default_size)

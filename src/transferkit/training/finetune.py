@@ -82,9 +82,9 @@ class Checkpoint(keras.callbacks.Callback):
         self.first = state["epochs_done"]
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.keeper.improved:
-            self.save(self.state)
+        if self.keeper.improved:  # the file then names this epoch as its best
             self.state.update(best_epoch=self.first + epoch + 1, best_key=list(self.keeper.best_key))
+            self.save(self.state)
         self.state["epochs_done"] = self.first + epoch + 1
         self.state["history"] = {k: self.state["history"].get(k, []) + [float(v)] for k, v in (logs or {}).items()
                                  if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
