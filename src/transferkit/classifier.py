@@ -220,8 +220,9 @@ class ImageClassifier:
                     f"{len(data.val_paths)} validation")
         t0 = time.perf_counter()
         f_train, kept_t, skip_t = self.extractor_.extract(data.train_paths, options.augment_views,
-                                                          desc="train features")
-        f_val, kept_v, skip_v = self.extractor_.extract(data.val_paths, 0, desc="validation features")
+                                                          desc="train features", digests=data.digests)
+        f_val, kept_v, skip_v = self.extractor_.extract(data.val_paths, 0, desc="validation features",
+                                                        digests=data.digests)
         self.timing_["feature_seconds"] = round(time.perf_counter() - t0, 2)
         self.skipped_ = data.skipped + skip_t + skip_v
         y_train, y_val = data.y_train[kept_t], data.y_val[kept_v]
@@ -239,13 +240,12 @@ class ImageClassifier:
         from transferkit.engines.keras_step import run_model
         from transferkit.models import modelfile
         from transferkit.reports.metrics import compute_metrics
-        from transferkit.training.head import class_weights, train_head
+        from transferkit.training.head import train_head
 
         t0 = time.perf_counter()
-        weights = class_weights(self.options_.class_weight, self.data_.y_train, len(self.classes_))
         self.head_, self.history_, self.best_epoch_ = train_head(
             self.options_, features.x_train, features.y_train, features.x_val, features.y_val,
-            len(self.classes_), weights)
+            len(self.classes_), self._class_weights())
         self.timing_["head_seconds"] = round(time.perf_counter() - t0, 2)
         self.validation_ = compute_metrics(features.y_val, run_model(self.head_, features.x_val), self.classes_,
                                            features.val_paths, self.skipped_)

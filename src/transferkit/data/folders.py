@@ -128,15 +128,16 @@ class TrainingData:
     y_val: np.ndarray
     skipped: list[dict]
     fingerprint: str
+    digests: dict[str, str] = field(default_factory=dict)  # path -> content hash (the feature cache's key too)
 
     def relative(self, paths: list[str]) -> list[str]:
         return [nfc(os.path.relpath(p, self.root)) for p in paths]
 
 
-def fingerprint(root: str, paths: list[str]) -> str:
-    """BLAKE2b over the sorted (path below ``root``, content hash) of ``paths``: equal iff the same files."""
+def fingerprint(root: str, digests: dict[str, str]) -> str:
+    """BLAKE2b over the sorted (path below ``root``, content hash) of the files: equal iff the same files."""
     h = hashlib.blake2b(digest_size=16)
-    for rel, digest in sorted((nfc(os.path.relpath(p, root)), file_digest(p)) for p in paths):
+    for rel, digest in sorted((nfc(os.path.relpath(p, root)), d) for p, d in digests.items()):
         h.update(f"{rel}\0{digest}\n".encode("utf-8"))
     return h.hexdigest()
 
@@ -146,9 +147,10 @@ def split_training_folder(root: str, val_split: float, seed: int) -> TrainingDat
     data = scan_folder(root)
     check_trainable(data)
     train_idx, val_idx = stratified_split(data.labels, val_split, seed)
+    digests = {p: file_digest(p) for p in data.paths}
     return TrainingData(data.root, data.class_names, [data.paths[i] for i in train_idx],
                         [data.paths[i] for i in val_idx], data.labels[train_idx], data.labels[val_idx],
-                        data.skipped, fingerprint(data.root, data.paths))
+                        data.skipped, fingerprint(data.root, digests), digests)
 
 
 def nfc(text: str) -> str:

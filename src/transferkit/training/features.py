@@ -89,10 +89,13 @@ class FeatureExtractor:
                         + (f" (cosine {check:.4f} vs keras fp32)" if check else ""))
         return self.engine(images)
 
-    def extract(self, paths: list[str], views: int = 0, desc: str = "features") -> tuple[np.ndarray, list[int], list[dict]]:
+    def extract(self, paths: list[str], views: int = 0, desc: str = "features",
+                digests: dict[str, str] | None = None) -> tuple[np.ndarray, list[int], list[dict]]:
         """Features of view 0 (the image itself) to ``views`` of each path: array (n_ok, views + 1, ...), the
-        indices of ``paths`` that decoded, and ``[{path, reason}]`` for those that did not."""
-        digests = [file_digest(p) for p in paths]
+        indices of ``paths`` that decoded, and ``[{path, reason}]`` for those that did not. ``digests``: content
+        hashes already computed (a run's fingerprint), so no file is hashed twice."""
+        known = digests or {}
+        digests = [known.get(p) or file_digest(p) for p in paths]
         table: dict[tuple[int, int], np.ndarray] = {}
         todo: list[int] = []
         for i, d in enumerate(digests):
