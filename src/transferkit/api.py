@@ -29,12 +29,12 @@ def load_model(path, *, runtime: str = DEFAULT_ENGINE.runtime,
     (run by onnxruntime, without TensorFlow)."""
     engine = EngineOptions(runtime=runtime, precision=precision)  # validated before the model is read
     if str(path).lower().endswith(".onnx"):
-        from transferkit.engines.predict import load_predictor
+        from transferkit.engines.onnx_model import load_onnx
 
         if engine.runtime not in ("auto", "onnxruntime") or engine.precision not in ("auto", "fp32"):
             raise OptionError("runtime", "of an .onnx export is onnxruntime fp32",
                               f"{engine.runtime} {engine.precision}")
-        return load_predictor(str(path))
+        return load_onnx(str(path))
     return ImageClassifier.load(str(path), runtime=runtime, precision=precision)
 
 

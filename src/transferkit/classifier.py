@@ -378,14 +378,14 @@ class ImageClassifier:
         import keras
 
         options = self._fitted().options_
+        training = runs.stored_options(options)  # hashes a local weights file once
         meta = dict(self._file_metadata) | {
             "format": runs.FORMAT, "transferkit_version": __version__,
             "keras_version": keras.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "class_names": self.classes_, "backbone": options.backbone,
-            "weights": runs.weights_id(options.weights), "image_size": options.size,
-            "input": "RGB 0-255, any size (resized inside the model)",
-            "training": runs.stored_options(options),
+            "image_size": options.size, "input": "RGB 0-255, any size (resized inside the model)",
+            "training": training, "weights": training["weights"],
             "fit": {"best_epoch": self.best_epoch_, "history": copy.deepcopy(self.history_),
                     "timing": dict(self.timing_ or {}), "feature_runtime": self._feature_runtime()},
         }

@@ -103,7 +103,11 @@ def _describe(exc: BaseException) -> str:
 
 def load_image(source, size: int, name: str | None = None) -> np.ndarray:
     """Decode ``source`` and resize to ``size`` x ``size`` (squash, bilinear with antialiasing): uint8 (size, size, 3)."""
-    img = open_rgb(source, name=name, draft_size=size)
+    return _square(open_rgb(source, name=name, draft_size=size), size)
+
+
+def _square(img: Image.Image, size: int) -> np.ndarray:
+    """An RGB image squashed to ``size`` x ``size`` (bilinear with antialiasing), as uint8 (size, size, 3)."""
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
@@ -136,6 +140,4 @@ def to_model_input(item, size: int) -> np.ndarray:
         if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
             raise TransferkitError(f"an image array must be (height, width, 3), got shape {arr.shape}")
         img = to_rgb(Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)))
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    return _square(img, size)

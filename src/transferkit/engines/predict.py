@@ -12,19 +12,6 @@ from transferkit.data.folders import expand_paths
 from transferkit.data.images import decode_batch
 from transferkit.engines.base import Predictor
 from transferkit.log import logger
-from transferkit.options import EngineOptions
-
-
-def load_predictor(path, engine: EngineOptions | None = None) -> Predictor:
-    """A ``.keras`` model file on ``engine`` (default: the one default engine), or an ``.onnx`` export (run by
-    onnxruntime, without TensorFlow); either knows its class names, image size and metadata."""
-    if str(path).lower().endswith(".onnx"):
-        from transferkit.engines.onnx_model import load_onnx
-
-        return load_onnx(str(path))
-    from transferkit.engines.keras_model import KerasPredictor
-
-    return KerasPredictor.from_file(str(path), engine)
 
 
 def predict_files(predictor: Predictor, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[int], list[dict]]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from transferkit.errors import OptionError, TransferkitError
 from transferkit.log import logger
-from transferkit.options import DEFAULT_ENGINE, PRECISIONS, RUNTIMES
+from transferkit.options import DEFAULT_ENGINE, EngineOptions
 from transferkit.files import atomic_path, cache_dir, write_json_atomic
 from transferkit.engines.keras_step import run_model
 from transferkit.engines.keras_onnx import save_onnx
@@ -73,10 +73,7 @@ def native_bf16() -> bool:
 
 def resolve(runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision) -> tuple[str, str]:
     """The (runtime, precision) that ``auto`` means on this machine, or a clear error for an impossible ask."""
-    if runtime not in RUNTIMES:
-        raise OptionError("runtime", f"must be one of {', '.join(RUNTIMES)}", runtime)
-    if precision not in PRECISIONS:
-        raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}", precision)
+    EngineOptions(runtime=runtime, precision=precision)  # the record's own checks: choices, bf16 needs openvino
     if runtime == "auto":
         runtime = next(r for r in ("openvino", "onnxruntime", "keras") if installed(r))
     elif not installed(runtime):
