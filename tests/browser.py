@@ -10,10 +10,21 @@ CHROMEDRIVER = shutil.which("chromedriver")
 ARTIFACTS = os.environ.get("TRANSFERKIT_TEST_ARTIFACTS", os.path.join(os.path.dirname(__file__), "..", "test-artifacts"))
 
 
+def on_ci() -> bool:
+    """Whether this is a CI run (``CI=true``, as GitHub Actions, GitLab CI and most others set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
 def chromium():
-    """A headless Chromium WebDriver; skips (with the reason) only where Chromium is not installed."""
+    """A headless Chromium WebDriver. Where Chromium or chromedriver is not installed: a skip with the reason,
+    except under CI=true, where the page tests must run, so it is a failure."""
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+        missing = " and ".join(name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER))
+                               if not path)
+        reason = f"{missing} not installed (apt-get install chromium chromium-driver)"
+        if on_ci():
+            pytest.fail(f"CI=true and {reason}: the page tests must run on CI", pytrace=False)
+        pytest.skip(reason)
     from selenium import webdriver
 
     opts = webdriver.ChromeOptions()

@@ -1,4 +1,4 @@
-"""Shared fixtures: a private cache folder, real image files written by the tests, one trained run."""
+"""Shared fixtures: a private cache folder, real photo files written by the tests, one trained run."""
 
 import os
 import tempfile
@@ -12,12 +12,15 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-CLASSES = ["fraise fraîche", "pêche pourrie", "grenade"]
+from photos import PHOTOS, photo_crop  # noqa: E402
+
+CLASSES = ["fraise fraîche", "pêche pourrie", "grenade"]  # crops of three photographs (photos.PHOTOS)
 IMAGE_SIZE = 64  # small input: fast, still real EfficientNet-Lite0 features
 
 
 def pattern_image(kind: int, rng: np.random.Generator, size=(72, 56)) -> np.ndarray:
-    """A photo-like RGB array whose class is visible: horizontal stripes, vertical stripes or a disc."""
+    """A synthetic RGB array whose class is visible: horizontal stripes, vertical stripes or a disc (colour-coded:
+    even random weights separate these, so no accuracy test trains on them; write_dataset writes photo crops)."""
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w]
     period = rng.integers(6, 10)
@@ -35,19 +38,26 @@ def pattern_image(kind: int, rng: np.random.Generator, size=(72, 56)) -> np.ndar
 
 
 def write_dataset(root, per_class: int, seed: int, classes=CLASSES, fmt="JPEG") -> str:
+    """``root/<class>/photo_NNN.jpg`` (or .png): class k is random crops of the photograph photos.PHOTOS[k]; another
+    seed draws other crops (train and test sets are written with different seeds)."""
+    if len(classes) > len(PHOTOS):
+        raise ValueError(f"at most {len(PHOTOS)} classes (one photograph each)")
     rng = np.random.default_rng(seed)
+    ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
     for k, name in enumerate(classes):
         folder = os.path.join(root, name)
         os.makedirs(folder, exist_ok=True)
         for i in range(per_class):
-            ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
-            Image.fromarray(pattern_image(k, rng)).save(os.path.join(folder, f"photo_{i:03d}.{ext}"), fmt)
+            img = Image.fromarray(photo_crop(k, rng))
+            path = os.path.join(folder, f"photo_{i:03d}.{ext}")
+            quality = int(rng.integers(70, 95))
+            img.save(path, fmt, **({"quality": quality} if fmt == "JPEG" else {}))
     return str(root)
 
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
-    """(train folder, test folder) of three accented classes, 16 + 6 images each."""
+    """(train folder, test folder) of three accented classes, 16 + 6 photo crops each (different crops)."""
     root = tmp_path_factory.mktemp("fruit")
     return write_dataset(root / "train", 16, seed=1), write_dataset(root / "test", 6, seed=2)
 

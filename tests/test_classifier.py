@@ -19,7 +19,8 @@ from transferkit import ImageClassifier, TrainOptions
 from transferkit.errors import OptionError, TransferkitError
 from transferkit.options import SPLIT_AND_FEATURES
 
-from conftest import CLASSES, IMAGE_SIZE, pattern_image
+from conftest import CLASSES, IMAGE_SIZE
+from photos import photo_crop
 
 SRC = pathlib.Path(transferkit.__file__).parent
 FAST = dict(image_size=IMAGE_SIZE, epochs=3, augment_views=0)
@@ -186,7 +187,7 @@ def test_resume_refuses_another_split_or_other_features(dataset, tmp_path):
         with pytest.raises(TransferkitError, match=f"cannot resume with {word}="):
             ImageClassifier(**(kw | change)).fit(str(data), out=out, resume=True)
     extra = data / CLASSES[0] / "new_photo.jpg"
-    Image.fromarray(pattern_image(0, np.random.default_rng(5))).save(extra)
+    Image.fromarray(photo_crop(0, np.random.default_rng(5))).save(extra)
     with pytest.raises(TransferkitError, match="training files changed.*new_photo.jpg' was added"):
         ImageClassifier(**kw).fit(str(data), out=out, resume=True)
     extra.unlink()

@@ -75,16 +75,22 @@ def test_float_export_matches_keras(fmt, trained, images, reference, tmp_path):
     assert open(labels, encoding="utf-8").read().splitlines() == sorted(CLASSES)
 
 
-@pytest.mark.parametrize("fmt,quantize", [("onnx", "int8"), ("tflite", "int8"), ("onnx", "float16"), ("tflite", "float16")])
-def test_quantized_export_agrees_on_top1(fmt, quantize, trained, dataset, images, reference, tmp_path):
+# largest |probability difference| vs Keras fp32 on the 22 images; measured 0.0047, 0.040, 0.0002, 0.0004 (Xeon
+# with AVX-512 VNNI); the bounds leave room for other CPUs' int8 kernels, far below what a broken scale gives
+QUANTIZED = [("onnx", "int8", 0.05), ("tflite", "int8", 0.1), ("onnx", "float16", 0.005), ("tflite", "float16", 0.005)]
+
+
+@pytest.mark.parametrize("fmt,quantize,max_diff", QUANTIZED)
+def test_quantized_export_agrees_on_top1(fmt, quantize, max_diff, trained, dataset, images, reference, tmp_path):
     run, ext = RUNNERS[fmt]
     out = str(tmp_path / f"model{ext}")
     export_model(trained[0]["model_path"], fmt, out, quantize=quantize, calibration=dataset[0])
     got = run(out, images)
     agreement = float((got.argmax(1) == reference.argmax(1)).mean())
-    print(f"{fmt} {quantize}: top-1 agreement {agreement:.3f} on {len(images)} images, "
-          f"max abs diff {np.abs(got - reference).max():.4f}")
+    diff = float(np.abs(got - reference).max())
+    print(f"{fmt} {quantize}: top-1 agreement {agreement:.3f} on {len(images)} images, max abs diff {diff:.4f}")
     assert agreement >= 0.99
+    assert diff <= max_diff
     meta = json.load(open(tmp_path / "model.json", encoding="utf-8"))
     assert meta["export"]["quantize"] == quantize and meta["class_names"] == sorted(CLASSES)
 

@@ -6,12 +6,14 @@ from skimage import data as skdata
 
 import transferkit
 from transferkit.engines import runtimes
-from transferkit.models.backbones import build_feature_extractor
+from transferkit.models.backbones import build_feature_extractor, imagenet_classifier
 from transferkit.errors import TransferkitError
 from transferkit.training.features import FeatureExtractor
 from transferkit.engines.keras_step import run_model, without_resize
 
 SIZE = 96
+CAT = {281, 282, 285}  # tabby, tiger cat, Egyptian cat: chelsea
+CUP = {504, 505, 967, 968}  # coffee mug, coffeepot, espresso, cup: coffee
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +28,26 @@ def reference(photos):
     return extractor, run_model(extractor, photos)
 
 
+@pytest.fixture(scope="module")
+def imagenet():
+    """Lite0's own ImageNet classifier layer (pooled features -> 1000 logits), from the same weights file: an
+    anchor that does not come from the Keras features under test."""
+    dense = imagenet_classifier("efficientnet_lite0").get_layer("efficientnet_lite0").get_layer("predictions")
+    kernel, bias = (np.asarray(w) for w in dense.weights)
+    return lambda features: features @ kernel + bias
+
+
+def _names_the_photos(logits) -> bool:
+    """chelsea's top class is a cat and coffee's top 5 hold a cup (what lite0 says of them at 96 px)."""
+    return int(np.argmax(logits[0])) in CAT and bool(CUP & set(np.argsort(logits[1])[::-1][:5].tolist()))
+
+
 PATHS = [("keras", "fp32", 0.99999), ("onnxruntime", "fp32", 0.99999), ("openvino", "fp32", 0.99999),
          ("openvino", "bf16", runtimes.MIN_COSINE)]
 
 
 @pytest.mark.parametrize("runtime,precision,bound", PATHS)
-def test_each_runtime_matches_keras_fp32_on_real_photos(runtime, precision, bound, photos, reference):
+def test_each_runtime_matches_keras_fp32_on_real_photos(runtime, precision, bound, photos, reference, imagenet):
     if not runtimes.installed(runtime):
         pytest.skip(f"{runtime} not installed")
     if precision == "bf16" and not runtimes.native_bf16():
@@ -43,6 +59,21 @@ def test_each_runtime_matches_keras_fp32_on_real_photos(runtime, precision, boun
     cos = runtimes.cosine(got, expected)
     print(f"{runtime} {precision}: cosine {cos:.6f} vs keras fp32")
     assert cos >= bound
+    # and what it computes is the pretrained network's features (for keras, the cosine above is 1 by
+    # construction: this is its test): through lite0's ImageNet layer they name the cat and the coffee
+    assert _names_the_photos(imagenet(got))
+
+
+def test_the_checks_above_catch_a_preprocessing_bug(photos, reference, imagenet):
+    """The same backbone with its input scaled to [0, 1] instead of [-1, 1], or fed images/255: the cosine and
+    ImageNet checks above reject it (measured: cosine 0.90 and 0.06 vs the reference)."""
+    extractor, expected = reference
+    zero_one = run_model(extractor, photos / 255 * 128 + 127)  # the first convolution sees x / 255
+    div255 = run_model(extractor, photos / 255)
+    assert runtimes.cosine(zero_one, expected) < min(bound for *_, bound in PATHS)
+    assert runtimes.cosine(div255, expected) < min(bound for *_, bound in PATHS)
+    assert not _names_the_photos(imagenet(div255))
+    assert _names_the_photos(imagenet(expected))
 
 
 def test_auto_resolution_and_clear_errors():
@@ -98,7 +129,7 @@ def test_auto_keeps_keras_where_keras_measured_faster(photos, reference, monkeyp
 
 def test_random_weights_are_never_cached(photos):
     """weights=None differ in every process: a cached conversion or cached features of them would be another
-    model's. Each uncached engine computes its own model."""
+    model's."""
     from transferkit.files import cache_dir
 
     before = set(cache_dir().rglob("*"))
@@ -106,14 +137,26 @@ def test_random_weights_are_never_cached(photos):
     assert fx.model_key is None and fx.cache_root is None
     fx.forward(photos)
     assert set(cache_dir().rglob("*")) == before
-    if runtimes.resolve()[0] == "keras":
-        return
+
+
+def test_uncached_conversions_each_run_their_own_model(photos):
+    """Converted without a key (random weights), each engine computes its own model, and nothing is cached."""
+    from transferkit.files import cache_dir
+
+    runtime = runtimes.resolve()[0]
+    if runtime == "keras":
+        pytest.skip("no converting runtime (onnxruntime, openvino) installed: Keras runs each model itself")
+    before = set(cache_dir().rglob("*"))
+    outputs = []
     for seed in (1, 2):  # two different small models, converted without a key: each engine runs its own
         keras.utils.set_random_seed(seed)
         inputs = keras.Input((SIZE, SIZE, 3))
         model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3)(inputs)))
-        engine = runtimes.build_engine(model, None, runtimes.resolve()[0], "fp32")
-        np.testing.assert_allclose(engine(photos), run_model(model, photos), rtol=1e-4, atol=1e-3)
+        engine = runtimes.build_engine(model, None, runtime, "fp32")
+        assert engine.runtime == runtime
+        outputs.append(engine(photos))
+        np.testing.assert_allclose(outputs[-1], run_model(model, photos), rtol=1e-4, atol=1e-3)
+    assert not np.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-3)
     assert set(cache_dir().rglob("*")) == before
 
 

@@ -1,6 +1,9 @@
+import http.client
 import io
+import ipaddress
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -12,10 +15,12 @@ import pytest
 import requests
 from PIL import Image
 
+import transferkit.apps
 from browser import chromium, save_screenshot
 from conftest import CLASSES
 
 MAX_UPLOAD_MB = 2
+STATIC = os.path.join(os.path.dirname(transferkit.apps.__file__), "static")  # Flask's static folder of the app
 
 
 def _free_port() -> int:
@@ -25,13 +30,22 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(trained):
-    """A real `transferkit serve` process (gunicorn) on 127.0.0.1 and a free port."""
+def server(trained, tmp_path_factory):
+    """A real `transferkit serve` process (gunicorn) on 127.0.0.1 and a free port, started in a folder of its own
+    that holds a secret file, as does the model's folder: what a path-traversal request would be after."""
     result, out = trained
+    home = tmp_path_factory.mktemp("serve-home")
+    secret_files = {}
+    for folder in (str(home), os.path.dirname(result["model_path"])):
+        path = os.path.join(folder, "secret.txt")
+        secret_files[path] = f"secret-{secrets.token_hex(16)}"
+        with open(path, "w") as f:
+            f.write(secret_files[path] + "\n")
     port = _free_port()
     log = open(os.path.join(out, "serve.log"), "w+")
     proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", result["model_path"], "--port", str(port),
-                             "--max-upload-mb", str(MAX_UPLOAD_MB)], stdout=log, stderr=subprocess.STDOUT)
+                             "--max-upload-mb", str(MAX_UPLOAD_MB)], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=str(home))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -44,20 +58,68 @@ def server(trained):
             log.seek(0)
             pytest.fail(f"server did not start: {log.read()[-2000:]}")
         time.sleep(0.5)
-    yield url, result["model_path"], log
+    yield url, result["model_path"], log, port, secret_files
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+    for path in secret_files:
+        os.remove(path)
 
 
 def _post(url, *files, **params):
     return requests.post(url + "/api/predict", files=[("image", f) for f in files], params=params, timeout=60)
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets LISTENing on TCP ``port``, from the kernel's own tables (Linux)."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, local_port = local.split(":")
+            if state != "0A" or int(local_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            if sys.byteorder == "little":  # the table prints each 32-bit word in host order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(socket.inet_ntop(family, raw))
+    return found
+
+
+def _own_non_loopback_addresses() -> set[str]:
+    """This machine's IPv4 addresses other than loopback (its interfaces as the kernel routes to them)."""
+    found = set()
+    try:
+        with open("/proc/net/fib_trie") as f:
+            lines = f.read().splitlines()
+        found |= {prev.split()[-1] for prev, line in zip(lines, lines[1:]) if line.strip() == "/32 host LOCAL"}
+    except FileNotFoundError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: the kernel only picks the outgoing address
+            found.add(s.getsockname()[0])
+        except OSError:
+            pass
+    return {a for a in found if not ipaddress.ip_address(a).is_loopback and not ipaddress.ip_address(a).is_unspecified}
+
+
 def test_binds_loopback_by_default_and_reports_model(server):
-    url, model_path, log = server
+    url, model_path, log, port, _ = server
+    # the socket itself, as the kernel has it: listening on loopback only, not on 0.0.0.0 or ::
+    if sys.platform.startswith("linux"):
+        assert _listening_addresses(port) == {"127.0.0.1"}
+    # and not reachable on this machine's other addresses
+    for address in _own_non_loopback_addresses():
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=3).close()
     log.seek(0)
-    assert "on http://127.0.0.1:" in log.read()
+    assert "on http://127.0.0.1:" in log.read()  # and it says so
     info = requests.get(url + "/api/model", timeout=10).json()
     assert info["class_names"] == sorted(CLASSES) and info["backbone"] == "efficientnet_lite0"
     assert info["validation"]["accuracy"] > 0.5
@@ -67,7 +129,7 @@ def test_binds_loopback_by_default_and_reports_model(server):
 
 
 def test_http_predictions_equal_the_cli(server, dataset):
-    url, model_path, _ = server
+    url, model_path, *_ = server
     paths = [os.path.join(dataset[1], c, "photo_001.jpg") for c in CLASSES]
     cli = subprocess.run([sys.executable, "-m", "transferkit", "predict", model_path, *paths, "--format", "json"],
                          capture_output=True, text=True, timeout=300)
@@ -88,7 +150,7 @@ def _jpeg(seed=0, size=(64, 64)):
 
 
 def test_bad_uploads_get_clear_errors_and_the_server_keeps_serving(server, tmp_path):
-    url, _, _ = server
+    url, *_ = server
     big = _post(url, ("big.jpg", b"\xff" * (MAX_UPLOAD_MB * 1024 * 1024 + 1000), "image/jpeg"))
     assert big.status_code == 413 and "limit" in big.json()["error"]
     text = _post(url, ("notes.jpg", b"this is not an image", "image/jpeg"))
@@ -111,26 +173,94 @@ def test_bad_uploads_get_clear_errors_and_the_server_keeps_serving(server, tmp_p
     assert _post(url, ("ok.jpg", _jpeg(1), "image/jpeg")).status_code == 200
 
 
-def test_fifty_concurrent_clients_ten_requests_each_no_errors(server):
-    url, _, _ = server
-    payloads = [_jpeg(i) for i in range(10)]
+def _raw_get(port: int, target: str) -> tuple[int, bytes]:
+    """GET ``target`` exactly as written (no client-side clean-up of ../ or %2e%2e, unlike requests)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("GET", target, skip_accept_encoding=True)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+UP = ("../", "%2e%2e/", "%2e%2e%2f", "..%2f", ".%2e/", "%2e./", "..%5c", "..\\", "%252e%252e%252f", "....//",
+      "%c0%ae%c0%ae/")
+
+
+def _traversal_requests(port: int, files: dict[str, str]) -> list[str]:
+    """Try to read each of ``files`` (path -> a text only that file holds) through every spelling of ../ and
+    absolute paths, from the static folder and the root; the requests whose reply held a file's text."""
+    leaks = []
+    for path, marker in files.items():
+        relative = os.path.relpath(path, STATIC).replace(os.sep, "/")
+        deep = "../" * 12 + path.lstrip("/")  # enough ../ whatever the static folder's depth
+        for route in ("/static/", "/", "/api/"):
+            targets = [route + p.replace("../", up) for up in UP for p in (relative, deep)]
+            targets += [route + "/" + path.lstrip("/"), route + "%2f" + path.lstrip("/").replace("/", "%2f")]
+            for target in targets:
+                status, body = _raw_get(port, target)
+                if marker.encode() in body:
+                    leaks.append(f"{target} -> {status}")
+    return leaks
+
+
+def test_no_file_outside_the_app_can_be_read_by_path_traversal(server):
+    """Secret files beside the server (its working folder, the model's folder), the app's own source and
+    /etc/passwd, asked for with ../ in every encoding: none of their content ever comes back."""
+    url, _, _, port, secret_files = server
+    files = dict(secret_files)
+    with open(os.path.join(os.path.dirname(STATIC), "serve.py"), encoding="utf-8") as f:
+        assert "def create_app(" in f.read()
+    files[os.path.join(os.path.dirname(STATIC), "serve.py")] = "def create_app("
+    if os.path.isfile("/etc/passwd"):
+        with open("/etc/passwd") as f:
+            first = f.readline().strip()
+        if first:
+            files["/etc/passwd"] = first
+    assert _traversal_requests(port, files) == []
+    # the same names through the upload field are only echoed back, never opened
+    for path in secret_files:
+        sneaky = _post(url, (os.path.relpath(path, STATIC), _jpeg(), "image/jpeg"))
+        assert sneaky.status_code == 200 and sneaky.json()["predictions"][0]["filename"] == "secret.txt"
+        assert secret_files[path] not in sneaky.text
+    assert requests.get(url + "/healthz", timeout=10).status_code == 200
+
+
+def test_fifty_concurrent_clients_ten_requests_each_get_the_one_at_a_time_answer(server, dataset):
+    """500 requests from 50 threads: each reply is the reply the same photo gets alone (label, probability and
+    the file name it was sent under), so no request gets another's answer or a number from a shared batch."""
+    url, *_ = server
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(dataset[1]) for f in fs)
+    payloads = [open(paths[i], "rb").read() for i in np.linspace(0, len(paths) - 1, 10).astype(int)]
+    alone = [_post(url, ("alone.jpg", p, "image/jpeg")).json()["predictions"][0] for p in payloads]
+
+    def same(a, b):  # the same labels in the same order, the same probabilities up to float rounding
+        return [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]] and np.allclose(
+            [t["probability"] for t in a["top_k"]], [t["probability"] for t in b["top_k"]], rtol=1e-4, atol=1e-9)
+
+    assert len({a["label"] for a in alone}) == len(CLASSES)  # photos of every class
+    assert not any(same(a, b) for i, a in enumerate(alone) for b in alone[i + 1:])  # a mixed-up reply would show
 
     def client(n):
         with requests.Session() as s:
-            codes = []
+            mismatches = []
             for i in range(10):
-                r = s.post(url + "/api/predict", files=[("image", (f"c{n}_{i}.jpg", payloads[i], "image/jpeg"))],
-                           timeout=120)
-                codes.append(r.status_code if r.json()["predictions"][0]["label"] in CLASSES else -1)
-            return codes
+                name = f"c{n}_{i}.jpg"
+                r = s.post(url + "/api/predict", files=[("image", (name, payloads[i], "image/jpeg"))], timeout=120)
+                got = r.json()["predictions"][0] if r.status_code == 200 else {}
+                if got.get("filename") != name or not same(got, alone[i]):
+                    mismatches.append((name, r.status_code, got))
+            return mismatches
 
     with ThreadPoolExecutor(max_workers=50) as pool:
-        codes = [c for batch in pool.map(client, range(50)) for c in batch]
-    assert len(codes) == 500 and set(codes) == {200}
+        mismatches = [m for batch in pool.map(client, range(50)) for m in batch]
+    assert mismatches == []
 
 
 def test_browser_upload_shows_label_and_probability(server, dataset):
-    url, _, _ = server
+    url, *_ = server
     photo = os.path.join(dataset[1], "pêche pourrie", "photo_002.jpg")
     expected = _post(url, ("p.jpg", open(photo, "rb").read(), "image/jpeg")).json()["predictions"][0]
     driver = chromium()

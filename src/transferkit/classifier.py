@@ -20,6 +20,7 @@ second pass through the backbone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -36,7 +37,8 @@ from transferkit.options import DEFAULT_ENGINE, EngineOptions, TrainOptions
 from transferkit import runs
 
 _LEARNED = ("classes_", "options_", "model_", "history_", "best_epoch_", "validation_", "test_", "fine_tune_",
-            "skipped_", "timing_", "data_", "out_", "model_path_", "extractor_", "head_")
+            "skipped_", "timing_", "data_", "out_", "model_path_", "extractor_", "head_",
+            "check_images_")
 
 
 @dataclass
@@ -107,7 +109,8 @@ class ImageClassifier:
             from transferkit.engines.keras_model import KerasPredictor
 
             self._predictor = KerasPredictor(self._fitted().model_, self.classes_, self.image_size,
-                                             self.metadata, self.path, self._engine or DEFAULT_ENGINE)
+                                             self.metadata, self.path, self._engine or DEFAULT_ENGINE,
+                                             self.check_images_)
         return self._predictor.predict_images(images)
 
     def probabilities_for_files(self, paths: list[str], batch_size: int | None = None):
@@ -155,16 +158,23 @@ class ImageClassifier:
         """Train on ``data_dir/<class>/<images>`` and write the run folder ``out``. ``resume`` continues the
         interrupted second stage of ``out`` (same options, same files); ``callbacks`` are Keras callbacks for
         the second stage."""
+        from transferkit.training.finetune import read_state
+
         started = time.perf_counter()
         self.prepare(data_dir, out=out, resume=resume, test_dir=test_dir)
-        if resume:
+        if resume and os.path.exists(self.model_path_):
             self._restore()
-        else:
+            if "total_seconds" in (self.timing_ or {}):  # written by the last save of a complete run
+                raise TransferkitError(f"{self.out_}: this run already finished; nothing to resume")
+        else:  # a new run, or one killed before its first model file: the cached features make this quick
             self.fit_head(self.extract_features())
             self.save(self.model_path_)  # the head-only model is safe on disk before any fine-tuning
             self._write_records()
-        if resume or self.options_.fine_tune_epochs:
-            self.fine_tune(resume=resume, callbacks=callbacks)
+        state = read_state(self.out_) if resume else None
+        if state is not None and state.get("status") != "done":
+            self.fine_tune(resume=True, callbacks=callbacks)
+        elif state is None and self.options_.fine_tune_epochs:
+            self.fine_tune(callbacks=callbacks)
         if test_dir:
             from transferkit.reports.metrics import text_report
 
@@ -202,9 +212,13 @@ class ImageClassifier:
         self.model_path_ = os.path.join(self.out_, runs.MODEL_NAME)
         self.timing_, self._engine = {}, EngineOptions(runtime=options.runtime, precision=options.precision)
         os.makedirs(self.out_, exist_ok=True)
-        if not resume:
-            runs.write_split(self.out_, self.data_)
+        runs.remove_partial_writes(self.out_)  # files a killed run was writing (the complete ones are intact)
+        if resume and not os.path.exists(self.model_path_):  # else the model's record names the difference
+            runs.check_same_split(self.out_, self.data_)
+        else:
             runs.remove(self.out_, STATE_NAME)  # a new run: an older run's second stage is not ours to resume
+        if not resume or not runs.read_split(self.out_):
+            runs.write_split(self.out_, self.data_)
         return self
 
     def extract_features(self) -> FeatureSplit:
@@ -233,6 +247,7 @@ class ImageClassifier:
         if len(y_val) == 0:
             raise TransferkitError(f"{data.root}: no readable validation image")
         x_train, y_views = flatten_views(f_train, y_train)
+        self.check_images_ = _check_images([data.val_paths[i] for i in kept_v], options.size)
         return FeatureSplit(x_train, y_views, f_val[:, 0], y_val, [data.val_paths[i] for i in kept_v])
 
     def fit_head(self, features: FeatureSplit) -> "ImageClassifier":
@@ -337,7 +352,7 @@ class ImageClassifier:
         from transferkit.models import modelfile
 
         metadata = self._metadata()
-        modelfile.save(self._fitted().model_, path, metadata)
+        modelfile.save(self._fitted().model_, path, metadata, self.check_images_)
         self._saved_to, self._predictor, self._file_metadata = str(path), None, metadata
         return str(path)
 
@@ -353,7 +368,9 @@ class ImageClassifier:
         engine = EngineOptions(runtime=runtime, precision=precision)
         resolve(engine.runtime, engine.precision)  # an impossible engine fails here, not at the first prediction
         loaded = modelfile.load(str(path))
-        stored = {k: v for k, v in loaded.metadata.get("training", {}).items() if k in TrainOptions.names()}
+        training = loaded.metadata.get("training")
+        stored = {k: v for k, v in (training if isinstance(training, dict) else {}).items()
+                  if k in TrainOptions.names()}
         clf = cls(**stored)
         clf._adopt(loaded)
         clf._engine, clf.model_path_, clf._saved_to = engine, str(path), str(path)
@@ -366,7 +383,9 @@ class ImageClassifier:
         if self.options_ is None:
             self.options_ = runs.options_of(loaded.metadata, loaded.image_size, self.get_params())
         self.classes_, self.model_ = list(loaded.class_names), loaded.keras_model
-        fit = meta.get("fit", {})
+        if loaded.check_images is not None or self.check_images_ is None:
+            self.check_images_ = loaded.check_images
+        fit = meta.get("fit") if isinstance(meta.get("fit"), dict) else {}
         self.history_, self.best_epoch_ = fit.get("history"), fit.get("best_epoch")
         self.validation_, self.test_, self.fine_tune_ = meta.get("validation"), meta.get("test"), meta.get("fine_tune")
         self.timing_ = dict(fit.get("timing", {}))
@@ -475,3 +494,17 @@ class ImageClassifier:
         from transferkit.training.head import class_weights
 
         return class_weights(self.options_.class_weight, self.data_.y_train, len(self.classes_))
+
+
+def _check_images(paths: list[str], size: int, limit: int = 8) -> np.ndarray | None:
+    """A few validation photos at the model's size, stored in the model file: every engine that runs the model
+    (OpenVINO, onnxruntime, bf16) is checked against Keras on them, never on synthetic input."""
+    from transferkit.data.images import UnreadableImage, load_image
+
+    images = []
+    for path in paths[: limit * 2]:
+        with contextlib.suppress(UnreadableImage):
+            images.append(load_image(path, size))
+        if len(images) == limit:
+            break
+    return np.stack(images) if images else None

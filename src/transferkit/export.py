@@ -19,6 +19,7 @@ import numpy as np
 from transferkit.models import modelfile
 from transferkit.errors import TransferkitError
 from transferkit.files import atomic_path, write_json_atomic, write_text_atomic
+from transferkit.runs import portable_metadata
 from transferkit.data.images import UnreadableImage, load_image
 from transferkit.engines.keras_step import without_resize
 from transferkit.engines.keras_onnx import save_onnx
@@ -65,21 +66,18 @@ def export_model(model_path: str, fmt: str, out: str, quantize: str = "none", ca
     loaded = modelfile.load(model_path)
     size = loaded.image_size
     fixed = without_resize(loaded.keras_model, size)
-    metadata = dict(loaded.metadata, export={"format": fmt, "quantize": quantize,
-                                             "input": f"float32 (batch, {size}, {size}, 3) RGB 0-255, resized first"})
+    if fmt == "saved_model":
+        check_export_folder(out)
+    metadata = portable_metadata(loaded.metadata) | {"export": {
+        "format": fmt, "quantize": quantize, "input": f"float32 (batch, {size}, {size}, 3) RGB 0-255, resized first"}}
     if quantize == "int8":
-        calibration = calibration or metadata.get("data", {}).get("dir")
+        calibration = calibration or loaded.metadata.get("data", {}).get("dir")
         samples = calibration_images(calibration, size)
         metadata["export"]["calibration_images"] = int(len(samples))
     work = tempfile.mkdtemp(prefix="transferkit-export-")
     try:
         if fmt == "saved_model":
-            staged = os.path.join(work, "saved_model")
-            fixed.export(staged, format="tf_saved_model", verbose=False)
-            _sidecars(staged, metadata, inside_dir=True)
-            if os.path.exists(out):
-                shutil.rmtree(out)
-            shutil.move(staged, out)
+            _saved_model(fixed, metadata, out)
         elif fmt == "onnx":
             staged = os.path.join(work, "model.onnx")
             save_onnx(fixed, staged)
@@ -101,6 +99,44 @@ def export_model(model_path: str, fmt: str, out: str, quantize: str = "none", ca
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"path": out, "format": fmt, "quantize": quantize}
+
+
+def check_export_folder(out: str) -> None:
+    """``--out`` for a SavedModel is a folder that gets replaced: refuse anything but a missing or empty folder or
+    a previous transferkit SavedModel export (never delete a run folder, ``.``, or someone's files)."""
+    if not os.path.lexists(out):
+        return
+    if os.path.islink(out) or not os.path.isdir(out):
+        raise TransferkitError(f"{out}: exists and is not a folder; choose another --out for the SavedModel")
+    entries = set(os.listdir(out))
+    if entries and not {"saved_model.pb", "transferkit.json"} <= entries:
+        raise TransferkitError(f"{out}: folder is not empty and is not a previous transferkit SavedModel export; "
+                               f"choose a new --out (nothing was deleted)")
+
+
+def _saved_model(fixed, metadata: dict, out: str) -> None:
+    """Write the SavedModel in a temporary folder beside ``out``, then swap it in (a crash leaves the old export
+    or the new one, never half of one)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=".tmp-saved-model-", dir=parent)
+    old = None
+    try:
+        fixed.export(staged, format="tf_saved_model", verbose=False)
+        _sidecars(staged, metadata, inside_dir=True)
+        if os.path.isdir(out):
+            old = tempfile.mkdtemp(prefix=".old-saved-model-", dir=parent)
+            os.rename(out, os.path.join(old, "previous"))
+        try:
+            os.rename(staged, out)
+        except OSError:
+            if old:
+                os.rename(os.path.join(old, "previous"), out)
+            raise
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _tflite(saved_model_dir: str, quantize: str, samples: np.ndarray | None) -> bytes:

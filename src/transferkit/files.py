@@ -38,14 +38,26 @@ def atomic_path(target: str | os.PathLike, suffix: str = ""):
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``target`` atomically."""
+    """Write ``text`` (UTF-8) to ``target`` atomically; a file name that is not UTF-8 (its undecodable bytes
+    arrive as lone surrogates) is written with those bytes escaped, never a crash."""
     with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
 
 
 def write_json_atomic(target: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as indented UTF-8 JSON (accents kept as they are) atomically."""
-    write_text_atomic(target, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Write ``obj`` as indented UTF-8 JSON (accents kept as they are) atomically; strings holding a non-UTF-8
+    file name are \\u-escaped, so reading the file back gives the same name."""
+    write_text_atomic(target, json_text(obj) + "\n")
+
+
+def json_text(obj, indent: int | None = 2) -> str:
+    """``obj`` as JSON with accents kept, unless a string holds a non-UTF-8 file name: then \\u-escaped."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, indent=indent, ensure_ascii=True)
+    return text
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -55,3 +67,30 @@ def file_digest(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+CHECK_TAG = b"TKSUM1"  # trailer of a checked cache file: tag + 20-byte BLAKE2b of everything before it
+_TRAILER = len(CHECK_TAG) + 20
+
+
+def bytes_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def write_checked(target: str | os.PathLike, payload: bytes) -> None:
+    """Write ``payload`` atomically with a checksum trailer, so a later reader can tell a damaged cache file (a
+    flipped bit, a torn write on a full disk) from a good one."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(payload + CHECK_TAG + hashlib.blake2b(payload, digest_size=20).digest())
+
+
+def read_checked(path: str | os.PathLike) -> bytes | None:
+    """The payload of a file written by :func:`write_checked`, or None when it is absent or damaged."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    body, tag, digest = data[:-_TRAILER], data[-_TRAILER:-20], data[-20:]
+    if len(data) < _TRAILER or tag != CHECK_TAG or hashlib.blake2b(body, digest_size=20).digest() != digest:
+        return None
+    return body

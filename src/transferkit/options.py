@@ -171,6 +171,9 @@ class ServeOptions(EngineOptions):
     workers: int = option(1, "processes, each with its own copy of the model", low=1, high=64)
     threads: int = option(4, "request threads per worker", low=1, high=256)
     max_upload_mb: float = option(20.0, "largest request body accepted (413 above)", low=0.0, low_open=True)
+    max_request_pixels: int = option(100_000_000, "pixels of all the images of one request (width x height, a JPEG "
+                                     "at its reduced decode size), read from their headers before decoding (413 "
+                                     "above)", low=1)
     top_k: int = option(3, "classes listed per image", low=1)
 
 

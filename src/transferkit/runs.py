@@ -26,6 +26,8 @@ from transferkit.options import SPLIT_AND_FEATURES, TrainOptions
 FORMAT = "transferkit-model/2"  # the metadata layout: "training" is the options record, "data" the fingerprint
 MODEL_NAME = "model.keras"
 SPLIT_NAME = "split.json"
+RUN_FILES = (MODEL_NAME, SPLIT_NAME, "history.json", "history.png", "metrics.json", "finetune_state.json",
+             "report.html")
 
 
 def default_folder() -> str:
@@ -114,3 +116,60 @@ def check_same_files(out: str, metadata: dict, data: TrainingData) -> None:
               f"'{sorted(old - new)[0]}' was removed" if old - new else "a file's content changed")
     raise TransferkitError(f"{out}: cannot resume: the training files changed since the run began ({change}); "
                            f"start a new run with another --out")
+
+
+def check_same_split(out: str, data: TrainingData) -> None:
+    """For a resume: the run's recorded split must be the one these files and options give (a run killed before
+    its first model file has only ``split.json`` to go by)."""
+    before = read_split(out)
+    if before and (before.get("train") != data.relative(data.train_paths)
+                   or before.get("validation") != data.relative(data.val_paths)):
+        raise TransferkitError(f"{out}: cannot resume: these files or options give another training/validation "
+                               f"split than the run's {SPLIT_NAME}; start a new run with another --out")
+
+
+def remove_partial_writes(out: str) -> None:
+    """Delete the temporary files of atomic writes that a killed run left in ``out`` (``.model.keras.*``)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(out):
+            if name.startswith(".") and any(name.startswith(f".{known}.") for known in RUN_FILES):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(out, name))
+
+
+def check_model_metadata(path: str, metadata, n_outputs: int | None = None) -> list[str]:
+    """The class names of a model file's metadata, or one line saying what is wrong with it (a file from
+    elsewhere may carry anything: no names, names that are not strings, duplicates, a count that is not the
+    model's)."""
+    if not isinstance(metadata, dict):
+        raise TransferkitError(f"{path}: damaged transferkit metadata (not a JSON object)")
+    names = metadata.get("class_names")
+    if not isinstance(names, list) or not names:
+        raise TransferkitError(f"{path}: not a usable transferkit model (its metadata has no class names)")
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise TransferkitError(f"{path}: damaged transferkit metadata (class names must be distinct, non-empty "
+                               f"strings)")
+    if n_outputs is not None and n_outputs != len(names):
+        raise TransferkitError(f"{path}: {len(names)} class names for {n_outputs} model outputs")
+    return list(names)
+
+
+def portable_metadata(metadata: dict) -> dict:
+    """The metadata an export carries: no path of this machine (the training folder becomes its base name; any
+    other absolute path string its file name), so a shared model does not reveal where it was made."""
+
+    def scrub(value):
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        if isinstance(value, str) and _looks_local(value):
+            return os.path.basename(value.rstrip("/\\")) or "."
+        return value
+
+    return scrub(metadata)
+
+
+def _looks_local(text: str) -> bool:
+    return (os.path.isabs(text) or text.startswith("~") or (len(text) > 2 and text[1:3] in (":\\", ":/"))) \
+        and "\n" not in text and len(text) < 4096

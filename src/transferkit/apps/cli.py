@@ -217,6 +217,9 @@ COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "inspec
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     configure(args.verbosity)
     try:
         COMMANDS[args.command](args)

@@ -50,7 +50,34 @@ def list_class_folders(root: str) -> dict[str, str]:
     if not os.path.isdir(root):
         raise TransferkitError(f"{root}: not a folder")
     folders = [d for d in os.listdir(root) if _visible(d) and os.path.isdir(os.path.join(root, d))]
-    return {nfc(d): d for d in sorted(folders, key=nfc)}
+    found: dict[str, str] = {}
+    for d in sorted(folders):
+        other = found.setdefault(nfc(d), d)
+        if other != d:  # the same name twice, composed and decomposed: merging or dropping one would be silent
+            raise TransferkitError(f"{root}: class folders {other!r} ({_form(other)}) and {d!r} ({_form(d)}) have "
+                                   f"the same name in different Unicode forms; merge or rename one of them")
+    return dict(sorted(found.items()))
+
+
+def _form(name: str) -> str:
+    return "composed, NFC" if unicodedata.is_normalized("NFC", name) else "decomposed, NFD"
+
+
+def walk_files(folder: str, skipped: list[dict]):
+    """Every visible file below ``folder`` in sorted order, following links to folders but never into a folder
+    already walked (a link loop is reported in ``skipped`` once, not walked forever)."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            skipped.append({"path": dirpath, "reason": "folder link loop (already walked); not followed"})
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        for fname in sorted(filenames):
+            if _visible(fname):
+                yield os.path.join(dirpath, fname)
 
 
 def scan_folder(root: str, class_names: list[str] | None = None, min_classes: int = 2) -> ImageFolder:
@@ -72,19 +99,14 @@ def scan_folder(root: str, class_names: list[str] | None = None, min_classes: in
     for label, name in enumerate(class_names):
         if name not in found:
             continue
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, found[name]), followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if _visible(d))
-            for fname in sorted(filenames):
-                if not _visible(fname):
-                    continue
-                path = os.path.join(dirpath, fname)
-                try:
-                    sniff_format(path)
-                except UnreadableImage as exc:
-                    skipped.append({"path": path, "reason": exc.reason})
-                    continue
-                paths.append(path)
-                labels.append(label)
+        for path in walk_files(os.path.join(root, found[name]), skipped):
+            try:
+                sniff_format(path)
+            except UnreadableImage as exc:
+                skipped.append({"path": path, "reason": exc.reason})
+                continue
+            paths.append(path)
+            labels.append(label)
     data = ImageFolder(root, list(class_names), paths, np.asarray(labels, dtype=np.int64), skipped)
     if not paths:
         raise TransferkitError(f"{root}: no readable images found ({len(skipped)} files skipped)")
@@ -138,7 +160,7 @@ def fingerprint(root: str, digests: dict[str, str]) -> str:
     """BLAKE2b over the sorted (path below ``root``, content hash) of the files: equal iff the same files."""
     h = hashlib.blake2b(digest_size=16)
     for rel, digest in sorted((nfc(os.path.relpath(p, root)), d) for p, d in digests.items()):
-        h.update(f"{rel}\0{digest}\n".encode("utf-8"))
+        h.update(f"{rel}\0{digest}\n".encode("utf-8", "surrogateescape"))  # a non-UTF-8 name keeps its bytes
     return h.hexdigest()
 
 
@@ -158,18 +180,13 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-_HIDDEN = (".", "__MACOSX")
-
-
 def expand_paths(items: list[str]) -> list[str]:
     """Files, folders (recursively, sorted) and glob patterns -> a list of file paths, in the order given."""
     paths = []
     for item in items:
         item = str(item)
         if os.path.isdir(item):
-            for dirpath, dirnames, filenames in os.walk(item):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(_HIDDEN))
-                paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+            paths.extend(walk_files(item, []))
         elif os.path.exists(item):
             paths.append(item)
         else:

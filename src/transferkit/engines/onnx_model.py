@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from transferkit.errors import TransferkitError
+from transferkit.runs import check_model_metadata
 
 
 class OnnxPredictor:
@@ -38,6 +39,23 @@ def load_onnx(path: str) -> OnnxPredictor:
     raw = session.get_modelmeta().custom_metadata_map.get("transferkit")
     if raw is None:
         raise TransferkitError(f"{path}: not a transferkit export (no class names inside)")
-    metadata = json.loads(raw)
-    size = int(session.get_inputs()[0].shape[1])
-    return OnnxPredictor(session, list(metadata["class_names"]), size, metadata, path)
+    try:
+        metadata = json.loads(raw)
+    except ValueError:
+        raise TransferkitError(f"{path}: damaged transferkit metadata (not JSON)") from None
+    size = _input_size(path, session)
+    outputs = session.get_outputs()
+    if len(outputs) != 1 or len(outputs[0].shape) != 2:
+        raise TransferkitError(f"{path}: not a transferkit export (expected one (batch, classes) output)")
+    n_out = outputs[0].shape[-1] if isinstance(outputs[0].shape[-1], int) else None
+    return OnnxPredictor(session, check_model_metadata(path, metadata, n_out), size, metadata, path)
+
+
+def _input_size(path: str, session) -> int:
+    """The fixed square size of an export's one image input (batch, size, size, 3)."""
+    inputs = session.get_inputs()
+    shape = inputs[0].shape if len(inputs) == 1 else None
+    if not shape or len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or not isinstance(shape[1], int):
+        raise TransferkitError(f"{path}: not a transferkit export (expected one (batch, size, size, 3) image "
+                               f"input, found {[i.shape for i in inputs]})")
+    return int(shape[1])

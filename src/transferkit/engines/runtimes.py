@@ -27,7 +27,7 @@ import numpy as np
 from transferkit.errors import OptionError, TransferkitError
 from transferkit.log import logger
 from transferkit.options import DEFAULT_ENGINE, EngineOptions
-from transferkit.files import atomic_path, cache_dir, write_json_atomic
+from transferkit.files import atomic_path, bytes_digest, cache_dir, file_digest, read_checked, write_checked
 from transferkit.engines.keras_step import run_model
 from transferkit.engines.keras_onnx import save_onnx
 
@@ -43,6 +43,8 @@ class Engine:
     runtime: str
     precision: str
     run: Callable[[np.ndarray], np.ndarray]
+    check_cosine: float | None = None  # vs Keras fp32, where it was checked
+    verdict: dict | None = None  # the check: cosine, speeds, and the images it was measured on
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.run(np.asarray(images, dtype=np.float32))
@@ -86,20 +88,33 @@ def resolve(runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGI
 
 
 @contextlib.contextmanager
-def onnx_file(model: keras.Model, key: str | None):
-    """The model as an ONNX file: converted once and cached under ``key``, or, for a model that has no stable
-    identity (``key=None``: random weights), converted into a temporary folder that is removed afterwards."""
+def onnx_file(model: keras.Model, key: str | None, rebuild: bool = False):
+    """The model as an ONNX file: converted once and cached under ``key`` (with a checksum beside it: a damaged
+    or unfinished file is converted again, never used), or, for a model that has no stable identity (``key=None``:
+    random weights), converted into a temporary folder that is removed afterwards."""
     if key is None:
         with tempfile.TemporaryDirectory(prefix="transferkit-onnx-") as folder:
             save_onnx(model, os.path.join(folder, "model.onnx"))
             yield os.path.join(folder, "model.onnx")
         return
     path = cache_dir("runtimes") / f"{key}-{CONVERSION}.onnx"
-    if not path.exists():
+    digest_path = path.with_name(path.name + ".blake2b")
+    recorded = read_checked(digest_path)
+    if rebuild or recorded is None or recorded != _digest_or_none(path):
+        if path.exists():
+            logger.warning(f"{path.name}: cached conversion missing its checksum or damaged; converting again")
         with atomic_path(path, suffix=".onnx") as tmp:
             os.unlink(tmp)  # the exporter writes the file itself
             save_onnx(model, tmp)
+        write_checked(digest_path, file_digest(path).encode())
     yield str(path)
+
+
+def _digest_or_none(path) -> bytes | None:
+    try:
+        return file_digest(path).encode()
+    except OSError:
+        return None
 
 
 def _onnxruntime(path: str) -> Callable:
@@ -153,21 +168,51 @@ def _speed(engine: Engine, images: np.ndarray, repeats: int = 3) -> float:
     return len(images) / best
 
 
+def sample_id(images: np.ndarray) -> dict:
+    """What a verdict was measured on: the images' count, content digest and mean pixel spread (a photo has
+    spread; a constant warm-up batch has none)."""
+    arr = np.ascontiguousarray(images, dtype=np.float32)
+    spread = float(arr.reshape(len(arr), -1).std(axis=1).mean()) if len(arr) else 0.0
+    return {"images": int(len(arr)), "digest": bytes_digest(arr.tobytes())[:16], "pixel_std": round(spread, 2)}
+
+
+def photo_like(images: np.ndarray | None) -> bool:
+    """True for a batch of real-looking images: each has pixel spread (never zeros or one flat colour, which
+    would certify an engine on inputs no user sends)."""
+    if images is None or not len(images):
+        return False
+    arr = np.asarray(images, dtype=np.float32).reshape(len(images), -1)
+    return bool((arr.std(axis=1) >= 4.0).all())
+
+
+def _read_verdict(path) -> dict | None:
+    """A cached verdict whose checksum holds, or None (absent, damaged, or from another version)."""
+    payload = read_checked(path) if path is not None else None
+    try:
+        cached = json.loads(payload) if payload else None
+    except ValueError:
+        return None
+    ok = isinstance(cached, dict) and isinstance(cached.get("cosine"), float) \
+        and {"engine", "keras"} <= set(cached.get("img_per_s", {}))
+    return cached if ok else None
+
+
 def _verdict(engine: Engine, keras_engine: Engine, sample: np.ndarray, path) -> dict:
     """Cosine of ``engine`` vs Keras fp32 on ``sample``, and both speeds; measured once per model and cached in
-    ``path`` (None: not cached)."""
-    try:
-        cached = json.loads(path.read_text()) if path is not None else {}
-        if isinstance(cached.get("cosine"), float) and {"engine", "keras"} <= set(cached.get("img_per_s", {})):
-            return cached
-    except (OSError, ValueError, AttributeError):
-        pass  # absent, damaged or from an older version: measure again
+    ``path`` (None: not cached) with a checksum and what it was measured on."""
+    cached = _read_verdict(path)
+    if cached is not None:
+        return cached
     expected = keras_engine(sample)  # also warms up Keras's compiled step for the timing
-    verdict = {"cosine": cosine(engine(sample), expected), "images": int(len(sample)),
+    verdict = {"cosine": cosine(engine(sample), expected), "sample": sample_id(sample),
                "img_per_s": {"engine": _speed(engine, sample), "keras": _speed(keras_engine, sample)}}
     if path is not None:
-        write_json_atomic(path, verdict)
+        write_checked(path, json.dumps(verdict, indent=2).encode())
     return verdict
+
+
+def verdict_path(key: str, runtime: str, precision: str):
+    return cache_dir("runtimes") / f"{key}-{CONVERSION}-{runtime}-{precision}.check.json"
 
 
 def build_engine(model: keras.Model, key: str | None, runtime: str = DEFAULT_ENGINE.runtime,
@@ -176,37 +221,48 @@ def build_engine(model: keras.Model, key: str | None, runtime: str = DEFAULT_ENG
     """An engine for ``model`` (fixed input); ``key`` names its cached conversion (None: not cached, for models
     without a stable identity such as random weights). With ``check_images``, its outputs are compared once with
     Keras fp32 on them: a lower precision that drifts falls back to fp32, a conversion that disagrees falls back
-    to Keras, and ``auto`` keeps Keras where it measured faster for this model."""
+    to Keras, and ``auto`` keeps Keras where it measured faster for this model. A cached conversion that fails
+    to load is converted again once before Keras is used."""
     asked_auto = runtime == "auto"
     runtime, precision = resolve(runtime, precision)
     keras_engine = Engine("keras", "fp32", lambda x: run_model(model, x))
     if runtime == "keras":
         return keras_engine
     sample = None if check_images is None or not len(check_images) else np.asarray(check_images[:8], np.float32)
-    try:
-        with onnx_file(model, key) as path:
-            for candidate in dict.fromkeys((precision, "fp32")):
-                engine = Engine(runtime, candidate, _onnxruntime(path) if runtime == "onnxruntime" else
-                                _openvino(path, candidate))
-                if sample is None:
-                    return engine
-                verdict = _verdict(engine, keras_engine, sample, None if key is None else
-                                   cache_dir("runtimes") / f"{key}-{CONVERSION}-{runtime}-{candidate}.check.json")
-                bound = min_cosine(candidate)
-                if verdict["cosine"] >= bound:
-                    speed = verdict["img_per_s"]
-                    if asked_auto and speed["keras"] > speed["engine"]:
-                        logger.info(f"keras fp32 is faster than {engine.label} for this model "
-                                    f"({speed['keras']:.0f} vs {speed['engine']:.0f} img/s); using keras fp32")
-                        return keras_engine
-                    engine.check_cosine = verdict["cosine"]
-                    return engine
-                fallback = f"{runtime} fp32" if candidate != "fp32" else "keras fp32"
-                what = "drifts from fp32" if candidate != "fp32" else "disagrees with keras"
-                logger.warning(f"{runtime} {candidate} {what} (cosine {verdict['cosine']:.4f} < {bound}); "
-                               f"using {fallback}")
-    except Exception as exc:  # a converter or runtime that cannot take this model: Keras still can
-        reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        logger.warning(f"{runtime} cannot run {key or 'this model'} ({reason}); using keras fp32")
+    for attempt in range(2 if key else 1):
+        try:
+            with onnx_file(model, key, rebuild=attempt > 0) as path:
+                return _checked_engine(path, key, runtime, precision, keras_engine, sample, asked_auto)
+        except Exception as exc:  # a converter or runtime that cannot take this model: Keras still can
+            reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            again = attempt == 0 and key is not None
+            logger.warning(f"{runtime} cannot run {key or 'this model'} ({reason}); "
+                           + ("converting it again" if again else "using keras fp32"))
     return keras_engine
 
+
+def _checked_engine(path: str, key: str | None, runtime: str, precision: str, keras_engine: Engine,
+                    sample: np.ndarray | None, asked_auto: bool) -> Engine:
+    """The engine on the converted file at ``path``, in ``precision`` or, where that drifts, fp32; Keras where
+    the conversion disagrees with it (or, for ``auto``, where Keras measured faster)."""
+    for candidate in dict.fromkeys((precision, "fp32")):
+        engine = Engine(runtime, candidate, _onnxruntime(path) if runtime == "onnxruntime" else
+                        _openvino(path, candidate))
+        if sample is None:
+            return engine
+        verdict = _verdict(engine, keras_engine, sample, None if key is None else
+                           verdict_path(key, runtime, candidate))
+        bound = min_cosine(candidate)
+        if verdict["cosine"] >= bound:
+            speed = verdict["img_per_s"]
+            if asked_auto and speed["keras"] > speed["engine"]:
+                logger.info(f"keras fp32 is faster than {engine.label} for this model "
+                            f"({speed['keras']:.0f} vs {speed['engine']:.0f} img/s); using keras fp32")
+                return keras_engine
+            engine.check_cosine, engine.verdict = verdict["cosine"], verdict
+            return engine
+        fallback = f"{runtime} fp32" if candidate != "fp32" else "keras fp32"
+        what = "drifts from fp32" if candidate != "fp32" else "disagrees with keras"
+        logger.warning(f"{runtime} {candidate} {what} (cosine {verdict['cosine']:.4f} < {bound}); "
+                       f"using {fallback}")
+    return keras_engine

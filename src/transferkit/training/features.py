@@ -8,6 +8,7 @@ so a changed file is re-extracted and a different head or epoch count reuses eve
 
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,14 +20,14 @@ from transferkit.training import augment
 
 from transferkit.engines import runtimes
 from transferkit.models.backbones import build_feature_extractor, get_spec
-from transferkit.files import atomic_path, cache_dir, file_digest
+from transferkit.files import cache_dir, file_digest, read_checked, write_checked
 from transferkit.data.images import decode_batch
 from transferkit.engines.keras_step import without_resize
 from transferkit.log import logger, show_progress
 from transferkit.models.heads import head_pooling
 from transferkit.options import DEFAULT_ENGINE, TrainOptions
 
-FEATURE_VERSION = "1"
+FEATURE_VERSION = "2"  # 2: each cached file ends in a checksum (a flipped bit is recomputed, not trained on)
 
 
 class FeatureExtractor:
@@ -64,18 +65,20 @@ class FeatureExtractor:
     def _load_cached(self, digest: str, view: int) -> np.ndarray | None:
         if self.cache_root is None:
             return None
-        path = self._cache_file(digest, view)
+        payload = read_checked(self._cache_file(digest, view))
+        if payload is None:
+            return None  # absent or damaged (checksum): recompute
         try:
-            return np.load(path, allow_pickle=False)
-        except (FileNotFoundError, ValueError, OSError, EOFError):
-            return None  # absent or damaged: recompute
+            return np.load(io.BytesIO(payload), allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            return None
 
     def _store(self, digest: str, view: int, feature: np.ndarray) -> None:
         if self.cache_root is None:
             return
-        with atomic_path(self._cache_file(digest, view), suffix=".npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, feature.astype(self.dtype))
+        buffer = io.BytesIO()
+        np.save(buffer, feature.astype(self.dtype), allow_pickle=False)
+        write_checked(self._cache_file(digest, view), buffer.getvalue())
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """Features of a batch of square RGB 0-255 images at the extractor's size, through the chosen engine
