@@ -213,10 +213,10 @@ class ImageClassifier:
         self.timing_, self._engine = {}, EngineOptions(runtime=options.runtime, precision=options.precision)
         os.makedirs(self.out_, exist_ok=True)
         runs.remove_partial_writes(self.out_)  # files a killed run was writing (the complete ones are intact)
-        if resume and not os.path.exists(self.model_path_):  # else the model's record names the difference
-            runs.check_same_split(self.out_, self.data_)
-        else:
+        if not resume:
             runs.remove(self.out_, STATE_NAME)  # a new run: an older run's second stage is not ours to resume
+        elif not os.path.exists(self.model_path_):  # else the model's record names the difference, at _restore
+            runs.check_same_split(self.out_, self.data_)
         if not resume or not runs.read_split(self.out_):
             runs.write_split(self.out_, self.data_)
         return self
