@@ -17,6 +17,7 @@ from PIL import Image
 import transferkit
 from transferkit import ImageClassifier, TrainOptions
 from transferkit.errors import OptionError, TransferkitError
+from transferkit.models.novelty import split_outputs
 from transferkit.options import SPLIT_AND_FEATURES
 
 from conftest import CLASSES, IMAGE_SIZE
@@ -42,7 +43,7 @@ def test_fit_save_load_predict_round_trip(dataset, tmp_path):
     np.testing.assert_allclose(loaded.predict_proba(paths), before, atol=1e-5)
     assert loaded.classes_ == clf.classes_ and loaded.best_epoch_ == clf.best_epoch_
     assert loaded.get_params()["image_size"] == IMAGE_SIZE
-    rows = loaded.predict(dataset[1], top_k=2)
+    rows = loaded.predict(dataset[1], top_k=2, reject=False)  # the nearest class even for a photo it rejects
     assert [r["label"] for r in rows] == [clf.classes_[i] for i in before.argmax(1)]
     # arrays of another size go through the same resize as files; a single image is not a batch
     photo = np.asarray(Image.open(paths[0]).convert("RGB"))
@@ -89,8 +90,11 @@ def test_each_stage_is_a_method_a_test_can_call(dataset, tmp_path):
     paths = _test_paths(dataset)
     cached, kept, _ = clf.probabilities_for_files(paths)  # the cached-feature shortcut ...
     assert kept == list(range(len(paths)))
-    np.testing.assert_allclose(cached, ImageClassifier.load(path, runtime="keras").predict_proba(paths),
-                               atol=1e-4)  # ... computes what the model file computes
+    from_model = ImageClassifier.load(path, runtime="keras")
+    np.testing.assert_allclose(split_outputs(cached, 3)[0], from_model.predict_proba(paths),
+                               atol=1e-4)  # ... computes what the model file computes, novelty score included
+    np.testing.assert_allclose(split_outputs(cached, 3)[1], [r["novelty"] for r in from_model.predict(paths)],
+                               rtol=1e-3)
 
 
 def test_metadata_training_is_the_options_record(trained):

@@ -34,9 +34,10 @@ def test_train_evaluate_predict_end_to_end(dataset, tmp_path):
     rows = json.loads(pred.stdout)
     assert len(rows) == 6
     for row in rows:
-        assert set(row) == {"path", "label", "probability", "top_k"}
-        assert len(row["top_k"]) == 2 and row["top_k"][0]["label"] == row["label"]
-        assert 0 <= row["probability"] <= 1
+        assert set(row) == {"path", "label", "probability", "top_k", "novelty", "unknown"}
+        assert len(row["top_k"]) == 2 and (row["unknown"] or row["top_k"][0]["label"] == row["label"])
+        assert row["unknown"] == (row["novelty"] > 1) and (row["label"] is None) == row["unknown"]
+        assert row["unknown"] or 0 <= row["probability"] <= 1
     assert sum(r["label"] == "pêche pourrie" for r in rows) >= 5
 
     table = run_cli("evaluate", model, dataset[1]).stdout

@@ -84,7 +84,7 @@ def test_model_file_carries_class_names_size_and_metadata(trained, dataset):
     assert metrics["confusion_matrix"] == result["test"]["confusion_matrix"]
     # plain Keras can open the same file (metadata rides beside, not inside, the model config)
     plain = keras.models.load_model(os.path.join(out, "model.keras"), compile=False)
-    assert plain.output.shape[-1] == len(CLASSES)
+    assert plain.output.shape[-1] == len(CLASSES) + 1  # the probabilities, then the novelty score
 
 
 def test_reloaded_file_predicts_exactly_like_the_in_memory_model(tmp_path, dataset):

@@ -236,11 +236,12 @@ def test_fifty_concurrent_clients_ten_requests_each_get_the_one_at_a_time_answer
     payloads = [open(paths[i], "rb").read() for i in np.linspace(0, len(paths) - 1, 10).astype(int)]
     alone = [_post(url, ("alone.jpg", p, "image/jpeg")).json()["predictions"][0] for p in payloads]
 
-    def same(a, b):  # the same labels in the same order, the same probabilities up to float rounding
+    def same(a, b):  # the same labels in the same order, the same probabilities and novelty up to float rounding
         return [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]] and np.allclose(
-            [t["probability"] for t in a["top_k"]], [t["probability"] for t in b["top_k"]], rtol=1e-4, atol=1e-9)
+            [t["probability"] for t in a["top_k"]] + [a["novelty"]],
+            [t["probability"] for t in b["top_k"]] + [b["novelty"]], rtol=1e-4, atol=1e-9)
 
-    assert len({a["label"] for a in alone}) == len(CLASSES)  # photos of every class
+    assert len({a["top_k"][0]["label"] for a in alone}) == len(CLASSES)  # photos of every class
     assert not any(same(a, b) for i, a in enumerate(alone) for b in alone[i + 1:])  # a mixed-up reply would show
 
     def client(n):
@@ -272,9 +273,37 @@ def test_browser_upload_shows_label_and_probability(server, dataset):
             assert time.time() < deadline, driver.find_element("id", "error").text
             time.sleep(0.2)
         assert driver.find_element("id", "label").text == expected["label"]
-        assert driver.find_element("id", "probability").text == f"probability {expected['probability']:.3f}"
+        assert driver.find_element("id", "probability").text == (f"probability {expected['probability']:.3f} · "
+                                                                 f"novelty {expected['novelty']:.2f}")
         assert driver.execute_script("return document.getElementById('preview').naturalWidth") > 0
         assert len(driver.find_elements("css selector", "#bars .bar")) == len(CLASSES)
         save_screenshot(driver, "serve_page.png")
+    finally:
+        driver.quit()
+
+
+def test_browser_says_none_of_these_for_a_photo_of_something_else(server, tmp_path):
+    """A photo of none of the classes (a cat, for a model of camera/coins/page crops): the page says so, with the
+    nearest classes still drawn as bars."""
+    from skimage import data as skdata
+    from PIL import Image
+
+    url, *_ = server
+    photo = str(tmp_path / "chat.jpg")
+    Image.fromarray(skdata.chelsea()).save(photo)
+    expected = _post(url, ("chat.jpg", open(photo, "rb").read(), "image/jpeg")).json()["predictions"][0]
+    assert expected["unknown"] is True and expected["label"] is None
+    driver = chromium()
+    try:
+        driver.get(url + "/")
+        driver.find_element("id", "file").send_keys(photo)
+        deadline = time.time() + 60
+        while driver.execute_script("return document.body.dataset.state") != "done":
+            assert time.time() < deadline, driver.find_element("id", "error").text
+            time.sleep(0.2)
+        assert driver.find_element("id", "label").text == "none of: " + ", ".join(sorted(CLASSES))
+        assert driver.find_element("id", "probability").text.startswith("unknown (novelty ")
+        assert len(driver.find_elements("css selector", "#bars .bar")) == len(CLASSES)
+        save_screenshot(driver, "serve_page_unknown.png")
     finally:
         driver.quit()

@@ -43,16 +43,21 @@ def _model(model, runtime: str, precision: str) -> Predictor:
 
 
 def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str = DEFAULT_ENGINE.runtime,
-            precision: str = DEFAULT_ENGINE.precision) -> list[dict]:
-    """Rows for every image in ``paths`` (files, folders, globs); ``model`` is a path or a loaded predictor."""
+            precision: str = DEFAULT_ENGINE.precision, reject: bool = True) -> list[dict]:
+    """Rows for every image in ``paths`` (files, folders, globs); ``model`` is a path or a loaded predictor;
+    ``reject=False`` labels unknown photos with their nearest class instead of None."""
     from transferkit.engines.predict import predict_rows
 
-    return predict_rows(_model(model, runtime, precision), paths, top_k=top_k, batch_size=batch_size)
+    return predict_rows(_model(model, runtime, precision), paths, top_k=top_k, batch_size=batch_size,
+                        reject=reject)
 
 
 def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = 32,
-             runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision) -> dict:
-    """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/``; report files in ``out``."""
+             runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
+             unknown_dir: str | None = None) -> dict:
+    """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/``; report files in ``out``;
+    ``unknown_dir``: photos of none of the classes (rejection rate, AUROC, confusion with an unknown row)."""
     from transferkit.reports.evaluation import evaluate_predictor
 
-    return evaluate_predictor(_model(model, runtime, precision), test_dir, out=out, batch_size=batch_size)
+    return evaluate_predictor(_model(model, runtime, precision), test_dir, out=out, batch_size=batch_size,
+                              unknown_dir=unknown_dir)

@@ -38,7 +38,7 @@ from transferkit import runs
 
 _LEARNED = ("classes_", "options_", "model_", "history_", "best_epoch_", "validation_", "test_", "fine_tune_",
             "skipped_", "timing_", "data_", "out_", "model_path_", "extractor_", "head_",
-            "check_images_")
+            "check_images_", "novelty_")
 
 
 @dataclass
@@ -127,30 +127,34 @@ class ImageClassifier:
         return predict_files(self, list(paths), batch_size=batch_size)
 
     # ----- using a fitted classifier -----
-    def predict(self, paths, *, top_k: int = 3) -> list[dict]:
-        """A row per image file (files, folders, globs): path, label, probability, top_k; or path and error."""
+    def predict(self, paths, *, top_k: int = 3, reject: bool = True) -> list[dict]:
+        """A row per image file (files, folders, globs): path, label, probability, top_k, novelty, unknown; or
+        path and error. A photo of none of the classes gets ``unknown`` True and label None (``reject=False``:
+        the nearest class)."""
         from transferkit.engines.predict import predict_rows
 
-        return predict_rows(self._fitted(), paths, top_k=top_k, batch_size=self.options_.batch_size)
+        return predict_rows(self._fitted(), paths, top_k=top_k, batch_size=self.options_.batch_size, reject=reject)
 
     def predict_proba(self, images) -> np.ndarray:
-        """Probabilities (n, classes) for images given as an array (n, h, w, 3), or a list of paths, bytes, Pillow
-        images or arrays of any size (resized to the model's input as files are)."""
+        """Calibrated probabilities (n, classes) for images given as an array (n, h, w, 3), or a list of paths,
+        bytes, Pillow images or arrays of any size (resized to the model's input as files are)."""
         from transferkit.data.images import to_model_input
+        from transferkit.models.novelty import split_outputs
 
         self._fitted()
         if isinstance(images, np.ndarray) and images.ndim != 4:
             raise TransferkitError(f"predict_proba takes a batch of images: an array (n, height, width, 3) or a "
                                    f"list; got an array of shape {images.shape}")
         batch = np.stack([to_model_input(image, self.image_size) for image in images])
-        return self.predict_images(batch)
+        return split_outputs(self.predict_images(batch), len(self.classes_))[0]
 
-    def evaluate(self, test_dir: str, *, out: str | None = None) -> dict:
+    def evaluate(self, test_dir: str, *, out: str | None = None, unknown_dir: str | None = None) -> dict:
         """Metrics on ``test_dir/<class>/`` (the same evaluation as ``transferkit evaluate``); with ``out``,
-        metrics.json and report.html there."""
+        metrics.json and report.html there; ``unknown_dir``: photos of none of the classes."""
         from transferkit.reports.evaluation import evaluate_predictor
 
-        return evaluate_predictor(self._fitted(), test_dir, out=out, batch_size=self.options_.batch_size)
+        return evaluate_predictor(self._fitted(), test_dir, out=out, batch_size=self.options_.batch_size,
+                                  unknown_dir=unknown_dir)
 
     # ----- training -----
     def fit(self, data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
@@ -254,16 +258,22 @@ class ImageClassifier:
         """Train the head on ``features``; the classifier becomes backbone + best head."""
         from transferkit.engines.keras_step import run_model
         from transferkit.models import modelfile
+        from transferkit.models.novelty import fit_trust, split_outputs, trusted_head
         from transferkit.reports.metrics import compute_metrics
         from transferkit.training.head import train_head
 
         t0 = time.perf_counter()
-        self.head_, self.history_, self.best_epoch_ = train_head(
+        head, self.history_, self.best_epoch_ = train_head(
             self.options_, features.x_train, features.y_train, features.x_val, features.y_val,
             len(self.classes_), self._class_weights())
+        self.head_ = trusted_head(head)
+        views = self.options_.augment_views + 1  # flatten_views: an image's views are consecutive rows
+        self.novelty_ = fit_trust(self.head_, (features.x_train, features.y_train),
+                                  (features.x_val, features.y_val), len(self.classes_), self.options_.keep_known,
+                                  groups=np.arange(len(features.y_train)) // views)
         self.timing_["head_seconds"] = round(time.perf_counter() - t0, 2)
-        self.validation_ = compute_metrics(features.y_val, run_model(self.head_, features.x_val), self.classes_,
-                                           features.val_paths, self.skipped_)
+        probs, _ = split_outputs(run_model(self.head_, features.x_val), len(self.classes_))
+        self.validation_ = compute_metrics(features.y_val, probs, self.classes_, features.val_paths, self.skipped_)
         self._set_model(modelfile.assemble(self.extractor_.model, self.head_), features_current=True)
         return self
 
@@ -272,6 +282,7 @@ class ImageClassifier:
         """Second stage: unfreeze the top ``unfreeze_top`` backbone blocks and train end to end on augmented
         images at ``learning_rate`` (defaults: the options'); every better epoch is saved at once, and
         ``resume`` continues the run's interrupted stage from its last saved epoch."""
+        from transferkit.models.novelty import has_trust, probability_view, reset_temperature
         from transferkit.training import finetune
 
         self._fitted()
@@ -283,23 +294,28 @@ class ImageClassifier:
         self.options_ = dataclasses.replace(self.options_, **changes)  # validated like every option
         t0 = time.perf_counter()
         images = self._decode_split()
+        if has_trust(self.model_):
+            reset_temperature(self.model_.get_layer("head"))  # trained at T = 1, calibrated again after
         state = self._fine_tune_state(finetune, self.options_, images, resume)
         options = self.options_
         self.fine_tune_ = finetune.fine_tune(
-            self.model_, self._spec(), images, state, save=self._checkpoint, out=self.out_,
-            batch_size=options.batch_size, seed=options.seed, patience=options.patience,
-            class_weights=self._class_weights(), callbacks=callbacks)
+            probability_view(self.model_, len(self.classes_)), self._spec(), images, state,
+            save=self._checkpoint, out=self.out_, batch_size=options.batch_size, seed=options.seed,
+            patience=options.patience, class_weights=self._class_weights(), callbacks=callbacks)
         self._set_model(self.model_, features_current=False)
+        self._refit_trust(images)
         self._validate_on_images(images)
         self.timing_["fine_tune_seconds"] = round(time.perf_counter() - t0, 2)
         return self
 
     def _fine_tune_state(self, finetune, options: TrainOptions, images, resume: bool) -> dict:
-        from transferkit.training.head import mean_log_loss
         from transferkit.engines.keras_step import run_model
+        from transferkit.models.novelty import split_outputs
+        from transferkit.training.head import mean_log_loss
 
         if not resume:
-            val_loss = mean_log_loss(run_model(self.model_, images.x_val), images.y_val)
+            probs, _ = split_outputs(run_model(self.model_, images.x_val), len(self.classes_))
+            val_loss = mean_log_loss(probs, images.y_val)
             return finetune.new_state(options.fine_tune_epochs, options.unfreeze_top, options.fine_tune_lr,
                                       (self.validation_["accuracy"], -val_loss))
         state = finetune.read_state(self.out_)
@@ -323,10 +339,25 @@ class ImageClassifier:
 
     def _validate_on_images(self, images) -> None:
         from transferkit.engines.keras_step import run_model
+        from transferkit.models.novelty import split_outputs
         from transferkit.reports.metrics import compute_metrics
 
-        self.validation_ = compute_metrics(images.y_val, run_model(self.model_, images.x_val), self.classes_,
-                                           self._val_paths, self.skipped_)
+        probs, _ = split_outputs(run_model(self.model_, images.x_val), len(self.classes_))
+        self.validation_ = compute_metrics(images.y_val, probs, self.classes_, self._val_paths, self.skipped_)
+
+    def _refit_trust(self, images) -> None:
+        """After fine-tuning the backbone's features moved: refit the temperature and the novelty statistics on
+        them (training images for the statistics, validation for the temperature and threshold)."""
+        from transferkit.engines.keras_step import run_model
+        from transferkit.models.novelty import feature_view, fit_trust, has_trust
+
+        if not has_trust(self.model_):
+            return
+        features = feature_view(self.model_)
+        train = (run_model(features, images.x_train), images.y_train)
+        val = (run_model(features, images.x_val), images.y_val)
+        self.novelty_ = fit_trust(self.model_.get_layer("head"), train, val, len(self.classes_),
+                                  self.options_.keep_known)
 
     def _checkpoint(self, state: dict) -> None:
         self.fine_tune_ = state
@@ -388,6 +419,7 @@ class ImageClassifier:
         fit = meta.get("fit") if isinstance(meta.get("fit"), dict) else {}
         self.history_, self.best_epoch_ = fit.get("history"), fit.get("best_epoch")
         self.validation_, self.test_, self.fine_tune_ = meta.get("validation"), meta.get("test"), meta.get("fine_tune")
+        self.novelty_ = meta.get("novelty") if isinstance(meta.get("novelty"), dict) else None
         self.timing_ = dict(fit.get("timing", {}))
         self._set_model(loaded.keras_model, features_current=False)
         self._file_metadata = dict(meta)
@@ -415,6 +447,8 @@ class ImageClassifier:
             metrics = getattr(self, name + "_")
             if metrics:
                 meta[name] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+        if self.novelty_:
+            meta["novelty"] = dict(self.novelty_)
         if self.fine_tune_:
             meta["fine_tune"] = {k: self.fine_tune_.get(k) for k in
                                  ("epochs", "unfreeze_top", "learning_rate", "blocks", "best_epoch")}
@@ -508,3 +542,4 @@ def _check_images(paths: list[str], size: int, limit: int = 8) -> np.ndarray | N
         if len(images) == limit:
             break
     return np.stack(images) if images else None
+

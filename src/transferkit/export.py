@@ -155,6 +155,7 @@ def _tflite(saved_model_dir: str, quantize: str, samples: np.ndarray | None) -> 
 
 def _onnx_int8(path: str, samples: np.ndarray, work: str) -> str:
     """Static QDQ int8 quantization (per-channel weights) calibrated on real photos."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -168,7 +169,12 @@ def _onnx_int8(path: str, samples: np.ndarray, work: str) -> str:
     prepared = os.path.join(work, "prepared.onnx")
     quant_pre_process(path, prepared, skip_symbolic_shape=True)
     quantized = os.path.join(work, "int8.onnx")
+    # the novelty score is a difference of large sums (||z||^2 - 2 z.m + ||m||^2): in int8 it cancels into noise,
+    # so its few nodes stay float (unknown verdicts vs Keras on the tests' 22 photos: 82 % quantized, 95 % kept
+    # float; the rest of the gap is the int8 backbone's features; TFLite int8 cannot keep them float: 82 %)
+    keep_float = [n.name for n in onnx.load(prepared).graph.node if "novelty" in n.name]
     quantize_static(prepared, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    nodes_to_exclude=keep_float,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return quantized
 

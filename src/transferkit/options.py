@@ -128,6 +128,8 @@ class TrainOptions(EngineOptions):
     learning_rate: float = option(1e-3, "head learning rate (Adam)", low=0.0, low_open=True, high=10.0)
     patience: int = option(8, "epochs without a better val_accuracy before stopping", low=1)
     dropout: float = option(0.2, "dropout before the head's classifier", low=0.0, high=1.0, high_open=True)
+    keep_known: float = option(0.95, "share of known validation images the novelty threshold keeps (above it a "
+                                     "photo is answered 'unknown')", low=0.5, high=1.0)
     cache: bool = option(True, "read and write the feature cache", flag="--no-cache")
     fine_tune_epochs: int = option(0, "second stage: epochs of end-to-end training (0: none)", low=0, high=10_000)
     unfreeze_top: int = option(2, "backbone blocks to unfreeze in the second stage, from the top", low=1)

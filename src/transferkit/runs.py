@@ -149,7 +149,13 @@ def check_model_metadata(path: str, metadata, n_outputs: int | None = None) -> l
     if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
         raise TransferkitError(f"{path}: damaged transferkit metadata (class names must be distinct, non-empty "
                                f"strings)")
-    if n_outputs is not None and n_outputs != len(names):
+    novelty = metadata.get("novelty")
+    if novelty is not None:
+        threshold = novelty.get("threshold") if isinstance(novelty, dict) else None
+        if not isinstance(threshold, (int, float)) or not 0 < threshold < float("inf"):
+            raise TransferkitError(f"{path}: damaged transferkit metadata (novelty threshold {threshold!r})")
+    expected = len(names) + (novelty is not None)  # a trusted model's last output is its novelty score
+    if n_outputs is not None and n_outputs != expected:
         raise TransferkitError(f"{path}: {len(names)} class names for {n_outputs} model outputs")
     return list(names)
 

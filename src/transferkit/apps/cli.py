@@ -80,6 +80,7 @@ def _model_commands(command) -> None:
     e.add_argument("test_dir")
     e.add_argument("--out", help="folder for metrics.json, report.html and the confusion matrices")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    e.add_argument("--unknown-dir", help="photos of none of the classes: how many the model rejects as unknown")
     add_options(e, EngineOptions)
 
     r = command("predict", "predict image files, folders or globs")
@@ -88,6 +89,8 @@ def _model_commands(command) -> None:
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
     r.add_argument("--show", metavar="OUT.png", help="also draw the image(s) with label, probability and top-k bars")
+    r.add_argument("--no-reject", dest="reject", action="store_false",
+                   help="label photos unlike every class with their nearest class instead of 'unknown'")
     add_options(r, EngineOptions)
 
     s = command("serve", "web page + JSON API for MODEL on a production WSGI server (gunicorn)")
@@ -116,6 +119,9 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
         for r in rows:
             if r.get("error"):
                 print(f"{r['path']}\tERROR: {r['error']}")
+            elif r["label"] is None:  # unknown: none of the classes; the nearest ones in brackets
+                nearest = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
+                print(f"{r['path']}\tunknown\tnovelty {r['novelty']:.2f}\t(nearest: {nearest})")
             else:
                 others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"][1:])
                 print(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({others})" if others else ""))
@@ -126,12 +132,14 @@ def _csv_rows(rows: list[dict]) -> str:
     writer = csv.writer(buf)
     k = max((len(r["top_k"]) for r in rows), default=0)
     tops_header = [f"top{i + 1}_{c}" for i in range(k) for c in ("label", "probability")]
-    writer.writerow(["path", "label", "probability"] + tops_header + ["error"])
+    writer.writerow(["path", "label", "probability", "novelty"] + tops_header + ["error"])
     for r in rows:
         tops = [x for t in r["top_k"] for x in (t["label"], f"{t['probability']:.6f}")]
         tops += [""] * (2 * k - len(tops))
         prob = "" if r["probability"] is None else f"{r['probability']:.6f}"
-        writer.writerow([r["path"], r["label"] or "", prob] + tops + [r.get("error", "")])
+        label = "unknown" if r.get("unknown") and r["label"] is None else r["label"] or ""
+        novelty = "" if r.get("novelty") is None else f"{r['novelty']:.4f}"
+        writer.writerow([r["path"], label, prob, novelty] + tops + [r.get("error", "")])
     return buf.getvalue()
 
 
@@ -146,7 +154,8 @@ def _evaluate(args) -> None:
     from transferkit.api import evaluate
     from transferkit.reports.metrics import text_report
 
-    metrics = evaluate(args.model, args.test_dir, out=args.out, **record_values(args, EngineOptions))
+    metrics = evaluate(args.model, args.test_dir, out=args.out, unknown_dir=args.unknown_dir,
+                       **record_values(args, EngineOptions))
     if args.json:
         keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
         print(json.dumps({k: metrics[k] for k in keys} | {k: v for k, v in metrics.items() if k not in keys},
@@ -158,7 +167,8 @@ def _evaluate(args) -> None:
 def _predict(args) -> None:
     from transferkit.api import predict
 
-    rows = predict(args.model, args.paths, top_k=args.top_k, **record_values(args, EngineOptions))
+    rows = predict(args.model, args.paths, top_k=args.top_k, reject=args.reject,
+                   **record_values(args, EngineOptions))
     _print_rows(rows, args.format)
     if args.show:
         from transferkit.reports.plots import show_predictions

@@ -123,7 +123,7 @@ def _predict_uploads(model, lock: threading.Lock, files, top_k: int, max_pixels:
     names = [name for name, _ in uploads]
     with lock:
         probs = model.predict_images(np.stack(images))
-    rows = rows_from_probs(names, probs, model.class_names, top_k)
+    rows = rows_from_probs(names, probs, model.class_names, top_k, model.metadata.get("novelty"))
     for row in rows:
         row["filename"] = row.pop("path")
     return rows

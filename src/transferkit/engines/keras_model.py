@@ -45,5 +45,5 @@ class KerasPredictor:
             key = f"classifier-{file_digest(self.path)[:16]}-{self.image_size}px" if self.path else None
             fixed = without_resize(self.keras_model, self.image_size)
             self._engine = runtimes.build_engine(fixed, key, self.runtime, self.precision,
-                                                 check_images=np.asarray(sample, np.float32))
+                                                 check_images=np.asarray(sample, np.float32), per_column=True)
         return self._engine(images)

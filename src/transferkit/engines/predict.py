@@ -15,7 +15,8 @@ from transferkit.log import logger
 
 
 def predict_files(predictor: Predictor, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[int], list[dict]]:
-    """Probabilities for the files that decode: (probs (n_ok, classes), indices of ``paths`` kept, skipped)."""
+    """Model outputs for the files that decode: (outputs (n_ok, classes [+ 1 novelty]), indices of ``paths``
+    kept, skipped)."""
     probs, kept, skipped = [], [], []
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         for start in range(0, len(paths), batch_size):
@@ -40,29 +41,41 @@ def files_to_probs(predictor: Predictor, paths: list[str], batch_size: int = 32)
     return own(paths, batch_size) if own else predict_files(predictor, paths, batch_size=batch_size)
 
 
-def rows_from_probs(paths: list[str], probs: np.ndarray, class_names: list[str], top_k: int) -> list[dict]:
-    """One result dict per image: path, label, probability and the top-k (label, probability)."""
+def rows_from_probs(paths: list[str], outputs: np.ndarray, class_names: list[str], top_k: int,
+                    novelty: dict | None = None, reject: bool = True) -> list[dict]:
+    """One result dict per image: path, label, probability and the top-k (label, probability). For a model with
+    a novelty score (``novelty`` = metadata["novelty"]) also ``novelty`` (the score over the model's threshold,
+    as the model outputs it: above 1 is unknown) and ``unknown``; an unknown row's label and probability are
+    None (``reject=False`` keeps the nearest class), and its top-k still lists the nearest classes."""
+    from transferkit.models.novelty import split_outputs
+
+    probs, scores = split_outputs(outputs, len(class_names))
+    if not novelty:
+        scores = None  # a model file without the trust metadata: its extra output is not ours to read
     k = max(1, min(int(top_k), len(class_names)))
     rows = []
-    for path, p in zip(paths, probs):
+    for i, (path, p) in enumerate(zip(paths, probs)):
         order = np.argsort(-p, kind="stable")[:k]
-        rows.append({
-            "path": path,
-            "label": class_names[order[0]],
-            "probability": float(p[order[0]]),
-            "top_k": [{"label": class_names[i], "probability": float(p[i])} for i in order],
-        })
+        row = {"path": path, "label": class_names[order[0]], "probability": float(p[order[0]]),
+               "top_k": [{"label": class_names[j], "probability": float(p[j])} for j in order]}
+        if scores is not None:
+            relative = float(scores[i])  # the score over the model's threshold
+            row |= {"novelty": round(relative, 4), "unknown": bool(relative > 1.0)}
+            if row["unknown"] and reject:
+                row |= {"label": None, "probability": None}
+        rows.append(row)
     return rows
 
 
-def predict_rows(predictor: Predictor, items, top_k: int = 3, batch_size: int = 32) -> list[dict]:
+def predict_rows(predictor: Predictor, items, top_k: int = 3, batch_size: int = 32, reject: bool = True) -> list[dict]:
     """A row for every image in ``items`` (files, folders, globs), in order; an unreadable file's row has
-    ``error`` instead of a label."""
+    ``error`` instead of a label; a photo of none of the classes is ``unknown`` (see ``rows_from_probs``)."""
     if isinstance(items, (str, os.PathLike)):
         items = [items]
     files = expand_paths([str(i) for i in items])
-    probs, kept, skipped = files_to_probs(predictor, files, batch_size)
-    rows = dict(zip(kept, rows_from_probs([files[i] for i in kept], probs, predictor.class_names, top_k)))
+    outputs, kept, skipped = files_to_probs(predictor, files, batch_size)
+    rows = dict(zip(kept, rows_from_probs([files[i] for i in kept], outputs, predictor.class_names, top_k,
+                                          predictor.metadata.get("novelty"), reject)))
     errors = {s["path"]: s["reason"] for s in skipped}
     return [rows.get(i) or {"path": f, "label": None, "probability": None, "top_k": [], "error": errors[f]}
             for i, f in enumerate(files)]

@@ -197,14 +197,20 @@ def _read_verdict(path) -> dict | None:
     return cached if ok else None
 
 
-def _verdict(engine: Engine, keras_engine: Engine, sample: np.ndarray, path) -> dict:
+def _verdict(engine: Engine, keras_engine: Engine, sample: np.ndarray, path, per_column: bool = False) -> dict:
     """Cosine of ``engine`` vs Keras fp32 on ``sample``, and both speeds; measured once per model and cached in
-    ``path`` (None: not cached) with a checksum and what it was measured on."""
+    ``path`` (None: not cached) with a checksum and what it was measured on. ``per_column``: each output column
+    is first scaled by its reference RMS, so that outputs of different magnitudes (probabilities beside a
+    novelty score in the thousands) all count."""
     cached = _read_verdict(path)
     if cached is not None:
         return cached
     expected = keras_engine(sample)  # also warms up Keras's compiled step for the timing
-    verdict = {"cosine": cosine(engine(sample), expected), "sample": sample_id(sample),
+    got = engine(sample)
+    if per_column:
+        scale = np.sqrt((np.asarray(expected, np.float64) ** 2).mean(axis=0)) + 1e-12
+        got, expected = got / scale, expected / scale
+    verdict = {"cosine": cosine(got, expected), "sample": sample_id(sample),
                "img_per_s": {"engine": _speed(engine, sample), "keras": _speed(keras_engine, sample)}}
     if path is not None:
         write_checked(path, json.dumps(verdict, indent=2).encode())
@@ -217,7 +223,7 @@ def verdict_path(key: str, runtime: str, precision: str):
 
 def build_engine(model: keras.Model, key: str | None, runtime: str = DEFAULT_ENGINE.runtime,
                  precision: str = DEFAULT_ENGINE.precision,
-                 check_images: np.ndarray | None = None) -> Engine:
+                 check_images: np.ndarray | None = None, per_column: bool = False) -> Engine:
     """An engine for ``model`` (fixed input); ``key`` names its cached conversion (None: not cached, for models
     without a stable identity such as random weights). With ``check_images``, its outputs are compared once with
     Keras fp32 on them: a lower precision that drifts falls back to fp32, a conversion that disagrees falls back
@@ -232,7 +238,7 @@ def build_engine(model: keras.Model, key: str | None, runtime: str = DEFAULT_ENG
     for attempt in range(2 if key else 1):
         try:
             with onnx_file(model, key, rebuild=attempt > 0) as path:
-                return _checked_engine(path, key, runtime, precision, keras_engine, sample, asked_auto)
+                return _checked_engine(path, key, runtime, precision, keras_engine, sample, asked_auto, per_column)
         except Exception as exc:  # a converter or runtime that cannot take this model: Keras still can
             reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
             again = attempt == 0 and key is not None
@@ -242,7 +248,7 @@ def build_engine(model: keras.Model, key: str | None, runtime: str = DEFAULT_ENG
 
 
 def _checked_engine(path: str, key: str | None, runtime: str, precision: str, keras_engine: Engine,
-                    sample: np.ndarray | None, asked_auto: bool) -> Engine:
+                    sample: np.ndarray | None, asked_auto: bool, per_column: bool = False) -> Engine:
     """The engine on the converted file at ``path``, in ``precision`` or, where that drifts, fp32; Keras where
     the conversion disagrees with it (or, for ``auto``, where Keras measured faster)."""
     for candidate in dict.fromkeys((precision, "fp32")):
@@ -251,7 +257,7 @@ def _checked_engine(path: str, key: str | None, runtime: str, precision: str, ke
         if sample is None:
             return engine
         verdict = _verdict(engine, keras_engine, sample, None if key is None else
-                           verdict_path(key, runtime, candidate))
+                           verdict_path(key, runtime, candidate), per_column)
         bound = min_cosine(candidate)
         if verdict["cosine"] >= bound:
             speed = verdict["img_per_s"]

@@ -14,19 +14,27 @@ from transferkit.data.folders import scan_folder
 from transferkit.engines.base import Predictor
 from transferkit.engines.predict import files_to_probs
 from transferkit.files import write_json_atomic
+from transferkit.models.novelty import split_outputs
+from transferkit.reports.trust import trust_figures, trust_metrics
 from transferkit.reports.html import model_summary, write_report
 from transferkit.reports.metrics import compute_metrics
 
 
 def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None = None, batch_size: int = 32,
-                       title: str | None = None, history_png: str | None = None) -> dict:
+                       title: str | None = None, history_png: str | None = None,
+                       unknown_dir: str | None = None) -> dict:
     """Metrics of ``predictor`` on ``test_dir/<class>/``; with ``out``, writes metrics.json and report.html (with
-    confusion_matrix.png, confusion_matrix_normalised.png) there. Class folders are matched to the model's
-    classes by name, never by order."""
+    confusion_matrix.png, confusion_matrix_normalised.png, reliability.png) there. Class folders are matched to
+    the model's classes by name, never by order. ``unknown_dir``: photos of none of the classes, to measure how
+    many the novelty score rejects (metrics["unknown"], novelty.png, confusion_unknown.png)."""
     data = scan_folder(test_dir, class_names=predictor.class_names)
-    probs, kept, skipped = files_to_probs(predictor, data.paths, batch_size)
-    metrics = compute_metrics(data.labels[kept], probs, predictor.class_names, [data.paths[i] for i in kept],
+    outputs, kept, skipped = files_to_probs(predictor, data.paths, batch_size)
+    probs, scores = split_outputs(outputs, len(predictor.class_names))
+    labels = data.labels[kept]
+    metrics = compute_metrics(labels, probs, predictor.class_names, [data.paths[i] for i in kept],
                               data.skipped + skipped)
+    found, arrays = trust_metrics(predictor, labels, probs, scores, unknown_dir, batch_size)
+    metrics |= found
     if out:
         os.makedirs(out, exist_ok=True)
         write_json_atomic(os.path.join(out, "metrics.json"), metrics)
@@ -34,5 +42,6 @@ def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None =
             history_png = os.path.join(os.path.dirname(os.path.abspath(predictor.path)), "history.png")
         name = os.path.basename(predictor.path or "model")
         write_report(metrics, out, title=title or f"Evaluation of {name} on {test_dir}",
-                     history_png=history_png, model_info=model_summary(predictor.metadata))
+                     history_png=history_png, model_info=model_summary(predictor.metadata),
+                     extra_figures=trust_figures(found, arrays, out))
     return metrics

@@ -58,8 +58,25 @@ def model_summary(metadata: dict) -> dict:
                               ("transferkit", metadata.get("transferkit_version"))) if v is not None}
 
 
+def _trust_cards(metrics: dict) -> str:
+    """Cards for calibration and, where measured, known photos kept and unknowns rejected."""
+    cards = []
+    calibration = metrics.get("calibration") or {}
+    if calibration.get("ece") is not None:
+        cards.append(("calibration error (ECE)", f"{calibration['ece']:.3f}"))
+    if calibration.get("validation_ece_before") is not None:
+        cards.append((f"validation ECE, temperature {calibration['temperature']:g}",
+                      f"{calibration['validation_ece_before']:.3f} → {calibration['validation_ece_after']:.3f}"))
+    if "novelty" in metrics:
+        cards.append(("known photos kept", f"{metrics['novelty']['known_kept']:.1%}"))
+    if "unknown" in metrics:
+        u = metrics["unknown"]
+        cards += [("unknowns rejected", f"{u['rejected']:.1%}"), ("unknown AUROC", f"{u['auroc']:.3f}")]
+    return "".join(f"<div class='card'>{html.escape(k)}<b>{v}</b></div>" for k, v in cards)
+
+
 def write_report(metrics: dict, out: str, title: str = "Evaluation report", history_png: str | None = None,
-                 model_info: dict | None = None) -> str:
+                 model_info: dict | None = None, extra_figures: list | None = None) -> str:
     """Write confusion_matrix.png, confusion_matrix_normalised.png and report.html (embedding those and, when
     given, the training curves ``history_png``) in ``out``."""
     os.makedirs(out, exist_ok=True)
@@ -69,6 +86,7 @@ def write_report(metrics: dict, out: str, title: str = "Evaluation report", hist
     cmn_png = plot_confusion_matrix(metrics["confusion_matrix"], names,
                                     os.path.join(out, "confusion_matrix_normalised.png"), normalise=True)
     figures = [("Confusion matrix (counts)", cm_png), ("Confusion matrix (row-normalised: recall)", cmn_png)]
+    figures += list(extra_figures or [])
     if history_png and os.path.exists(history_png):
         figures.append(("Training curves", history_png))
 
@@ -100,6 +118,7 @@ def write_report(metrics: dict, out: str, title: str = "Evaluation report", hist
 <div class="card">macro F1<b>{metrics['macro_f1']:.4f}</b></div>
 <div class="card">weighted F1<b>{metrics['weighted_f1']:.4f}</b></div>
 <div class="card">images<b>{metrics['n_images']}</b></div>
+{_trust_cards(metrics)}
 </div>
 <h2>Per class</h2>
 <table id="per-class"><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead>

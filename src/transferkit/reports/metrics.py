@@ -56,7 +56,22 @@ def text_report(metrics: dict) -> str:
     lines.append(f"{'accuracy':>{width}}  {'':9} {'':9} {metrics['accuracy']:9.3f} {metrics['n_images']:9d}")
     lines.append(f"{'macro f1':>{width}}  {'':9} {'':9} {metrics['macro_f1']:9.3f}")
     lines.append(f"{'weighted f1':>{width}}  {'':9} {'':9} {metrics['weighted_f1']:9.3f}")
+    lines.extend(_trust_lines(metrics))
     if metrics.get("skipped"):
         lines.append(f"\nskipped {len(metrics['skipped'])} unreadable file(s):")
         lines.extend(f"  {s['path']}: {s['reason']}" for s in metrics["skipped"])
     return "\n".join(lines)
+
+
+def _trust_lines(metrics: dict) -> list[str]:
+    lines = []
+    ece = (metrics.get("calibration") or {}).get("ece")
+    if ece is not None:
+        lines.append(f"\ncalibration error (ECE) {ece:.3f}")
+    if "novelty" in metrics:
+        lines.append(f"known test photos kept {metrics['novelty']['known_kept']:.1%} (the rest answered 'unknown')")
+    if "unknown" in metrics:
+        u = metrics["unknown"]
+        lines.append(f"unknowns ({u['n_images']} photos in {u['dir']}) rejected {u['rejected']:.1%}; AUROC "
+                     f"{u['auroc']:.3f} (top probability alone: {u['auroc_top_probability']:.3f})")
+    return lines

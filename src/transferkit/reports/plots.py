@@ -65,6 +65,40 @@ def plot_confusion_matrix(cm, class_names: list[str], path: str, normalise: bool
     return _save(fig, path)
 
 
+def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str, bins: int = 10) -> str:
+    """Accuracy against confidence per confidence bin (the diagonal is perfect calibration), bar width by count."""
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    for b in range(bins):
+        if (which == b).any():
+            ax.bar(edges[b], correct[which == b].mean(), width=1 / bins, align="edge", alpha=0.7,
+                   color="tab:blue", edgecolor="white", label="accuracy" if not ax.patches else None)
+            ax.text(edges[b] + 0.5 / bins, 0.02, str(int((which == b).sum())), ha="center", fontsize=7)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def plot_novelty(known: np.ndarray, unknown: np.ndarray, threshold: float, path: str) -> str:
+    """Histograms of the novelty score (relative to the threshold: above 1 is answered 'unknown')."""
+    k, u = np.asarray(known) / threshold, np.asarray(unknown) / threshold
+    bins = np.linspace(0, max(k.max(initial=1), u.max(initial=1), 1.5) * 1.05, 40)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(k, bins=bins, alpha=0.6, label=f"known test photos ({len(k)})")
+    ax.hist(u, bins=bins, alpha=0.6, label=f"unknowns ({len(u)})")
+    ax.axvline(1.0, color="black", linestyle="--", label="threshold")
+    ax.set_xlabel("novelty (score / threshold)")
+    ax.set_ylabel("photos")
+    ax.legend()
+    return _save(fig, path)
+
+
 def plot_samples(samples: dict[str, list[str]], path: str, thumb: int = 160) -> str:
     """A grid: one row per class (its name as the row title), a few of its images."""
     from transferkit.data.images import UnreadableImage, load_image
@@ -115,6 +149,7 @@ def show_predictions(rows: list[dict], out: str) -> list[str]:
     written = []
     for n, row in enumerate(good, start=1):
         target = out if len(good) == 1 else f"{stem}-{n}{ext or '.png'}"
-        title = f"{row['label']} ({row['probability']:.3f})"
+        title = (f"none of these (novelty {row['novelty']:.2f})" if row.get("unknown") and row["label"] is None
+                 else f"{row['label']} ({row['probability']:.3f})")
         written.append(plot_prediction(np.asarray(open_rgb(row["path"])), title, row["top_k"], target))
     return written
