@@ -284,7 +284,8 @@ def _kill_when(args, ready, timeout=300):
 
 
 def _feature_files() -> set:
-    return {p for p in cache_dir("features").rglob("*.npy")}
+    """The feature cache's entries (not the temporary file of a write a kill interrupted: never read)."""
+    return {p for p in cache_dir("features").rglob("*.npy") if not p.name.startswith(".")}
 
 
 def _model_is_whole_or_absent(out: pathlib.Path):
