@@ -73,15 +73,19 @@ CHECK_TAG = b"TKSUM1"  # trailer of a checked cache file: tag + 20-byte BLAKE2b 
 _TRAILER = len(CHECK_TAG) + 20
 
 
+def _blake2b(data: bytes):
+    return hashlib.blake2b(data, digest_size=20)
+
+
 def bytes_digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=20).hexdigest()
+    return _blake2b(data).hexdigest()
 
 
 def write_checked(target: str | os.PathLike, payload: bytes) -> None:
     """Write ``payload`` atomically with a checksum trailer, so a later reader can tell a damaged cache file (a
     flipped bit, a torn write on a full disk) from a good one."""
     with atomic_path(target) as tmp:
-        tmp.write_bytes(payload + CHECK_TAG + hashlib.blake2b(payload, digest_size=20).digest())
+        tmp.write_bytes(payload + CHECK_TAG + _blake2b(payload).digest())
 
 
 def read_checked(path: str | os.PathLike) -> bytes | None:
@@ -91,6 +95,6 @@ def read_checked(path: str | os.PathLike) -> bytes | None:
     except OSError:
         return None
     body, tag, digest = data[:-_TRAILER], data[-_TRAILER:-20], data[-20:]
-    if len(data) < _TRAILER or tag != CHECK_TAG or hashlib.blake2b(body, digest_size=20).digest() != digest:
+    if len(data) < _TRAILER or tag != CHECK_TAG or _blake2b(body).digest() != digest:
         return None
     return body
