@@ -1,8 +1,9 @@
-"""Requests/second and latency of `transferkit serve` for single-image requests at 1, 4 and 16 clients.
+"""Requests/second and latency of `transferkit serve` for single-image requests at 1, 4, 16 and 64 clients.
 
     python benchmarks/serve.py MODEL [--image PHOTO] [--seconds 10] [--workers 1] [--threads 4]
 
-Starts a real server process on 127.0.0.1 (a free port), waits for /healthz, then each client posts one image per
+Starts a real server process on 127.0.0.1 (a free port), waits for /healthz (its start time is printed: on a model
+file used before, the worker loads the cached engine without TensorFlow), then each client posts one image per
 request, back to back, for the given time. Prints req/s, p50 and p95 latency per concurrency level.
 """
 
@@ -75,6 +76,7 @@ def main() -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src")))
     url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
     try:
         deadline = time.time() + 180
         while True:
@@ -86,10 +88,12 @@ def main() -> None:
             if proc.poll() is not None or time.time() > deadline:
                 sys.exit("server did not start")
             time.sleep(0.5)
+        ready = time.perf_counter() - started
         run_level(url, payload, 2, 2.0)  # warm-up
-        print(f"cpu cores: {os.cpu_count()}  image: {len(payload)} bytes  workers {args.workers} x threads {args.threads}")
+        print(f"cpu cores: {os.cpu_count()}  image: {len(payload)} bytes  workers {args.workers} x threads "
+              f"{args.threads}  server ready in {ready:.1f} s")
         print(f"{'clients':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7}")
-        for clients in (1, 4, 16):
+        for clients in (1, 4, 16, 64):
             rps, p50, p95, errors = run_level(url, payload, clients, args.seconds)
             print(f"{clients:>8} {rps:>8.1f} {p50:>8.1f} {p95:>8.1f} {errors:>7}", flush=True)
     finally:

@@ -26,6 +26,7 @@ _LAZY = {  # the heavy parts (Keras, TensorFlow) are imported when used, so ``tr
     "evaluate": ("transferkit.api", "evaluate"),
     "predict": ("transferkit.api", "predict"),
     "load_model": ("transferkit.api", "load_model"),
+    "load_predictor": ("transferkit.api", "load_predictor"),
     "list_backbones": ("transferkit.models.backbones", "list_backbones"),
     "export_model": ("transferkit.export", "export_model"),
     "backbones": ("transferkit.models.backbones", None),

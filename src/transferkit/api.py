@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-from transferkit.classifier import ImageClassifier
 from transferkit.engines.base import Predictor
 from transferkit.errors import OptionError
 from transferkit.options import DEFAULT_ENGINE, EngineOptions
@@ -19,6 +18,8 @@ from transferkit.options import DEFAULT_ENGINE, EngineOptions
 def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
           callbacks=(), **options) -> dict:
     """Train with ``options`` (the fields of TrainOptions) and write the run folder; returns its metrics."""
+    from transferkit.classifier import ImageClassifier
+
     clf = ImageClassifier(**options)
     return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks).summary()
 
@@ -26,20 +27,39 @@ def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None,
 def load_model(path, *, runtime: str = DEFAULT_ENGINE.runtime,
                precision: str = DEFAULT_ENGINE.precision) -> Predictor:
     """A ``.keras`` model file as an ``ImageClassifier`` on ``runtime`` / ``precision``, or an ``.onnx`` export
-    (run by onnxruntime, without TensorFlow)."""
+    (run by onnxruntime or OpenVINO, without TensorFlow)."""
     engine = EngineOptions(runtime=runtime, precision=precision)  # validated before the model is read
     if str(path).lower().endswith(".onnx"):
         from transferkit.engines.onnx_model import load_onnx
 
-        if engine.runtime not in ("auto", "onnxruntime") or engine.precision not in ("auto", "fp32"):
-            raise OptionError("runtime", "of an .onnx export is onnxruntime fp32",
+        if engine.runtime == "keras" or engine.precision not in ("auto", "fp32"):
+            raise OptionError("runtime", "of an .onnx export is onnxruntime or openvino, fp32",
                               f"{engine.runtime} {engine.precision}")
-        return load_onnx(str(path))
+        return load_onnx(str(path), engine.runtime)
+    from transferkit.classifier import ImageClassifier
+
     return ImageClassifier.load(str(path), runtime=runtime, precision=precision)
 
 
+def load_predictor(path, *, runtime: str = DEFAULT_ENGINE.runtime,
+                   precision: str = DEFAULT_ENGINE.precision) -> Predictor:
+    """What ``predict``, ``evaluate`` and the server run: a ``.keras`` file's converted engine straight from the
+    cache where an earlier use left one, checked (no TensorFlow import: one photo in well under a second), else
+    :func:`load_model`."""
+    engine = EngineOptions(runtime=runtime, precision=precision)
+    if not str(path).lower().endswith(".onnx"):
+        from transferkit.engines.cached import CachedPredictor
+
+        found = CachedPredictor.find(str(path), engine)
+        if found is not None:
+            return found
+    return load_model(path, runtime=runtime, precision=precision)
+
+
 def _model(model, runtime: str, precision: str) -> Predictor:
-    return load_model(model, runtime=runtime, precision=precision) if isinstance(model, (str, os.PathLike)) else model
+    if isinstance(model, (str, os.PathLike)):
+        return load_predictor(model, runtime=runtime, precision=precision)
+    return model
 
 
 def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str = DEFAULT_ENGINE.runtime,

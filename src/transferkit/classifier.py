@@ -38,7 +38,7 @@ from transferkit import runs
 
 _LEARNED = ("classes_", "options_", "model_", "history_", "best_epoch_", "validation_", "test_", "fine_tune_",
             "skipped_", "timing_", "data_", "out_", "model_path_", "extractor_", "head_",
-            "check_images_", "novelty_")
+            "check_images_", "novelty_", "feature_check_")
 
 
 @dataclass
@@ -69,6 +69,7 @@ class ImageClassifier:
         self._engine = None  # EngineOptions of predictions, set by fit or load
         self._predictor = None
         self._features_current = False  # the backbone is the frozen one that extracted the cached features
+        self._views_extractor = None  # the training views' extractor (a lower precision than extractor_'s)
         self._file_metadata = {}  # what the model file last written or read says about itself
         self._saved_to = None  # the file that holds model_ as it is now, if any
 
@@ -172,7 +173,8 @@ class ImageClassifier:
                 raise TransferkitError(f"{self.out_}: this run already finished; nothing to resume")
         else:  # a new run, or one killed before its first model file: the cached features make this quick
             self.fit_head(self.extract_features())
-            self.save(self.model_path_)  # the head-only model is safe on disk before any fine-tuning
+            if self.options_.fine_tune_epochs:  # the head-only model is safe on disk before the long second stage
+                self.save(self.model_path_)  # (without one, the final save below is the only one: -1.1 s a run)
             self._write_records()
         state = read_state(self.out_) if resume else None
         if state is not None and state.get("status") != "done":
@@ -227,18 +229,22 @@ class ImageClassifier:
 
     def extract_features(self) -> FeatureSplit:
         """Features of every training view and validation image, through the frozen backbone and its cache."""
+        from transferkit.engines import runtimes
         from transferkit.training.features import FeatureExtractor
         from transferkit.training.head import flatten_views
 
         options, data = self.options_, self.data_
-        self.extractor_ = FeatureExtractor.from_options(options)
+        self.extractor_ = FeatureExtractor.from_options(options)  # validation, test: the reported numerics
+        n_passes = len(data.train_paths) * (options.augment_views + 1)
+        precision = runtimes.training_precision(options.feature_precision, options.runtime, n_passes)
+        self._views_extractor = views = self.extractor_.with_precision(precision, data.train_paths)
         logger.info(f"{len(data.train_paths) + len(data.val_paths)} images in {len(data.class_names)} classes "
                     f"({len(data.skipped)} skipped); backbone {options.backbone} at {options.size}px; "
-                    f"{len(data.train_paths)} train x {options.augment_views + 1} views, "
-                    f"{len(data.val_paths)} validation")
+                    f"{len(data.train_paths)} train x {options.augment_views + 1} views ({views.precision}), "
+                    f"{len(data.val_paths)} validation ({self.extractor_.precision})")
         t0 = time.perf_counter()
-        f_train, kept_t, skip_t = self.extractor_.extract(data.train_paths, options.augment_views,
-                                                          desc="train features", digests=data.digests)
+        f_train, kept_t, skip_t = views.extract(data.train_paths, options.augment_views, desc="train features",
+                                                digests=data.digests)
         f_val, kept_v, skip_v = self.extractor_.extract(data.val_paths, 0, desc="validation features",
                                                         digests=data.digests)
         self.timing_["feature_seconds"] = round(time.perf_counter() - t0, 2)
@@ -274,8 +280,29 @@ class ImageClassifier:
         self.timing_["head_seconds"] = round(time.perf_counter() - t0, 2)
         probs, _ = split_outputs(run_model(self.head_, features.x_val), len(self.classes_))
         self.validation_ = compute_metrics(features.y_val, probs, self.classes_, features.val_paths, self.skipped_)
+        self.feature_check_ = self._check_view_features(features)
         self._set_model(modelfile.assemble(self.extractor_.model, self.head_), features_current=True)
         return self
+
+    def _check_view_features(self, features: FeatureSplit) -> dict | None:
+        """Where the training views were computed in a lower precision than the reported numerics: the same
+        validation photos through both, and how often the trained head gives them the same label."""
+        from transferkit.engines import runtimes
+        from transferkit.engines.keras_step import run_model
+
+        views = self._views_extractor
+        if views is None or views is self.extractor_:
+            return None
+        fast, kept, _ = views.extract(features.val_paths, 0, desc="validation check")
+        exact = features.x_val[kept]
+        same = runtimes.agreement(run_model(self.head_, fast[:, 0]), run_model(self.head_, exact), len(self.classes_))
+        check = {"engine": f"{views.runtime} {views.precision}", "reference": f"{self.extractor_.runtime} "
+                 f"{self.extractor_.precision}", "images": len(kept), "cosine": round(runtimes.cosine(fast[:, 0], exact), 5)}
+        check |= {k: round(v, 4) for k, v in same.items()}
+        logger.info(f"training views on {check['engine']}: feature cosine {check['cosine']:.4f} vs "
+                    f"{check['reference']}; the head gives {check['label_agreement']:.1%} of the {len(kept)} "
+                    f"validation photos the same label (every reported metric is {check['reference']})")
+        return check
 
     def fine_tune(self, epochs: int | None = None, *, unfreeze_top: int | None = None,
                   learning_rate: float | None = None, resume: bool = False, callbacks=()) -> "ImageClassifier":
@@ -418,6 +445,7 @@ class ImageClassifier:
             self.check_images_ = loaded.check_images
         fit = meta.get("fit") if isinstance(meta.get("fit"), dict) else {}
         self.history_, self.best_epoch_ = fit.get("history"), fit.get("best_epoch")
+        self.feature_check_ = fit.get("feature_check")
         self.validation_, self.test_, self.fine_tune_ = meta.get("validation"), meta.get("test"), meta.get("fine_tune")
         self.novelty_ = meta.get("novelty") if isinstance(meta.get("novelty"), dict) else None
         self.timing_ = dict(fit.get("timing", {}))
@@ -438,7 +466,8 @@ class ImageClassifier:
             "image_size": options.size, "input": "RGB 0-255, any size (resized inside the model)",
             "training": training, "weights": training["weights"],
             "fit": {"best_epoch": self.best_epoch_, "history": copy.deepcopy(self.history_),
-                    "timing": dict(self.timing_ or {}), "feature_runtime": self._feature_runtime()},
+                    "timing": dict(self.timing_ or {}), "feature_runtime": self._feature_runtime(),
+                    "feature_check": self.feature_check_},
         }
         if self.data_ is not None:
             meta["data"] = {"dir": os.path.abspath(self.data_.root), "fingerprint": self.data_.fingerprint,
@@ -455,8 +484,9 @@ class ImageClassifier:
         return meta
 
     def _feature_runtime(self) -> str | None:
-        if self.extractor_ is not None and self.extractor_.engine is not None:
-            return self.extractor_.engine.label
+        views = self._views_extractor or self.extractor_
+        if views is not None and views.engine is not None:
+            return views.engine.label
         return self._file_metadata.get("fit", {}).get("feature_runtime")
 
     # ----- the run folder -----

@@ -153,8 +153,16 @@ def _tflite(saved_model_dir: str, quantize: str, samples: np.ndarray | None) -> 
     return converter.convert()
 
 
+def _need_onnxruntime(what: str) -> None:
+    from transferkit.engines.runtimes import installed
+
+    if not installed("onnxruntime"):
+        raise TransferkitError(f"{what} needs onnxruntime's quantization tools: pip install 'transferkit[fast]'")
+
+
 def _onnx_int8(path: str, samples: np.ndarray, work: str) -> str:
     """Static QDQ int8 quantization (per-channel weights) calibrated on real photos."""
+    _need_onnxruntime("an int8 ONNX export")
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -180,6 +188,7 @@ def _onnx_int8(path: str, samples: np.ndarray, work: str) -> str:
 
 
 def _onnx_float16(path: str, work: str) -> str:
+    _need_onnxruntime("a float16 ONNX export")
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 

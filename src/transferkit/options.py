@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from transferkit.errors import OptionError, TransferkitError
 
 RUNTIMES = ("auto", "keras", "onnxruntime", "openvino")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+FEATURE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 HEADS = ("gap", "flatten-256-128")
 CLASS_WEIGHTS = ("balanced", "none")
 # what decides the split and the features: a resumed run must have the same values (and the same training files)
@@ -98,13 +99,15 @@ class EngineOptions(Options):
 
     runtime: str = option("auto", "inference engine: auto = the fastest installed that matches keras fp32 on your "
                                   "images, else keras", choices=RUNTIMES)
-    precision: str = option("fp32", "fp32 (the same answer as the exports), bf16 (openvino on a CPU with native bf16, "
-                                    "checked against fp32), or auto (bf16 where native)", choices=PRECISIONS)
+    precision: str = option("fp32", "fp32 (the same answer as the model file's exports and the server), or a speed "
+                                    "choice checked against fp32 on your images, its label agreement printed: bf16 "
+                                    "(openvino), int8 (openvino + NNCF), auto (bf16 where the CPU has it natively)",
+                            choices=PRECISIONS)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.precision == "bf16" and self.runtime not in ("auto", "openvino"):
-            raise OptionError("precision", f"bf16 needs runtime openvino (runtime is {self.runtime!r})",
+        if self.precision in ("bf16", "int8") and self.runtime not in ("auto", "openvino"):
+            raise OptionError("precision", f"{self.precision} needs runtime openvino (runtime is {self.runtime!r})",
                               self.precision)
 
 
@@ -130,6 +133,10 @@ class TrainOptions(EngineOptions):
     dropout: float = option(0.2, "dropout before the head's classifier", low=0.0, high=1.0, high_open=True)
     keep_known: float = option(0.95, "share of known validation images the novelty threshold keeps (above it a "
                                      "photo is answered 'unknown')", low=0.5, high=1.0)
+    feature_precision: str = option("auto", "numerics of the training views' features only (validation, test and "
+                                    "every metric train reports use --precision, so evaluate reproduces them): auto "
+                                    "= int8 for runs of >= 2,000 backbone passes, else bf16 where the CPU has it "
+                                    "natively, else fp32; each checked against fp32", choices=FEATURE_PRECISIONS)
     cache: bool = option(True, "read and write the feature cache", flag="--no-cache")
     fine_tune_epochs: int = option(0, "second stage: epochs of end-to-end training (0: none)", low=0, high=10_000)
     unfreeze_top: int = option(2, "backbone blocks to unfreeze in the second stage, from the top", low=1)

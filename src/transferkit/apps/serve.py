@@ -45,13 +45,14 @@ def model_info(model) -> dict:
 
 
 def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
-    """A Flask app serving ``model_path``; the model is loaded and warmed up here, once. (Keras is imported here,
-    in the worker after gunicorn's fork, never in the master.)"""
-    from transferkit.api import load_model
+    """A Flask app serving ``model_path``; the model is loaded and warmed up here, once: from its cached converted
+    engine where an earlier use left one (no TensorFlow import: the server starts in about 2 s), else with Keras,
+    imported here in the worker after gunicorn's fork, never in the master."""
+    from transferkit.api import load_predictor
 
     options = options or ServeOptions()
     max_upload_mb, top_k = options.max_upload_mb, options.top_k
-    model = load_model(model_path, runtime=options.runtime, precision=options.precision)
+    model = load_predictor(model_path, runtime=options.runtime, precision=options.precision)
     lock = threading.Lock()  # one inference at a time per worker: TensorFlow already uses every core for it
     info = model_info(model)
     _warm_up(model)

@@ -14,7 +14,6 @@ import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from transferkit.errors import OptionError, TransferkitError
 from transferkit.files import file_digest
@@ -133,6 +132,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         raise TransferkitError(f"class #{lonely} has a single image: at least 2 per class are needed to validate")
     if n_val >= len(labels) - len(counts):
         raise TransferkitError(f"too few images ({len(labels)}) for a {val_fraction:.0%} validation split")
+    from sklearn.model_selection import train_test_split
+
     train, val = train_test_split(index, test_size=n_val, stratify=labels, random_state=seed, shuffle=True)
     return np.sort(train), np.sort(val)
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from transferkit.engines import runtimes
 from transferkit.engines.keras_step import run_model, without_resize
-from transferkit.files import file_digest
+from transferkit.engines.cached import classifier_key
 from transferkit.models import modelfile
 from transferkit.options import EngineOptions
 
@@ -42,8 +42,9 @@ class KerasPredictor:
             if not runtimes.photo_like(sample):
                 return run_model(self.keras_model, images)
             # a model without a file has no stable identity: its conversion is not cached
-            key = f"classifier-{file_digest(self.path)[:16]}-{self.image_size}px" if self.path else None
+            key = classifier_key(self.path, self.image_size) if self.path else None
             fixed = without_resize(self.keras_model, self.image_size)
             self._engine = runtimes.build_engine(fixed, key, self.runtime, self.precision,
-                                                 check_images=np.asarray(sample, np.float32), per_column=True)
+                                                 check_images=np.asarray(sample, np.float32),
+                                                 n_classes=len(self.class_names))
         return self._engine(images)

@@ -15,21 +15,32 @@ from transferkit.runs import check_model_metadata
 class OnnxPredictor:
     """An ONNX classifier exported by transferkit, with the class names and metadata embedded in it."""
 
-    def __init__(self, session, class_names: list[str], image_size: int, metadata: dict, path: str = ""):
+    def __init__(self, session, class_names: list[str], image_size: int, metadata: dict, path: str = "",
+                 run=None):
         self.session, self.class_names, self.image_size = session, list(class_names), int(image_size)
         self.metadata, self.path = metadata, path
+        self._run = run  # another runtime's function on the same file (OpenVINO); None: the session's
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of RGB 0-255 images (n, size, size, 3)."""
-        feed = {self.session.get_inputs()[0].name: np.asarray(images, dtype=np.float32)}
+        images = np.asarray(images, dtype=np.float32)
+        if self._run is not None:
+            return np.asarray(self._run(images), dtype=np.float32)
+        feed = {self.session.get_inputs()[0].name: images}
         return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
 
 
-def load_onnx(path: str) -> OnnxPredictor:
+def load_onnx(path: str, runtime: str = "auto") -> OnnxPredictor:
+    """An export on onnxruntime (``auto`` where installed) or OpenVINO fp32 (the default install's runtime);
+    the class names and metadata are read by onnx's own reader either way."""
+    from transferkit.engines.runtimes import installed
+
+    if runtime == "openvino" or (runtime == "auto" and not installed("onnxruntime")):
+        return _load_openvino(path)
     try:
         import onnxruntime as ort
     except ImportError:
-        raise TransferkitError("running an .onnx model needs onnxruntime: pip install 'transferkit[export]'") from None
+        raise TransferkitError("runtime onnxruntime is not installed: pip install 'transferkit[fast]'") from None
     if not os.path.isfile(path):
         raise TransferkitError(f"{path}: model file not found")
     try:
@@ -59,3 +70,34 @@ def _input_size(path: str, session) -> int:
         raise TransferkitError(f"{path}: not a transferkit export (expected one (batch, size, size, 3) image "
                                f"input, found {[i.shape for i in inputs]})")
     return int(shape[1])
+
+
+def _load_openvino(path: str) -> OnnxPredictor:
+    from transferkit.engines.runtimes import runner
+
+    if not os.path.isfile(path):
+        raise TransferkitError(f"{path}: model file not found")
+    try:
+        import onnx
+
+        proto = onnx.load(path, load_external_data=False)
+        run = runner(path, "openvino", "fp32", None, None)
+    except Exception as exc:  # onnx and OpenVINO raise their own types for a bad file
+        raise TransferkitError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0][:300]})") from None
+    raw = {p.key: p.value for p in proto.metadata_props}.get("transferkit")
+    if raw is None:
+        raise TransferkitError(f"{path}: not a transferkit export (no class names inside)")
+    try:
+        metadata = json.loads(raw)
+    except ValueError:
+        raise TransferkitError(f"{path}: damaged transferkit metadata (not JSON)") from None
+    inputs = [i for i in proto.graph.input if i.name not in {init.name for init in proto.graph.initializer}]
+    dims = [d.dim_value or None for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
+    if len(dims) != 4 or dims[3] != 3 or dims[1] != dims[2] or not dims[1]:
+        raise TransferkitError(f"{path}: not a transferkit export (expected one (batch, size, size, 3) image input)")
+    outputs = proto.graph.output
+    n_out = outputs[0].type.tensor_type.shape.dim[-1].dim_value if len(outputs) == 1 else 0
+    if len(outputs) != 1 or len(outputs[0].type.tensor_type.shape.dim) != 2:
+        raise TransferkitError(f"{path}: not a transferkit export (expected one (batch, classes) output)")
+    return OnnxPredictor(None, check_model_metadata(path, metadata, n_out or None), int(dims[1]), metadata, path,
+                         run=run)

@@ -21,18 +21,19 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import keras
 import numpy as np
 
 from transferkit.errors import OptionError, TransferkitError
 from transferkit.log import logger
 from transferkit.options import DEFAULT_ENGINE, EngineOptions
 from transferkit.files import atomic_path, bytes_digest, cache_dir, file_digest, read_checked, write_checked
-from transferkit.engines.keras_step import run_model
-from transferkit.engines.keras_onnx import save_onnx
 
 MIN_COSINE = 0.995  # a lower precision (bf16) vs Keras fp32
+INT8_COSINE = 0.98  # int8 vs Keras fp32 (EfficientNet-Lite0 features of photos, calibrated on 64: 0.985)
 FP32_COSINE = 0.9999  # a converted fp32 model vs Keras fp32: the same computation, up to rounding
+MAX_CALIBRATION = 64  # images an int8 model is calibrated on (engines.quantize)
+INT8_MIN_PASSES = 2000  # feature_precision auto: int8 from this many backbone passes (its calibration, 3.5 s once
+# per image set, costs more than it saves below ~1,300 passes at 258 (bf16) vs 314 (int8) img/s here)
 CONVERSION = "c2"  # part of the cached files' names: a fixed converter (c2: Normalization constants) redoes them
 
 
@@ -55,7 +56,7 @@ class Engine:
 
 
 def installed(runtime: str) -> bool:
-    name = {"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(runtime)
+    name = {"onnxruntime": "onnxruntime", "openvino": "openvino", "nncf": "nncf"}.get(runtime)
     return name is None or importlib.util.find_spec(name) is not None
 
 
@@ -79,12 +80,36 @@ def resolve(runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGI
     if runtime == "auto":
         runtime = next(r for r in ("openvino", "onnxruntime", "keras") if installed(r))
     elif not installed(runtime):
-        raise TransferkitError(f"runtime {runtime} is not installed: pip install 'transferkit[fast]'")
+        extra = "'transferkit[fast]'" if runtime == "onnxruntime" else runtime
+        raise TransferkitError(f"runtime {runtime} is not installed: pip install {extra}")
     if precision == "auto":
         precision = "bf16" if runtime == "openvino" and native_bf16() else "fp32"
-    if precision == "bf16" and runtime != "openvino":
-        raise OptionError("precision", f"bf16 needs runtime openvino (runtime is {runtime!r})", precision)
+    if precision in ("bf16", "int8") and runtime != "openvino":
+        raise OptionError("precision", f"{precision} needs runtime openvino (runtime is {runtime!r})", precision)
+    if precision == "int8" and not installed("nncf"):
+        raise OptionError("precision", "int8 needs NNCF (pip install nncf)", precision)
     return runtime, precision
+
+
+def training_precision(choice: str, runtime: str, n_passes: int) -> str:
+    """The precision of a run's training-view features: ``choice``, or for ``auto`` int8 where the run has enough
+    backbone passes to earn its calibration, else bf16 where the CPU computes it natively, else fp32. Only
+    OpenVINO computes bf16 and int8: with another runtime it is fp32. ``n_passes`` counts every view, cached or
+    not, so a second run picks the same precision (and finds its features)."""
+    if resolve(runtime, "fp32")[0] != "openvino":
+        return "fp32"
+    if choice != "auto":
+        return choice
+    if n_passes >= INT8_MIN_PASSES and installed("nncf"):
+        return "int8"
+    return "bf16" if native_bf16() else "fp32"
+
+
+def cached_onnx(key: str) -> str | None:
+    """The cached conversion under ``key`` if its checksum holds (absent, unfinished or damaged: None)."""
+    path = cache_dir("runtimes") / f"{key}-{CONVERSION}.onnx"
+    recorded = read_checked(path.with_name(path.name + ".blake2b"))
+    return str(path) if recorded is not None and recorded == _digest_or_none(path) else None
 
 
 @contextlib.contextmanager
@@ -92,6 +117,8 @@ def onnx_file(model: keras.Model, key: str | None, rebuild: bool = False):
     """The model as an ONNX file: converted once and cached under ``key`` (with a checksum beside it: a damaged
     or unfinished file is converted again, never used), or, for a model that has no stable identity (``key=None``:
     random weights), converted into a temporary folder that is removed afterwards."""
+    from transferkit.engines.keras_onnx import save_onnx
+
     if key is None:
         with tempfile.TemporaryDirectory(prefix="transferkit-onnx-") as folder:
             save_onnx(model, os.path.join(folder, "model.onnx"))
@@ -130,19 +157,34 @@ def _onnxruntime(path: str) -> Callable:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def _openvino(path: str, precision: str) -> Callable:
+def _openvino(model, precision: str) -> Callable:
+    """OpenVINO on ``model`` (an ONNX path, or an ``openvino.Model`` such as an int8 one). Compiled models are
+    cached by OpenVINO itself (CACHE_DIR): a second process loads Lite0's in 0.08 s instead of 0.2 s."""
     import openvino as ov
 
     core = ov.Core()
-    model = core.read_model(path)
-    if len(model.inputs) != 1:
-        raise TransferkitError(f"{path}: the ONNX graph has {len(model.inputs)} inputs (constants exported as inputs)")
-    compiled = core.compile_model(model, "CPU", {
-        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",  # OpenVINO picks bf16 by itself else
-        "PERFORMANCE_HINT": "LATENCY",
-    })
+    core.set_property({"CACHE_DIR": str(cache_dir("runtimes", "openvino"))})
+    hint = "f32" if precision == "fp32" or not native_bf16() else "bf16"  # int8: its float layers in bf16
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+    if len(compiled.inputs) != 1:
+        raise TransferkitError(f"{model}: the ONNX graph has {len(compiled.inputs)} inputs (constants exported "
+                               f"as inputs)")
     request = compiled.create_infer_request()
-    return lambda x: np.asarray(request.infer({0: x})[compiled.output(0)])
+    output = compiled.output(0)
+    return lambda x: np.asarray(request.infer({0: x})[output])
+
+
+def runner(path: str, runtime: str, precision: str, key: str | None, calibration: np.ndarray | None) -> Callable:
+    """The function that runs the converted model at ``path`` on ``runtime`` in ``precision``."""
+    if runtime == "onnxruntime":
+        return _onnxruntime(path)
+    if precision == "int8":
+        from transferkit.engines.quantize import int8_model
+
+        if calibration is None or not len(calibration):
+            raise TransferkitError("int8 needs calibration images")
+        return _openvino(int8_model(path, key, calibration), precision)
+    return _openvino(path, precision)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -155,7 +197,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def min_cosine(precision: str) -> float:
     """The least cosine vs Keras fp32 that an engine of ``precision`` must reach to be used."""
-    return FP32_COSINE if precision == "fp32" else MIN_COSINE
+    return {"fp32": FP32_COSINE, "int8": INT8_COSINE}.get(precision, MIN_COSINE)
 
 
 def _speed(engine: Engine, images: np.ndarray, repeats: int = 3) -> float:
@@ -185,7 +227,7 @@ def photo_like(images: np.ndarray | None) -> bool:
     return bool((arr.std(axis=1) >= 4.0).all())
 
 
-def _read_verdict(path) -> dict | None:
+def read_verdict(path) -> dict | None:
     """A cached verdict whose checksum holds, or None (absent, damaged, or from another version)."""
     payload = read_checked(path) if path is not None else None
     try:
@@ -197,24 +239,36 @@ def _read_verdict(path) -> dict | None:
     return cached if ok else None
 
 
-def _verdict(engine: Engine, keras_engine: Engine, sample: np.ndarray, path, per_column: bool = False) -> dict:
+def _verdict(engine: Engine, keras_engine: Engine, sample: np.ndarray, path, n_classes: int | None = None) -> dict:
     """Cosine of ``engine`` vs Keras fp32 on ``sample``, and both speeds; measured once per model and cached in
-    ``path`` (None: not cached) with a checksum and what it was measured on. ``per_column``: each output column
-    is first scaled by its reference RMS, so that outputs of different magnitudes (probabilities beside a
-    novelty score in the thousands) all count."""
-    cached = _read_verdict(path)
+    ``path`` (None: not cached) with a checksum and what it was measured on. For a classifier (``n_classes``)
+    each output column is first scaled by its reference RMS, so that outputs of different magnitudes
+    (probabilities beside a novelty score in the thousands) all count, and the share of the sample's labels (and
+    unknown verdicts) that agree with fp32 is recorded."""
+    cached = read_verdict(path)
     if cached is not None:
         return cached
     expected = keras_engine(sample)  # also warms up Keras's compiled step for the timing
     got = engine(sample)
-    if per_column:
+    verdict = {"sample": sample_id(sample)}
+    if n_classes:
+        verdict |= agreement(got, expected, n_classes)
         scale = np.sqrt((np.asarray(expected, np.float64) ** 2).mean(axis=0)) + 1e-12
         got, expected = got / scale, expected / scale
-    verdict = {"cosine": cosine(got, expected), "sample": sample_id(sample),
-               "img_per_s": {"engine": _speed(engine, sample), "keras": _speed(keras_engine, sample)}}
+    verdict |= {"cosine": cosine(got, expected),
+                "img_per_s": {"engine": _speed(engine, sample), "keras": _speed(keras_engine, sample)}}
     if path is not None:
         write_checked(path, json.dumps(verdict, indent=2).encode())
     return verdict
+
+
+def agreement(got: np.ndarray, expected: np.ndarray, n_classes: int) -> dict:
+    """The share of images whose label (and, with a novelty column, unknown verdict) two engines agree on."""
+    got, expected = np.asarray(got), np.asarray(expected)
+    same = {"label_agreement": float(np.mean(got[:, :n_classes].argmax(1) == expected[:, :n_classes].argmax(1)))}
+    if got.shape[-1] == n_classes + 1:
+        same["unknown_agreement"] = float(np.mean((got[:, -1] > 1.0) == (expected[:, -1] > 1.0)))
+    return same
 
 
 def verdict_path(key: str, runtime: str, precision: str):
@@ -222,23 +276,28 @@ def verdict_path(key: str, runtime: str, precision: str):
 
 
 def build_engine(model: keras.Model, key: str | None, runtime: str = DEFAULT_ENGINE.runtime,
-                 precision: str = DEFAULT_ENGINE.precision,
-                 check_images: np.ndarray | None = None, per_column: bool = False) -> Engine:
+                 precision: str = DEFAULT_ENGINE.precision, check_images: np.ndarray | None = None,
+                 n_classes: int | None = None, calibration: np.ndarray | None = None) -> Engine:
     """An engine for ``model`` (fixed input); ``key`` names its cached conversion (None: not cached, for models
     without a stable identity such as random weights). With ``check_images``, its outputs are compared once with
     Keras fp32 on them: a lower precision that drifts falls back to fp32, a conversion that disagrees falls back
     to Keras, and ``auto`` keeps Keras where it measured faster for this model. A cached conversion that fails
-    to load is converted again once before Keras is used."""
+    to load is converted again once before Keras is used. ``n_classes``: the model is a classifier (its label
+    agreement is measured); ``calibration``: the images int8 is calibrated on (default: ``check_images``)."""
+    from transferkit.engines.keras_step import run_model
+
     asked_auto = runtime == "auto"
     runtime, precision = resolve(runtime, precision)
     keras_engine = Engine("keras", "fp32", lambda x: run_model(model, x))
     if runtime == "keras":
         return keras_engine
     sample = None if check_images is None or not len(check_images) else np.asarray(check_images[:8], np.float32)
+    calibration = check_images if calibration is None else calibration
     for attempt in range(2 if key else 1):
         try:
             with onnx_file(model, key, rebuild=attempt > 0) as path:
-                return _checked_engine(path, key, runtime, precision, keras_engine, sample, asked_auto, per_column)
+                return _checked_engine(path, key, runtime, precision, keras_engine, sample, asked_auto,
+                                       n_classes, calibration)
         except Exception as exc:  # a converter or runtime that cannot take this model: Keras still can
             reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
             again = attempt == 0 and key is not None
@@ -247,17 +306,27 @@ def build_engine(model: keras.Model, key: str | None, runtime: str = DEFAULT_ENG
     return keras_engine
 
 
+def variant_key(key: str | None, precision: str, calibration: np.ndarray | None) -> str | None:
+    """The cache name of one precision of a converted model: int8 ones also by what they were calibrated on."""
+    if key is None or precision != "int8" or calibration is None:
+        return key
+    from transferkit.engines.quantize import calibration_id
+
+    return f"{key}-int8-{calibration_id(calibration)}"
+
+
 def _checked_engine(path: str, key: str | None, runtime: str, precision: str, keras_engine: Engine,
-                    sample: np.ndarray | None, asked_auto: bool, per_column: bool = False) -> Engine:
+                    sample: np.ndarray | None, asked_auto: bool, n_classes: int | None,
+                    calibration: np.ndarray | None) -> Engine:
     """The engine on the converted file at ``path``, in ``precision`` or, where that drifts, fp32; Keras where
     the conversion disagrees with it (or, for ``auto``, where Keras measured faster)."""
     for candidate in dict.fromkeys((precision, "fp32")):
-        engine = Engine(runtime, candidate, _onnxruntime(path) if runtime == "onnxruntime" else
-                        _openvino(path, candidate))
+        engine = Engine(runtime, candidate, runner(path, runtime, candidate, key, calibration))
         if sample is None:
             return engine
+        named = variant_key(key, candidate, calibration)
         verdict = _verdict(engine, keras_engine, sample, None if key is None else
-                           verdict_path(key, runtime, candidate), per_column)
+                           verdict_path(named, runtime, candidate), n_classes)
         bound = min_cosine(candidate)
         if verdict["cosine"] >= bound:
             speed = verdict["img_per_s"]
@@ -266,9 +335,25 @@ def _checked_engine(path: str, key: str | None, runtime: str, precision: str, ke
                             f"({speed['keras']:.0f} vs {speed['engine']:.0f} img/s); using keras fp32")
                 return keras_engine
             engine.check_cosine, engine.verdict = verdict["cosine"], verdict
+            if candidate != "fp32":
+                logger.info(describe_check(engine))
             return engine
         fallback = f"{runtime} fp32" if candidate != "fp32" else "keras fp32"
         what = "drifts from fp32" if candidate != "fp32" else "disagrees with keras"
         logger.warning(f"{runtime} {candidate} {what} (cosine {verdict['cosine']:.4f} < {bound}); "
                        f"using {fallback}")
     return keras_engine
+
+
+def describe_check(engine: Engine) -> str:
+    """One line on what a lower precision was measured to change, on the images it was checked on."""
+    verdict = engine.verdict or {}
+    n = verdict.get("sample", {}).get("images", 0)
+    text = f"{engine.label}: cosine {verdict.get('cosine', float('nan')):.4f} vs fp32 on {n} of your images"
+    if "label_agreement" in verdict:
+        text += f", the same label on {verdict['label_agreement']:.0%}"
+    if "unknown_agreement" in verdict:
+        text += f" and the same unknown verdict on {verdict['unknown_agreement']:.0%}"
+    if "label_agreement" in verdict:
+        text += " (--precision fp32 gives the exact answer of the model file and its exports)"
+    return text

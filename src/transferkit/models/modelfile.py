@@ -13,7 +13,6 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 
-import keras
 import numpy as np
 from PIL import Image
 
@@ -29,6 +28,8 @@ MAX_METADATA_BYTES = 16 * 1024 * 1024  # ours are a few KB; a bigger member is n
 
 def assemble(extractor: keras.Model, head: keras.Model) -> keras.Model:
     """The deployable classifier: raw RGB 0-255 of any size -> class probabilities."""
+    import keras
+
     return keras.Model(extractor.input, head(extractor.output), name="transferkit_classifier")
 
 
@@ -106,6 +107,8 @@ def _first_line(exc: BaseException) -> str:
 
 def load(path: str) -> ModelFile:
     """Load a model file written by :func:`save`."""
+    import keras
+
     path = str(path)
     metadata = read_metadata(path)
     check_model_metadata(path, metadata)

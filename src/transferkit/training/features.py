@@ -8,6 +8,7 @@ so a changed file is re-extracted and a different head or epoch count reuses eve
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -48,9 +49,40 @@ class FeatureExtractor:
         self.model_key = weights_id and f"{backbone}-{weights_id}-{self.image_size}px-{pooling or 'map'}"
         self.runtime, self.precision = runtimes.resolve(runtime, precision)
         self.engine: runtimes.Engine | None = None
-        key = f"v{FEATURE_VERSION}-{self.model_key}-{self.precision}-{augment.RECIPE}"
-        self.cache_root: Path | None = cache_dir("features", key) if cache and self.model_key else None
+        self.calibration: np.ndarray | None = None  # int8: the images it is calibrated on
+        self.cache = cache
+        self.cache_root = self._cache_root()
         self.dtype = np.float32 if pooling else np.float16  # feature maps are large: half precision on disk
+
+    def _cache_root(self) -> Path | None:
+        named = runtimes.variant_key(self.model_key, self.precision, self.calibration)
+        key = f"v{FEATURE_VERSION}-{named}-{self.precision}-{augment.RECIPE}"
+        return cache_dir("features", key) if self.cache and self.model_key else None
+
+    def with_precision(self, precision: str, paths: list[str] = ()) -> "FeatureExtractor":
+        """The same backbone (one Keras model, one converted file) computing in another precision: the training
+        views' extractor. Its engine is built and checked here, on photos spread over ``paths`` (the run's own
+        training images, in the split's order, so a second run finds the same int8 model and features), so that
+        a precision that fails its check (falling back to fp32) never labels the features it caches. int8 is
+        calibrated on up to MAX_CALIBRATION of those photos and checked on 8 others."""
+        if precision == self.precision or not paths:
+            return self
+        step = max(1, len(paths) // runtimes.MAX_CALIBRATION)
+        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+            calibration = _decoded(paths[::step][: runtimes.MAX_CALIBRATION], self.image_size, pool)
+            check = _decoded(paths[step // 2 :: step][:8] if step > 1 else paths[-8:], self.image_size, pool)
+        if check is None:
+            return self
+        other = copy.copy(self)
+        other.precision, other.calibration = precision, calibration if precision == "int8" else None
+        other.engine = None
+        other._build_engine(check)
+        if (other.engine.runtime, other.engine.precision) == (self.runtime, self.precision) or \
+                other.engine.runtime == "keras":
+            return self  # it fell back to this extractor's numerics: one extractor, one cache
+        other.precision = other.engine.precision
+        other.cache_root = other._cache_root()
+        return other
 
     @classmethod
     def from_options(cls, options: TrainOptions) -> "FeatureExtractor":
@@ -80,16 +112,20 @@ class FeatureExtractor:
         np.save(buffer, feature.astype(self.dtype), allow_pickle=False)
         write_checked(self._cache_file(digest, view), buffer.getvalue())
 
+    def _build_engine(self, images: np.ndarray) -> None:
+        fixed = without_resize(self.model, self.image_size) if self.runtime != "keras" else self.model
+        self.engine = runtimes.build_engine(fixed, self.model_key, self.runtime, self.precision,
+                                            check_images=np.asarray(images, np.float32),
+                                            calibration=self.calibration)
+        check = getattr(self.engine, "check_cosine", None)
+        logger.info(f"feature extraction on {self.engine.label}"
+                    + (f" (cosine {check:.4f} vs keras fp32)" if check else ""))
+
     def forward(self, images: np.ndarray) -> np.ndarray:
         """Features of a batch of square RGB 0-255 images at the extractor's size, through the chosen engine
         (picked, converted and, for bf16, checked against fp32 on these images at the first call)."""
         if self.engine is None:
-            fixed = without_resize(self.model, self.image_size) if self.runtime != "keras" else self.model
-            self.engine = runtimes.build_engine(fixed, self.model_key, self.runtime, self.precision,
-                                                check_images=np.asarray(images, np.float32))
-            check = getattr(self.engine, "check_cosine", None)
-            logger.info(f"feature extraction on {self.engine.label}"
-                        + (f" (cosine {check:.4f} vs keras fp32)" if check else ""))
+            self._build_engine(images)
         return self.engine(images)
 
     def extract(self, paths: list[str], views: int = 0, desc: str = "features",
@@ -145,3 +181,9 @@ class FeatureExtractor:
             return np.zeros((0, views + 1) + tuple(self.model.output.shape[1:]), np.float32), kept, skipped
         out = np.stack([np.stack([table[i, v] for v in range(views + 1)]) for i in kept]).astype(np.float32)
         return out, kept, skipped
+
+
+def _decoded(paths: list[str], size: int, pool) -> np.ndarray | None:
+    """The images among ``paths`` that decode, stacked (None if none does)."""
+    arrays = [a for a in decode_batch(list(paths), size, pool)[0] if a is not None]
+    return np.stack(arrays) if arrays else None

@@ -1,0 +1,83 @@
+"""A ``.keras`` model file answered by its converted engine from the cache, without importing TensorFlow.
+
+``transferkit predict model.keras photo.jpg`` took 9.2 s and 990 MB here (TensorFlow's import, a Keras load) for
+one photo, against 0.25 s for the same model exported to ONNX. The first use of a model file on an engine other
+than Keras converts it once (``engines.keras_model``) and caches the conversion, with its check against Keras fp32,
+under the file's content hash. Every later use finds both here by that hash, reads the class names, metadata and
+check photos from the zip, and runs the converted model: one photo in 0.55 s and 195 MB from a cold process
+(``benchmarks/predict_cli.py``). Nothing here imports Keras; anything missing or not certified (no conversion, a
+damaged one, a verdict measured on other photos, Keras measured faster for ``auto``) returns None and the caller
+loads the model file with Keras as before.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from transferkit.engines import runtimes
+from transferkit.files import file_digest
+from transferkit.log import logger
+from transferkit.models import modelfile
+from transferkit.options import DEFAULT_ENGINE, EngineOptions
+from transferkit.runs import check_model_metadata
+
+
+def classifier_key(path: str, image_size: int) -> str:
+    """The cache name of a model file's conversion: its content hash and input size."""
+    return f"classifier-{file_digest(path)[:16]}-{int(image_size)}px"
+
+
+class CachedPredictor:
+    """A model file's classifier on its cached, checked OpenVINO / onnxruntime engine (the ``Predictor``
+    protocol, as ``KerasPredictor`` and ``OnnxPredictor``)."""
+
+    def __init__(self, engine: runtimes.Engine, class_names: list[str], image_size: int, metadata: dict, path: str,
+                 check_images: np.ndarray | None):
+        self.engine, self.class_names, self.image_size = engine, list(class_names), int(image_size)
+        self.metadata, self.path, self.check_images_ = metadata, str(path), check_images
+
+    def predict_images(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.engine(np.asarray(images, np.float32)), np.float32)
+
+    @classmethod
+    def find(cls, path: str, engine: EngineOptions = DEFAULT_ENGINE) -> "CachedPredictor | None":
+        """The cached engine of the model file ``path`` for ``engine``, or None where there is none to trust. A
+        damaged or foreign file is a one-line TransferkitError, as from the Keras path."""
+        if engine.runtime == "keras":
+            return None
+        runtime, precision = runtimes.resolve(engine.runtime, engine.precision)
+        if runtime == "keras":
+            return None
+        metadata = modelfile.read_metadata(path)
+        names = check_model_metadata(path, metadata)
+        size = metadata.get("image_size")
+        if not isinstance(size, int) or size < 8:
+            return None
+        key = classifier_key(path, size)
+        onnx = runtimes.cached_onnx(key)
+        if onnx is None:
+            return None
+        check = modelfile.read_check_images(path, size)
+        verdict = _trusted_verdict(key, runtime, precision, check, engine.runtime == "auto")
+        if verdict is None:
+            return None
+        found = runtimes.Engine(runtime, precision, runtimes.runner(onnx, runtime, precision, key, check),
+                                verdict["cosine"], verdict)
+        if precision != "fp32":
+            logger.info(runtimes.describe_check(found))
+        return cls(found, names, size, metadata, path, check)
+
+
+def _trusted_verdict(key: str, runtime: str, precision: str, check: np.ndarray | None, auto: bool) -> dict | None:
+    """The cached check of this conversion in ``precision``, if it passed on this model file's own photos (and,
+    for ``auto``, found the engine faster than Keras)."""
+    named = runtimes.variant_key(key, precision, check)
+    verdict = runtimes.read_verdict(runtimes.verdict_path(named, runtime, precision))
+    if verdict is None or verdict["cosine"] < runtimes.min_cosine(precision):
+        return None
+    if check is not None and verdict.get("sample", {}).get("digest") != \
+            runtimes.sample_id(np.asarray(check[:8], np.float32))["digest"]:
+        return None
+    if auto and verdict["img_per_s"]["keras"] > verdict["img_per_s"]["engine"]:
+        return None
+    return verdict

@@ -1,0 +1,158 @@
+"""fast-default: the fast path for every user, and one answer from every path (issue fast-default).
+
+- the `.keras` file on its default engine, the same file on Keras, its ONNX export and the server give the same
+  label (and unknown verdict) to real photos: of every photograph scikit-image ships, not only the trained ones;
+- after a model file's first use, `predict` and the server answer from the cached converted engine without
+  importing TensorFlow (checked in fresh subprocesses);
+- training views computed in int8 (OpenVINO + NNCF, calibrated on the run's photos) give a head whose reported
+  test metrics are the ones `evaluate` reproduces on the model file;
+- the novelty score that Keras computes for a batch equals the NumPy score (TensorFlow's oneDNN fusion once
+  broadcast the first row's norm to the whole batch).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+import transferkit
+from transferkit.engines.keras_step import run_model
+from transferkit.export import export_model
+from transferkit.models import modelfile, novelty
+
+from conftest import IMAGE_SIZE
+from photos import PHOTOS, photo_crop
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory):
+    """20 crops of each of the 16 photographs (320 files): the 3 trained ones, and 13 the model must call unknown
+    or place somewhere."""
+    folder = tmp_path_factory.mktemp("agreement")
+    rng = np.random.default_rng(7)
+    paths = []
+    for k, name in enumerate(PHOTOS):
+        for i in range(20):
+            path = str(folder / f"{name}_{i:02d}.jpg")
+            Image.fromarray(photo_crop(k, rng)).save(path, quality=int(rng.integers(70, 95)))
+            paths.append(path)
+    return paths
+
+
+def _answers(rows):
+    return [(r["label"], r.get("unknown")) for r in rows]
+
+
+def _agreement(a, b) -> float:
+    return float(np.mean([x == y for x, y in zip(a, b)]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_answers(model_path: str, paths: list[str]) -> tuple[list, float]:
+    """(answers of a real `transferkit serve` process, seconds until it answered /healthz)."""
+    port = _free_port()
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", model_path, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None and time.perf_counter() - started < 180, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.1)
+        ready = time.perf_counter() - started
+        answers = []
+        for start in range(0, len(paths), 32):
+            files = [("image", (os.path.basename(p), open(p, "rb").read())) for p in paths[start:start + 32]]
+            reply = requests.post(url + "/api/predict", files=files, timeout=120)
+            assert reply.status_code == 200, reply.text
+            answers += _answers(reply.json()["predictions"])
+        return answers, ready
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_default_keras_onnx_and_server_give_the_same_answers(trained, many_photos, tmp_path):
+    model_path = trained[0]["model_path"]
+    first = _answers(transferkit.predict(model_path, many_photos))  # first use: converts, checks, caches
+    cached = transferkit.load_predictor(model_path)
+    assert type(cached).__name__ == "CachedPredictor" and cached.engine.label == "openvino fp32"
+    default = _answers(transferkit.predict(cached, many_photos))
+    on_keras = _answers(transferkit.predict(model_path, many_photos, runtime="keras"))
+    export_model(model_path, "onnx", str(tmp_path / "m.onnx"))
+    onnx_ort = _answers(transferkit.predict(str(tmp_path / "m.onnx"), many_photos, runtime="onnxruntime"))
+    onnx_ov = _answers(transferkit.predict(str(tmp_path / "m.onnx"), many_photos, runtime="openvino"))
+    served, ready = _server_answers(model_path, many_photos)
+    print(f"server ready in {ready:.1f} s on the cached model")
+    assert len(default) == len(many_photos) == len(served)
+    assert sum(a[1] for a in on_keras) >= 100, "most crops of untrained photographs are unknown"
+    for name, other in (("first use", first), ("keras", on_keras), ("onnx/onnxruntime", onnx_ort),
+                        ("onnx/openvino", onnx_ov), ("server", served)):
+        assert _agreement(default, other) >= 0.999, name
+
+
+def test_predict_and_serve_on_a_cached_model_never_import_tensorflow(trained, dataset):
+    model_path = trained[0]["model_path"]
+    photo = os.path.join(dataset[1], sorted(os.listdir(dataset[1]))[0])
+    expected = transferkit.predict(model_path, [photo], runtime="keras")  # what the model file says, on Keras
+    transferkit.predict(model_path, [photo])  # a first use leaves the converted engine in the cache
+    script = (
+        "import json, sys\n"
+        "from transferkit.apps.cli import main\n"
+        f"main(['predict', {model_path!r}, {photo!r}, '--format', 'json'])\n"
+        "from transferkit.apps.serve import create_app\n"
+        f"app = create_app({model_path!r})\n"
+        "print(json.dumps({'tensorflow': 'tensorflow' in sys.modules, 'keras': 'keras' in sys.modules}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows_text, _, modules = proc.stdout.rpartition("\n{")
+    rows = json.loads(rows_text)
+    assert json.loads("{" + modules) == {"tensorflow": False, "keras": False}
+    assert rows[0]["label"] == expected[0]["label"] and rows[0]["novelty"] == pytest.approx(
+        expected[0]["novelty"], rel=1e-3)
+
+
+def test_int8_training_views_report_what_evaluate_reproduces(dataset, tmp_path):
+    result = transferkit.train(dataset[0], test_dir=dataset[1], image_size=IMAGE_SIZE, epochs=10, augment_views=1,
+                               feature_precision="int8", out=str(tmp_path / "int8"))
+    meta = modelfile.read_metadata(result["model_path"])
+    check = meta["fit"]["feature_check"]
+    assert meta["fit"]["feature_runtime"] == "openvino int8", "int8 passed its check on these photos"
+    assert check["engine"] == "openvino int8" and check["reference"] == "openvino fp32"
+    assert check["cosine"] >= 0.95 and check["label_agreement"] >= 0.9  # the gate (0.98) was on its check photos
+    again = transferkit.evaluate(result["model_path"], dataset[1])
+    assert again["confusion_matrix"] == result["test"]["confusion_matrix"]
+    assert again["accuracy"] == result["test"]["accuracy"] >= 0.9
+
+
+def test_keras_novelty_of_a_batch_equals_numpy(trained, many_photos):
+    loaded = modelfile.load(trained[0]["model_path"])
+    from transferkit.data.images import load_image
+
+    images = np.stack([load_image(p, IMAGE_SIZE) for p in many_photos[::20]]).astype(np.float32)  # 16 photos
+    head = loaded.keras_model.get_layer("head")
+    features = run_model(novelty.feature_view(loaded.keras_model), images)
+    whitening = head.get_layer("novelty_whiten").get_weights()[0].T
+    centers = -head.get_layer("novelty_cross").get_weights()[0].T / 2
+    threshold = loaded.metadata["novelty"]["threshold"]
+    expected = novelty.mahalanobis(features, whitening, centers) / threshold
+    got = run_model(loaded.keras_model, images)[:, -1]
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
+    assert np.std(expected) > 0.05  # distinct photos, distinct scores: a broadcast first row would fail this
