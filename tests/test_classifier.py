@@ -132,8 +132,10 @@ def test_bad_option_fails_before_any_image_is_read(dataset, tmp_path, monkeypatc
         with pytest.raises(TransferkitError, match="not a folder"):  # before any feature is extracted
             ImageClassifier(**FAST).fit(data, test_dir=test, out=str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()  # no empty run folder left behind
-    with pytest.raises(OptionError, match="runtime of an .onnx export is onnxruntime fp32"):
-        transferkit.load_model(str(tmp_path / "m.onnx"), runtime="openvino")
+    with pytest.raises(OptionError, match="runtime of an .onnx export is onnxruntime or openvino, fp32"):
+        transferkit.load_model(str(tmp_path / "m.onnx"), runtime="keras")
+    with pytest.raises(OptionError, match="runtime of an .onnx export is onnxruntime or openvino, fp32"):
+        transferkit.load_model(str(tmp_path / "m.onnx"), runtime="openvino", precision="bf16")
 
 
 def test_cli_flags_come_from_the_record_and_errors_name_the_flag(dataset, tmp_path):

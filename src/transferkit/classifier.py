@@ -293,7 +293,7 @@ class ImageClassifier:
         views = self._views_extractor
         if views is None or views is self.extractor_:
             return None
-        fast, kept, _ = views.extract(features.val_paths, 0, desc="validation check")
+        fast, kept, _ = copy.copy(views).uncached().extract(features.val_paths, 0, desc="validation check")
         exact = features.x_val[kept]
         same = runtimes.agreement(run_model(self.head_, fast[:, 0]), run_model(self.head_, exact), len(self.classes_))
         check = {"engine": f"{views.runtime} {views.precision}", "reference": f"{self.extractor_.runtime} "

@@ -73,7 +73,7 @@ def _input_size(path: str, session) -> int:
 
 
 def _load_openvino(path: str) -> OnnxPredictor:
-    from transferkit.engines.runtimes import runner
+    from transferkit.engines.runtimes import openvino_run
 
     if not os.path.isfile(path):
         raise TransferkitError(f"{path}: model file not found")
@@ -81,7 +81,7 @@ def _load_openvino(path: str) -> OnnxPredictor:
         import onnx
 
         proto = onnx.load(path, load_external_data=False)
-        run = runner(path, "openvino", "fp32", None, None)
+        run = openvino_run(path, "fp32")
     except Exception as exc:  # onnx and OpenVINO raise their own types for a bad file
         raise TransferkitError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0][:300]})") from None
     raw = {p.key: p.value for p in proto.metadata_props}.get("transferkit")

@@ -157,13 +157,15 @@ def _onnxruntime(path: str) -> Callable:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def _openvino(model, precision: str) -> Callable:
-    """OpenVINO on ``model`` (an ONNX path, or an ``openvino.Model`` such as an int8 one). Compiled models are
-    cached by OpenVINO itself (CACHE_DIR): a second process loads Lite0's in 0.08 s instead of 0.2 s."""
+def openvino_run(model, precision: str, cache_compiled: bool = True) -> Callable:
+    """OpenVINO on ``model`` (an ONNX path, or an ``openvino.Model`` such as an int8 one). Compiled models of
+    cached conversions are cached by OpenVINO itself (CACHE_DIR): a second process loads Lite0's in 0.08 s instead
+    of 0.2 s."""
     import openvino as ov
 
     core = ov.Core()
-    core.set_property({"CACHE_DIR": str(cache_dir("runtimes", "openvino"))})
+    if cache_compiled:
+        core.set_property({"CACHE_DIR": str(cache_dir("runtimes", "openvino"))})
     hint = "f32" if precision == "fp32" or not native_bf16() else "bf16"  # int8: its float layers in bf16
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
     if len(compiled.inputs) != 1:
@@ -183,8 +185,8 @@ def runner(path: str, runtime: str, precision: str, key: str | None, calibration
 
         if calibration is None or not len(calibration):
             raise TransferkitError("int8 needs calibration images")
-        return _openvino(int8_model(path, key, calibration), precision)
-    return _openvino(path, precision)
+        return openvino_run(int8_model(path, key, calibration), precision, key is not None)
+    return openvino_run(path, precision, key is not None)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -54,6 +54,11 @@ class FeatureExtractor:
         self.cache_root = self._cache_root()
         self.dtype = np.float32 if pooling else np.float16  # feature maps are large: half precision on disk
 
+    def uncached(self) -> "FeatureExtractor":
+        """This extractor, reading and writing no cache (a one-off measurement leaves nothing behind)."""
+        self.cache_root = None
+        return self
+
     def _cache_root(self) -> Path | None:
         named = runtimes.variant_key(self.model_key, self.precision, self.calibration)
         key = f"v{FEATURE_VERSION}-{named}-{self.precision}-{augment.RECIPE}"
