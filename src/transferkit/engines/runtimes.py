@@ -1,13 +1,16 @@
 """Inference engines for a frozen Keras model with a fixed square input (the feature extractor during training,
-the whole classifier for prediction): Keras's compiled predict step, onnxruntime, or OpenVINO (fp32 or bf16).
+the whole classifier for prediction): Keras's compiled predict step, onnxruntime, or OpenVINO (fp32, bf16, int8).
 
-``auto`` picks the fastest engine that is installed and safe here: OpenVINO in bf16 only where the CPU computes
-bf16 natively (AVX512-BF16 or AMX), else OpenVINO fp32, else onnxruntime, else Keras. A lower precision is
-checked once per model against Keras fp32 on real images (the user's own) and dropped, with a one-line notice, if
-the output cosine falls below 0.995; the converted fp32 model is checked the same way (cosine >= 0.9999), so that
-a converter bug falls back to Keras instead of giving wrong features. Converted models and the verdicts are cached
-(ONNX files keyed like the feature cache). ``auto`` also times the engine against Keras on those images once and
-keeps Keras where Keras is faster (MobileNetV3 here: its converted graph runs slower in OpenVINO).
+``auto`` picks the fastest engine that is installed and safe here: OpenVINO (a default dependency), else
+onnxruntime, else Keras; precisions below fp32 are a choice (``--precision``, and the training views'
+``feature_precision``). Every engine is checked once per model against Keras fp32 on real images (the user's
+own): the converted fp32 model must reach cosine 0.9999, else Keras answers (a converter bug never gives wrong
+features); bf16 0.995 and int8 0.98, else fp32, with a one-line notice, and for a classifier the share of labels
+and unknown verdicts that agree with fp32 is recorded and printed. Converted models and the verdicts are cached
+(ONNX files keyed like the feature cache; OpenVINO's compiled blobs beside them). ``auto`` also times the engine
+against Keras on those images once and keeps Keras where Keras is faster (MobileNetV3 here: its converted graph
+runs slower in OpenVINO). Keras is imported only where a model is converted or run by Keras: the cached path of a
+model file (``engines.cached``) reads verdicts and runs conversions without TensorFlow.
 """
 
 from __future__ import annotations

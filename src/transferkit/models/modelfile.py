@@ -2,7 +2,9 @@
 
 The metadata rides inside the same zip as ``transferkit.json`` (Keras ignores files it does not know, so plain
 ``keras.models.load_model`` still opens the model). The input size and scaling are layers of the model, so a
-prediction cannot use another resize, scaling or class order than training did.
+prediction cannot use another resize, scaling or class order than training did. Keras is imported only where a
+model is built, saved or loaded: reading the metadata and the check photos (all the cached engine needs,
+``engines.cached``) costs no TensorFlow import.
 """
 
 from __future__ import annotations

@@ -49,13 +49,18 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(best.x))
 
 
-def _shrunk_covariance(x: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(class means, the within-class covariance shared by all classes and shrunk by Ledoit-Wolf, so that a few
-    photos per class still give a well-conditioned estimate)."""
-    from sklearn.covariance import ledoit_wolf
+def _shrunk_covariance(x: np.ndarray, labels: np.ndarray, n_classes: int,
+                       shrinkage: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(class means, the within-class covariance shared by all classes and shrunk by Ledoit-Wolf so that a few
+    photos per class still give a well-conditioned estimate, the shrinkage); ``shrinkage`` given: that one."""
+    from sklearn.covariance import empirical_covariance, ledoit_wolf, shrunk_covariance
 
     means = np.stack([x[labels == c].mean(axis=0) for c in range(n_classes)])
-    return means, ledoit_wolf(x - means[labels])[0]
+    centered = x - means[labels]
+    if shrinkage is None:
+        covariance, shrinkage = ledoit_wolf(centered)
+        return means, covariance, float(shrinkage)
+    return means, shrunk_covariance(empirical_covariance(centered), shrinkage), shrinkage
 
 
 def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,24 +69,25 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, n_classes: int) ->
     eigendecomposition): the model computes W x in float32, and a triangular W (Cholesky) has entries large
     enough that its float32 novelty scores moved by 70 % against float64."""
     x = np.asarray(features, np.float64).reshape(len(features), -1)
-    means, covariance = _shrunk_covariance(x, labels, n_classes)
+    means, covariance, _ = _shrunk_covariance(x, labels, n_classes)
     values, vectors = np.linalg.eigh(covariance)
     whitening = (vectors / np.sqrt(np.clip(values, 1e-12, None))) @ vectors.T
     return whitening.astype(np.float32), (means @ whitening.T).astype(np.float32)
 
 
-def _held_out_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray, n_classes: int) -> np.ndarray:
-    """The novelty score of ``x_held`` under statistics fitted on the other rows, in float64 through a Cholesky
-    solve (never stored in a model, so no eigendecomposition: the out-of-fold scores of a run took 12 s -> 3 s)."""
+def _held_out_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray, n_classes: int,
+                     shrinkage: float) -> np.ndarray:
+    """The novelty score of ``x_held`` under statistics fitted on the other rows (with the whole set's Ledoit-Wolf
+    shrinkage), in float64 through one Cholesky solve: never stored in a model, so no eigendecomposition (the
+    out-of-fold scores of a run took 12 s -> 1.5 s here)."""
     from scipy.linalg import cho_factor, cho_solve
 
-    means, covariance = _shrunk_covariance(x_fit, y_fit, n_classes)
-    factor = cho_factor(covariance, lower=True)
-    best = np.full(len(x_held), np.inf)
-    for mean in means:
-        d = x_held - mean
-        best = np.minimum(best, (d * cho_solve(factor, d.T).T).sum(axis=1))
-    return best
+    means, covariance, _ = _shrunk_covariance(x_fit, y_fit, n_classes, shrinkage)
+    solved = cho_solve(cho_factor(covariance, lower=True), np.concatenate([x_held, means]).T).T
+    sx, sm = solved[: len(x_held)], solved[len(x_held):]
+    # (x - m)' S^-1 (x - m) = x'S^-1 x - 2 m'S^-1 x + m'S^-1 m, in float64 (no cancellation at these magnitudes)
+    distances = (x_held * sx).sum(1, keepdims=True) - 2 * x_held @ sm.T + (means * sm).sum(1)
+    return distances.min(axis=1)
 
 
 def mahalanobis(features: np.ndarray, whitening: np.ndarray, centers: np.ndarray) -> np.ndarray:
@@ -185,10 +191,11 @@ def _out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, groups: np.ndarra
     n_folds = min(folds, int(np.bincount(y, minlength=n_classes).min()))
     if n_folds < 2:
         return np.zeros(0)
+    shrinkage = _shrunk_covariance(x, y, n_classes)[2]  # Ledoit-Wolf's once (0.6 s), not once per fold
     out = []
     for fit_rows, held in StratifiedGroupKFold(n_folds, shuffle=True, random_state=0).split(x, y, groups):
         if len(np.unique(y[fit_rows])) == n_classes:
-            out.append(_held_out_scores(x[fit_rows], y[fit_rows], x[held], n_classes))
+            out.append(_held_out_scores(x[fit_rows], y[fit_rows], x[held], n_classes, shrinkage))
     return np.concatenate(out) if out else np.zeros(0)
 
 
