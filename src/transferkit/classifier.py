@@ -38,7 +38,7 @@ from transferkit import runs
 
 _LEARNED = ("classes_", "options_", "model_", "history_", "best_epoch_", "validation_", "test_", "fine_tune_",
             "skipped_", "timing_", "data_", "out_", "model_path_", "extractor_", "head_",
-            "check_images_", "novelty_", "feature_check_")
+            "check_images_", "novelty_", "feature_check_", "head_choice_")
 
 
 @dataclass
@@ -261,28 +261,66 @@ class ImageClassifier:
         return FeatureSplit(x_train, y_views, f_val[:, 0], y_val, [data.val_paths[i] for i in kept_v])
 
     def fit_head(self, features: FeatureSplit) -> "ImageClassifier":
-        """Train the head on ``features``; the classifier becomes backbone + best head."""
+        """Train the head on ``features`` (``--head auto``: the best candidate on validation; ``refit``: then again
+        on training + validation); the classifier becomes backbone + head."""
         from transferkit.engines.keras_step import run_model
         from transferkit.models import modelfile
+        from transferkit.models.backbones import depth_dims
         from transferkit.models.novelty import fit_trust, split_outputs, trusted_head
         from transferkit.reports.metrics import compute_metrics
-        from transferkit.training.head import train_head
 
         t0 = time.perf_counter()
-        head, self.history_, self.best_epoch_ = train_head(
-            self.options_, features.x_train, features.y_train, features.x_val, features.y_val,
-            len(self.classes_), self._class_weights())
-        self.head_ = trusted_head(head)
+        dims = depth_dims(self.extractor_.model)
+        chosen, found = self._choose_head(features, dims)
+        self.history_, self.best_epoch_ = chosen.history, chosen.best_epoch
+        probs = run_model(chosen.model, features.x_val)  # validation: the head as chosen (before any refit)
+        self.validation_ = compute_metrics(features.y_val, probs, self.classes_, features.val_paths, self.skipped_)
+        head = self._refit(chosen, features, dims) if self.options_.refit else chosen.model
+        self.head_choice_ = {"chosen": chosen.row(), "candidates": [c.row() for c in found],
+                             "refit": bool(self.options_.refit)}
+        self.head_ = trusted_head(head, novelty_dim=dims[0])
         views = self.options_.augment_views + 1  # flatten_views: an image's views are consecutive rows
         self.novelty_ = fit_trust(self.head_, (features.x_train, features.y_train),
                                   (features.x_val, features.y_val), len(self.classes_), self.options_.keep_known,
-                                  groups=np.arange(len(features.y_train)) // views)
+                                  groups=np.arange(len(features.y_train)) // views, novelty_dim=dims[0])
         self.timing_["head_seconds"] = round(time.perf_counter() - t0, 2)
-        probs, _ = split_outputs(run_model(self.head_, features.x_val), len(self.classes_))
-        self.validation_ = compute_metrics(features.y_val, probs, self.classes_, features.val_paths, self.skipped_)
+        if not self.options_.refit:  # the same head, calibrated: its validation metrics as the model answers
+            probs, _ = split_outputs(run_model(self.head_, features.x_val), len(self.classes_))
+            self.validation_ = compute_metrics(features.y_val, probs, self.classes_, features.val_paths,
+                                               self.skipped_)
         self.feature_check_ = self._check_view_features(features)
         self._set_model(modelfile.assemble(self.extractor_.model, self.head_), features_current=True)
         return self
+
+    def _choose_head(self, features: FeatureSplit, dims: list[int]):
+        """(the head to keep, every candidate compared): ``auto`` compares them on validation; an explicit head
+        is the one candidate (on every extracted depth, with the views)."""
+        from transferkit.training import select
+
+        options = self.options_
+        data = (features.x_train, features.y_train, features.x_val, features.y_val, options.augment_views + 1)
+        if options.head == "auto":
+            return select.select_head(options, data, dims, len(self.classes_), self._class_weights())
+        one = select.Candidate(options.head, len(dims) - 1, True)
+        select.fit_candidate(one, options, data, dims, len(self.classes_), self._class_weights())
+        return one, [one]
+
+    def _refit(self, chosen, features: FeatureSplit, dims: list[int]):
+        """The chosen head fitted again on training + validation rows (softmax heads for the chosen epoch count;
+        the validation metrics, measured before, no longer measure it)."""
+        from transferkit.training import select
+
+        options = self.options_
+        if chosen.head == "gap":
+            options = dataclasses.replace(options, epochs=max(1, chosen.best_epoch or 1), patience=10_000)
+        x = np.concatenate([features.x_train, features.x_val])
+        y = np.concatenate([features.y_train, features.y_val])
+        data = (x, y, features.x_val, features.y_val, 1)  # validation rows now train: every row is kept
+        again = select.Candidate(chosen.head, chosen.depths, True)
+        select.fit_candidate(again, options, data, dims, len(self.classes_), self._class_weights())
+        logger.info(f"refitted {chosen.name} on {len(y)} training + validation rows (the validation metrics "
+                    f"were measured before the refit)")
+        return again.model
 
     def _check_view_features(self, features: FeatureSplit) -> dict | None:
         """Where the training views were computed in a lower precision than the reported numerics: the same
@@ -376,15 +414,16 @@ class ImageClassifier:
         """After fine-tuning the backbone's features moved: refit the temperature and the novelty statistics on
         them (training images for the statistics, validation for the temperature and threshold)."""
         from transferkit.engines.keras_step import run_model
-        from transferkit.models.novelty import feature_view, fit_trust, has_trust
+        from transferkit.models.novelty import feature_view, fit_trust, has_trust, novelty_dim
 
         if not has_trust(self.model_):
             return
         features = feature_view(self.model_)
         train = (run_model(features, images.x_train), images.y_train)
         val = (run_model(features, images.x_val), images.y_val)
-        self.novelty_ = fit_trust(self.model_.get_layer("head"), train, val, len(self.classes_),
-                                  self.options_.keep_known)
+        head = self.model_.get_layer("head")
+        self.novelty_ = fit_trust(head, train, val, len(self.classes_), self.options_.keep_known,
+                                  novelty_dim=novelty_dim(head))
 
     def _checkpoint(self, state: dict) -> None:
         self.fine_tune_ = state
@@ -445,7 +484,7 @@ class ImageClassifier:
             self.check_images_ = loaded.check_images
         fit = meta.get("fit") if isinstance(meta.get("fit"), dict) else {}
         self.history_, self.best_epoch_ = fit.get("history"), fit.get("best_epoch")
-        self.feature_check_ = fit.get("feature_check")
+        self.feature_check_, self.head_choice_ = fit.get("feature_check"), fit.get("head_choice")
         self.validation_, self.test_, self.fine_tune_ = meta.get("validation"), meta.get("test"), meta.get("fine_tune")
         self.novelty_ = meta.get("novelty") if isinstance(meta.get("novelty"), dict) else None
         self.timing_ = dict(fit.get("timing", {}))
@@ -467,7 +506,7 @@ class ImageClassifier:
             "training": training, "weights": training["weights"],
             "fit": {"best_epoch": self.best_epoch_, "history": copy.deepcopy(self.history_),
                     "timing": dict(self.timing_ or {}), "feature_runtime": self._feature_runtime(),
-                    "feature_check": self.feature_check_},
+                    "feature_check": self.feature_check_, "head_choice": self.head_choice_},
         }
         if self.data_ is not None:
             meta["data"] = {"dir": os.path.abspath(self.data_.root), "fingerprint": self.data_.fingerprint,
@@ -494,6 +533,8 @@ class ImageClassifier:
         """What ``metrics.json`` holds and ``transferkit.train`` returns."""
         result = {"model_path": self.model_path_, "validation": self.validation_, "best_epoch": self.best_epoch_,
                   "timing": self.timing_, "skipped": self.skipped_}
+        if self.head_choice_:
+            result["head_choice"] = self.head_choice_
         if self.fine_tune_:
             result["fine_tune"] = {k: self.fine_tune_.get(k) for k in
                                    ("epochs", "unfreeze_top", "learning_rate", "blocks", "best_epoch", "history")}

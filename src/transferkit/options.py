@@ -19,10 +19,10 @@ from transferkit.errors import OptionError, TransferkitError
 RUNTIMES = ("auto", "keras", "onnxruntime", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 FEATURE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
-HEADS = ("gap", "flatten-256-128")
+HEADS = ("auto", "gap", "logistic", "flatten-256-128")
 CLASS_WEIGHTS = ("balanced", "none")
 # what decides the split and the features: a resumed run must have the same values (and the same training files)
-SPLIT_AND_FEATURES = ("seed", "val_split", "image_size", "backbone", "weights", "augment_views")
+SPLIT_AND_FEATURES = ("seed", "val_split", "image_size", "backbone", "weights", "augment_views", "depths")
 
 
 def option(default, help: str, *, choices: tuple | None = None, low=None, high=None, low_open: bool = False,
@@ -123,11 +123,20 @@ class TrainOptions(EngineOptions):
                               low_open=True, high_open=True)
     seed: int = option(42, "seed of the split, the augmented views and the fits", low=0)
     batch_size: int = option(32, "images (or feature vectors) per batch", low=1, high=4096)
-    augment_views: int = option(4, "augmented views per training image (random flip, rotation, zoom), each cached",
+    augment_views: int = option(0, "augmented views per training image (random flip, rotation, zoom), each cached; "
+                                   "0 by measurement (benchmarks/quality.py: they did not earn their extraction time)",
                                 low=0, high=64)
     class_weight: str = option("balanced", "weight classes by inverse frequency, or not", choices=CLASS_WEIGHTS)
-    head: str = option("gap", "gap: dropout + softmax on pooled features; flatten-256-128: the seed's dense head",
+    head: str = option("auto", "auto: the best on the validation split of gap and logistic on 0, 2 or 4 depths (and "
+                               "with or without the augmented views), the table printed; gap: dropout + softmax on "
+                               "pooled features (Keras); logistic: L2 logistic regression on standardised features "
+                               "(scikit-learn, saved as Keras layers); flatten-256-128: the seed's dense head",
                        choices=HEADS)
+    depths: int = option(None, "intermediate blocks whose pooled outputs join the final features (Head2Toe): "
+                               "default 0, and for head auto the most it compares (0, 2, 4)", low=0, high=8,
+                         kind=int)
+    refit: bool = option(False, "after the choice, refit the chosen head on training + validation photos (the "
+                                "validation metrics then no longer measure the final head)")
     learning_rate: float = option(1e-3, "head learning rate (Adam)", low=0.0, low_open=True, high=10.0)
     patience: int = option(8, "epochs without a better val_accuracy before stopping", low=1)
     dropout: float = option(0.2, "dropout before the head's classifier", low=0.0, high=1.0, high_open=True)

@@ -24,13 +24,11 @@ def run_model(model: keras.Model, images: np.ndarray) -> np.ndarray:
 
 def without_resize(model: keras.Model, size: int) -> keras.Model:
     """``model`` minus its leading resize layer: input (batch, size, size, 3) RGB 0-255. Exports and the fast
-    runtimes take this fixed shape; callers resize first, as every transferkit pipeline does."""
+    runtimes take this fixed shape; callers resize first, as every transferkit pipeline does. The graph is
+    replayed from a fixed-size input with the resize as identity (a multi-depth extractor is no chain)."""
     inputs = keras.Input((size, size, 3), name="image")
-    x = inputs
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer) or layer.name == "resize":
-            continue
-        x = layer(x)
-    fixed = keras.Model(inputs, x, name=f"{model.name}_fixed")
+    outputs = model._run_through_graph(  # Keras's functional replay; the one private call, pinned by the tests
+        inputs, operation_fn=lambda op: (lambda x, **_: x) if op.name == "resize" else op)
+    fixed = keras.Model(inputs, outputs, name=f"{model.name}_fixed")
     fixed(np.zeros((1, size, size, 3), "float32"))  # built and called once (Keras's ONNX export needs that)
     return fixed

@@ -431,9 +431,12 @@ def build_backbone(name: str, input_shape: tuple, weights="imagenet") -> keras.M
     return model
 
 
-def build_feature_extractor(name: str, image_size: int | None = None, weights="imagenet", pooling="avg") -> keras.Model:
+def build_feature_extractor(name: str, image_size: int | None = None, weights="imagenet", pooling="avg",
+                            depths: int = 0) -> keras.Model:
     """Raw RGB 0-255 of any size -> resize -> preprocessing -> frozen backbone (BatchNorm in inference mode) ->
-    pooled features (``pooling="avg"``) or the last feature map (``pooling=None``)."""
+    pooled features (``pooling="avg"``) or the last feature map (``pooling=None``). ``depths`` > 0 (pooled only):
+    the pooled outputs of the last ``depths`` blocks before the top are concatenated after the final features,
+    nearest block first, so the features of fewer depths are a prefix of these (see :func:`depth_dims`)."""
     spec = get_spec(name)
     size = int(image_size or spec.default_size)
     if size < 32:
@@ -443,10 +446,40 @@ def build_feature_extractor(name: str, image_size: int | None = None, weights="i
     for layer in spec.preprocess():
         x = layer(x)
     backbone = build_backbone(name, (size, size, 3), weights)
+    if depths and pooling == "avg":
+        return _multi_depth(name, inputs, x, backbone, spec, depths)
     x = backbone(x, training=False)
     if pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.Model(inputs, x, name=f"{name}_features")
+
+
+def tapped_blocks(backbone: keras.Model, spec: BackboneSpec, depths: int) -> list:
+    """The output layers of the last ``depths`` blocks below the top block, nearest the top first."""
+    blocks = [b for b in backbone_blocks(backbone, spec) if b[0] != "input"][:-1]
+    if not 0 <= depths <= len(blocks):
+        raise TransferkitError(f"{spec.name} has {len(blocks)} blocks below its top; depths={depths} asked")
+    return [layers_[-1] for _, layers_ in blocks[::-1][:depths]]
+
+
+def _multi_depth(name: str, inputs, x, backbone: keras.Model, spec: BackboneSpec, depths: int) -> keras.Model:
+    taps = tapped_blocks(backbone, spec, depths)
+    tapped = keras.Model(backbone.input, [backbone.output] + [t.output for t in taps], name=backbone.name)
+    tapped.trainable = False
+    maps = tapped(x, training=False)
+    pooled = [layers.GlobalAveragePooling2D(name="avg_pool")(maps[0])]
+    pooled += [layers.GlobalAveragePooling2D(name=f"avg_pool_{t.name}")(m) for t, m in zip(taps, maps[1:])]
+    return keras.Model(inputs, layers.Concatenate(name="multi_depth")(pooled), name=f"{name}_features_d{depths}")
+
+
+def depth_dims(extractor: keras.Model) -> list[int]:
+    """Cumulative feature sizes of 0, 1, ... depths of a (multi-depth) feature extractor: the final features,
+    then each block added. A head on fewer depths reads that prefix of the feature vector."""
+    try:
+        parts = [int(t.shape[-1]) for t in extractor.get_layer("multi_depth").input]
+    except ValueError:  # a single-depth extractor
+        return [int(extractor.output.shape[-1])]
+    return [sum(parts[: k + 1]) for k in range(len(parts))]
 
 
 def imagenet_classifier(name: str = DEFAULT_BACKBONE, weights="imagenet") -> keras.Model:

@@ -103,7 +103,7 @@ def logits_of(probabilities: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, 1.0))
 
 
-def trusted_head(head: keras.Model) -> keras.Model:
+def trusted_head(head: keras.Model, novelty_dim: int | None = None) -> keras.Model:
     """``head`` (features -> softmax) rebuilt as features -> [softmax(logits / T), novelty / threshold], sharing
     the head's trained layers; the score branch reads the features (pooled first where the head takes a feature
     map). The temperature, statistics and threshold are untrained weights, neutral here (T = 1, identity
@@ -120,6 +120,10 @@ def trusted_head(head: keras.Model) -> keras.Model:
     scale = layers.Dense(final.units, use_bias=False, trainable=False, name="temperature")
     probabilities = layers.Softmax(name="calibrated")(scale(logits))
     pooled = inputs if len(inputs.shape) == 2 else layers.GlobalAveragePooling2D(name="novelty_pool")(inputs)
+    if novelty_dim and novelty_dim < pooled.shape[-1]:  # multi-depth features: the score reads the final ones
+        pooled = layers.Reshape((novelty_dim,), name="novelty_final")(
+            layers.Cropping1D((0, int(pooled.shape[-1]) - novelty_dim), name="novelty_crop")(
+                layers.Reshape((int(pooled.shape[-1]), 1), name="novelty_columns")(pooled)))
     dim = int(pooled.shape[-1])
     score = _distance_layers(pooled, dim, final.units)
     trusted = keras.Model(inputs, layers.Concatenate(name="with_novelty")([probabilities, score]), name="head")
@@ -155,7 +159,7 @@ def logit_model(head: keras.Model) -> keras.Model:
 
 
 def fit_trust(head: keras.Model, train: tuple, val: tuple, n_classes: int, keep_known: float,
-              groups: np.ndarray | None = None) -> dict:
+              groups: np.ndarray | None = None, novelty_dim: int | None = None) -> dict:
     """Fit the temperature (on validation) and the novelty statistics (on training features only) of a trusted
     head in place. The threshold keeps ``keep_known`` of the known images' scores: the validation images', and,
     so that a small validation split still gives a steady quantile, out-of-fold scores of the training images
@@ -164,7 +168,7 @@ def fit_trust(head: keras.Model, train: tuple, val: tuple, n_classes: int, keep_
     from transferkit.engines.keras_step import run_model
 
     (x_train, y_train), (x_val, y_val) = train, val
-    pool = (lambda x: x) if x_train.ndim == 2 else (lambda x: x.mean(axis=(1, 2)))
+    pool = (lambda x: x[:, :novelty_dim]) if x_train.ndim == 2 else (lambda x: x.mean(axis=(1, 2)))
     val_logits = run_model(logit_model(head), x_val)
     temperature = fit_temperature(val_logits, y_val)
     whitening, centers = fit_mahalanobis(pool(x_train), y_train, n_classes)
@@ -220,6 +224,14 @@ def _distance_layers(x, dim: int, n_classes: int):
     negated = layers.Rescaling(-1.0, name="novelty_negate")(layers.Reshape((n_classes, 1))(distances))
     nearest = layers.GlobalMaxPooling1D(name="novelty_nearest")(negated)
     return layers.Dense(1, use_bias=False, trainable=False, name=NOVELTY)(nearest)  # x (-1 / threshold)
+
+
+def novelty_dim(head: keras.Model) -> int | None:
+    """How many of the head's input features its novelty score reads (None: all of them)."""
+    try:
+        return int(head.get_layer("novelty_final").output.shape[-1])
+    except ValueError:
+        return None
 
 
 def has_trust(model: keras.Model) -> bool:

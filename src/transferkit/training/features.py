@@ -31,22 +31,33 @@ from transferkit.options import DEFAULT_ENGINE, TrainOptions
 FEATURE_VERSION = "2"  # 2: each cached file ends in a checksum (a flipped bit is recomputed, not trained on)
 
 
+def feature_depths(options: TrainOptions) -> int:
+    """How many blocks' pooled outputs a run extracts beside the final features: ``depths`` (default 0), and for
+    ``--head auto`` the most it compares (default 4, or the backbone's blocks below its top if fewer)."""
+    if options.head != "auto":
+        return int(options.depths or 0)
+    wanted = 4 if options.depths is None else int(options.depths)
+    return min(wanted, get_spec(options.backbone).n_blocks - 2)  # n_blocks counts the stem and the top
+
+
 class FeatureExtractor:
     """Features of image files through one frozen backbone, with the on-disk cache."""
 
     def __init__(self, backbone: str, image_size: int | None = None, weights="imagenet", pooling: str | None = "avg",
                  batch_size: int = 32, cache: bool = True, runtime: str = DEFAULT_ENGINE.runtime,
-                 precision: str = DEFAULT_ENGINE.precision):
+                 precision: str = DEFAULT_ENGINE.precision, depths: int = 0):
         spec = get_spec(backbone)
         self.backbone = backbone
         self.image_size = int(image_size or spec.default_size)
         self.weights = weights
         self.pooling = pooling
         self.batch_size = batch_size
-        self.model = build_feature_extractor(backbone, self.image_size, weights, pooling)
+        self.depths = int(depths) if pooling == "avg" else 0
+        self.model = build_feature_extractor(backbone, self.image_size, weights, pooling, self.depths)
         # random weights (weights=None, for tests) differ in every process: nothing of them is cached
         weights_id = "imagenet" if weights == "imagenet" else None if weights is None else file_digest(weights)[:16]
-        self.model_key = weights_id and f"{backbone}-{weights_id}-{self.image_size}px-{pooling or 'map'}"
+        self.model_key = weights_id and f"{backbone}-{weights_id}-{self.image_size}px-{pooling or 'map'}" \
+            + (f"+d{self.depths}" if self.depths else "")
         self.runtime, self.precision = runtimes.resolve(runtime, precision)
         self.engine: runtimes.Engine | None = None
         self.calibration: np.ndarray | None = None  # int8: the images it is calibrated on
@@ -94,7 +105,7 @@ class FeatureExtractor:
         """The extractor a training run with ``options`` uses (its head decides pooled vectors or feature maps)."""
         return cls(options.backbone, options.size, weights=options.weights, pooling=head_pooling(options.head),
                    batch_size=options.batch_size, cache=options.cache, runtime=options.runtime,
-                   precision=options.precision)
+                   precision=options.precision, depths=feature_depths(options))
 
     def _cache_file(self, digest: str, view: int) -> Path:
         return self.cache_root / digest[:2] / f"{digest}-v{view}.npy"

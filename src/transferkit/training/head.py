@@ -46,11 +46,11 @@ def fit_head(head_model: keras.Model, x_train, y_train, x_val, y_val, epochs: in
 
 
 def train_head(options: TrainOptions, x_train, y_train, x_val, y_val, n_classes: int,
-               weights: dict | None) -> tuple[keras.Model, dict, int]:
-    """Build and fit the head of ``options`` (seeded) with the best-epoch keeper; returns (head with the best
-    epoch's weights, history as plain lists, best epoch counted from 1)."""
+               weights: dict | None, keep: int | None = None) -> tuple[keras.Model, dict, int]:
+    """Build and fit the head of ``options`` (seeded; ``keep``: on the first ``keep`` features) with the
+    best-epoch keeper; returns (head with the best epoch's weights, history as plain lists, best epoch from 1)."""
     keras.utils.set_random_seed(options.seed)
-    head = build_head(options.head, x_train.shape[1:], n_classes, dropout=options.dropout)
+    head = build_head(options.head, x_train.shape[1:], n_classes, dropout=options.dropout, keep=keep)
     keeper = KeepBestEpoch(MONITOR, "val_loss", options.patience)
     fit = fit_head(head, x_train, y_train, x_val, y_val, epochs=options.epochs, batch_size=options.batch_size,
                    learning_rate=options.learning_rate, class_weight=weights, seed=options.seed,

@@ -1,0 +1,159 @@
+"""``--head auto``: heads compared on the validation split with the cached features, the best one kept.
+
+Measured on held-out real photos far from ImageNet (issue quality; grey product photos, EfficientNet-Lite0):
+the default softmax head on the final pooled features reached 0.852 test accuracy, an L2 logistic regression on
+standardised features 0.860, and the same on the final features plus the pooled outputs of the last 4 blocks
+0.882 (the Head2Toe result: intermediate representations transfer better when the domain is far from ImageNet).
+Which wins depends on the data, and every candidate trains in a second or two on cached features, so they are all
+fitted and scored on the validation split (accuracy, then log loss), and ``train`` prints the table it chose from.
+The candidates: the old default (softmax, Keras, on the final features), and logistic regression
+(scikit-learn) on {0, 2, 4 depths} x {with, without the augmented views}. ``benchmarks/quality.py`` measures the choice on the test folders of four real-photo sets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from transferkit.log import logger
+from transferkit.options import TrainOptions
+
+DEPTH_CANDIDATES = (0, 2, 4)
+
+
+@dataclass
+class Candidate:
+    """One head fitted on the training features and scored on the validation features."""
+
+    head: str  # gap | logistic
+    depths: int
+    views: bool  # trained on the augmented views too (else on the images alone)
+    val_accuracy: float = 0.0
+    val_loss: float = 0.0
+    seconds: float = 0.0
+    predict: object = field(default=None, repr=False)  # features -> probabilities, in NumPy or Keras
+    build: object = field(default=None, repr=False)  # () -> the Keras head (only the chosen one is built)
+    history: dict | None = field(default=None, repr=False)
+    best_epoch: int | None = None
+    _model: object = field(default=None, repr=False)
+
+    @property
+    def model(self):
+        """The Keras head (features -> probabilities), built at the first ask."""
+        if self._model is None:
+            self._model = self.build()
+        return self._model
+
+    @property
+    def name(self) -> str:
+        return f"{self.head} d{self.depths}" + (" +views" if self.views else "")
+
+    def row(self) -> dict:
+        return {"head": self.head, "depths": self.depths, "views": self.views, "val_accuracy": self.val_accuracy,
+                "val_loss": round(self.val_loss, 4), "seconds": round(self.seconds, 2)}
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, keep: int, n_classes: int, class_weight: dict | None, seed: int,
+                 n_features: int) -> tuple:
+    """An L2 logistic regression on standardised features (scikit-learn): (features -> probabilities in NumPy,
+    () -> the same as a Keras head on ``n_features``)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from transferkit.models.heads import logistic_head
+
+    scaler = StandardScaler().fit(x[:, :keep])
+    model = LogisticRegression(C=1.0, max_iter=2000, class_weight=class_weight, random_state=seed)
+    model.fit(scaler.transform(x[:, :keep]), y)
+    coef, intercept = np.zeros((n_classes, keep)), np.zeros(n_classes)
+    if n_classes == 2 and len(model.classes_) == 2:  # binary: sigmoid(w.x + b) = softmax([0, w.x + b])
+        coef[1], intercept[1] = model.coef_[0], model.intercept_[0]
+    else:
+        coef[model.classes_], intercept[model.classes_] = model.coef_, model.intercept_  # every class has rows
+
+    def predict(features: np.ndarray) -> np.ndarray:  # what the Keras head computes
+        z = scaler.transform(features[:, :keep]) @ coef.T + intercept
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    return predict, lambda: logistic_head(n_features, keep, scaler.mean_, scaler.scale_ ** 2, coef, intercept)
+
+
+def _score(candidate: Candidate, x_val: np.ndarray, y_val: np.ndarray) -> None:
+    from transferkit.training.head import mean_log_loss
+
+    probs = candidate.predict(x_val)
+    candidate.val_accuracy = float(np.mean(probs.argmax(1) == y_val))
+    candidate.val_loss = mean_log_loss(probs, y_val)
+
+
+def _one_point_history(predict, data: tuple, rows: slice) -> dict:
+    """A fitted (not iterated) head's curves: one point each, so history.json and the plots read as for Keras's."""
+    from transferkit.training.head import mean_log_loss
+
+    x_train, y_train, x_val, y_val, _ = data
+    history = {}
+    for prefix, x, y in (("", x_train[rows], y_train[rows]), ("val_", x_val, y_val)):
+        probs = predict(x)
+        history[prefix + "loss"] = [mean_log_loss(probs, y)]
+        history[prefix + "accuracy"] = [float(np.mean(probs.argmax(1) == y))]
+    return history
+
+
+def fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims: list[int], n_classes: int,
+                  class_weight: dict | None) -> Candidate:
+    """Fit ``candidate`` on the training rows (all views, or the images alone) and score it on validation."""
+    from transferkit.training.head import train_head
+
+    x_train, y_train, x_val, y_val, views = data
+    rows = slice(None) if candidate.views else slice(None, None, views)
+    keep = dims[candidate.depths]
+    start = time.perf_counter()
+    if candidate.head == "logistic":
+        candidate.predict, candidate.build = fit_logistic(x_train[rows], y_train[rows], keep, n_classes,
+                                                          class_weight, options.seed, x_train.shape[1])
+        candidate.history, candidate.best_epoch = _one_point_history(candidate.predict, data, rows), 1
+    else:
+        from transferkit.engines.keras_step import run_model
+
+        head, candidate.history, candidate.best_epoch = train_head(
+            options, x_train[rows], y_train[rows], x_val, y_val, n_classes, class_weight, keep=keep)
+        candidate._model, candidate.predict = head, lambda x: run_model(head, x)
+    candidate.seconds = time.perf_counter() - start
+    _score(candidate, x_val, y_val)
+    return candidate
+
+
+def candidates(options: TrainOptions, n_depths: int) -> list[Candidate]:
+    """What ``--head auto`` compares: the old default first (softmax on the final features, with the views), then
+    logistic regression on each depth set, with and without the views (a Keras fit takes 4-6 s, a logistic one
+    0.5-2 s: the softmax head is not repeated on every depth set)."""
+    depths = sorted({d for d in DEPTH_CANDIDATES if d <= n_depths} | {n_depths})
+    view_choices = (True, False) if options.augment_views else (True,)
+    return [Candidate("gap", 0, True)] + [Candidate("logistic", d, v) for v in view_choices for d in depths]
+
+
+def choose(found: list[Candidate]) -> Candidate:
+    """The best validation accuracy, then the lowest validation loss; the earlier candidate on a tie."""
+    return max(enumerate(found), key=lambda item: (item[1].val_accuracy, -round(item[1].val_loss, 4),
+                                                    -item[0]))[1]
+
+
+def table(found: list[Candidate], chosen: Candidate) -> str:
+    lines = [f"{'head':<22} {'val acc':>8} {'val loss':>9} {'fit s':>6}"]
+    for c in found:
+        mark = "  <- chosen" if c is chosen else ""
+        lines.append(f"{c.name:<22} {c.val_accuracy:>8.4f} {c.val_loss:>9.4f} {c.seconds:>6.1f}{mark}")
+    return "\n".join(lines)
+
+
+def select_head(options: TrainOptions, data: tuple, dims: list[int], n_classes: int,
+                class_weight: dict | None) -> tuple[Candidate, list[Candidate]]:
+    """Fit every candidate and keep the best on validation; logs the table."""
+    found = [fit_candidate(c, options, data, dims, n_classes, class_weight)
+             for c in candidates(options, len(dims) - 1)]
+    chosen = choose(found)
+    logger.info("head chosen on the validation split (--head auto):\n" + table(found, chosen))
+    return chosen, found
