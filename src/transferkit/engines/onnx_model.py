@@ -47,19 +47,23 @@ def load_onnx(path: str, runtime: str = "auto") -> OnnxPredictor:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for a bad file
         raise TransferkitError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0]})") from None
-    raw = session.get_modelmeta().custom_metadata_map.get("transferkit")
-    if raw is None:
-        raise TransferkitError(f"{path}: not a transferkit export (no class names inside)")
-    try:
-        metadata = json.loads(raw)
-    except ValueError:
-        raise TransferkitError(f"{path}: damaged transferkit metadata (not JSON)") from None
+    metadata = _metadata(path, session.get_modelmeta().custom_metadata_map.get("transferkit"))
     size = _input_size(path, session)
     outputs = session.get_outputs()
     if len(outputs) != 1 or len(outputs[0].shape) != 2:
         raise TransferkitError(f"{path}: not a transferkit export (expected one (batch, classes) output)")
     n_out = outputs[0].shape[-1] if isinstance(outputs[0].shape[-1], int) else None
     return OnnxPredictor(session, check_model_metadata(path, metadata, n_out), size, metadata, path)
+
+
+def _metadata(path: str, raw: str | None) -> dict:
+    """The transferkit metadata an export carries (its class names), or one line saying what is wrong."""
+    if raw is None:
+        raise TransferkitError(f"{path}: not a transferkit export (no class names inside)")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise TransferkitError(f"{path}: damaged transferkit metadata (not JSON)") from None
 
 
 def _input_size(path: str, session) -> int:
@@ -84,13 +88,7 @@ def _load_openvino(path: str) -> OnnxPredictor:
         run = openvino_run(path, "fp32")
     except Exception as exc:  # onnx and OpenVINO raise their own types for a bad file
         raise TransferkitError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0][:300]})") from None
-    raw = {p.key: p.value for p in proto.metadata_props}.get("transferkit")
-    if raw is None:
-        raise TransferkitError(f"{path}: not a transferkit export (no class names inside)")
-    try:
-        metadata = json.loads(raw)
-    except ValueError:
-        raise TransferkitError(f"{path}: damaged transferkit metadata (not JSON)") from None
+    metadata = _metadata(path, {p.key: p.value for p in proto.metadata_props}.get("transferkit"))
     inputs = [i for i in proto.graph.input if i.name not in {init.name for init in proto.graph.initializer}]
     dims = [d.dim_value or None for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
     if len(dims) != 4 or dims[3] != 3 or dims[1] != dims[2] or not dims[1]:

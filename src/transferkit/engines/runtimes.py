@@ -35,8 +35,10 @@ MIN_COSINE = 0.995  # a lower precision (bf16) vs Keras fp32
 INT8_COSINE = 0.98  # int8 vs Keras fp32 (EfficientNet-Lite0 features of photos, calibrated on 64: 0.985)
 FP32_COSINE = 0.9999  # a converted fp32 model vs Keras fp32: the same computation, up to rounding
 MAX_CALIBRATION = 64  # images an int8 model is calibrated on (engines.quantize)
-INT8_MIN_PASSES = 2000  # feature_precision auto: int8 from this many backbone passes (its calibration, 3.5 s once
-# per image set, costs more than it saves below ~1,300 passes at 258 (bf16) vs 314 (int8) img/s here)
+BF16_MIN_PASSES = 1000  # feature_precision auto: bf16 from this many backbone passes (a second engine, built and
+# checked in 0.8 s, saves 1.9 ms a pass at 258 vs 172 img/s here: below ~420 passes fp32 alone is faster)
+INT8_MIN_PASSES = 2000  # and int8 from this many (its calibration, 3.5 s once per image set, costs more than it
+# saves below ~1,300 passes at 258 (bf16) vs 314 (int8) img/s here)
 CONVERSION = "c2"  # part of the cached files' names: a fixed converter (c2: Normalization constants) redoes them
 
 
@@ -96,7 +98,8 @@ def resolve(runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGI
 
 def training_precision(choice: str, runtime: str, n_passes: int) -> str:
     """The precision of a run's training-view features: ``choice``, or for ``auto`` int8 where the run has enough
-    backbone passes to earn its calibration, else bf16 where the CPU computes it natively, else fp32. Only
+    backbone passes to earn its calibration, else bf16 where the CPU computes it natively and the passes earn a
+    second engine, else fp32 (the reported numerics' own extractor). Only
     OpenVINO computes bf16 and int8: with another runtime it is fp32. ``n_passes`` counts every view, cached or
     not, so a second run picks the same precision (and finds its features)."""
     if resolve(runtime, "fp32")[0] != "openvino":
@@ -105,7 +108,7 @@ def training_precision(choice: str, runtime: str, n_passes: int) -> str:
         return choice
     if n_passes >= INT8_MIN_PASSES and installed("nncf"):
         return "int8"
-    return "bf16" if native_bf16() else "fp32"
+    return "bf16" if native_bf16() and n_passes >= BF16_MIN_PASSES else "fp32"
 
 
 def cached_onnx(key: str) -> str | None:
