@@ -526,6 +526,7 @@ class ImageClassifier:
 
     def _write_run(self) -> None:
         """The records, history.png, and report.html when there are test metrics."""
+        from transferkit.reports.explain import report_overlays
         from transferkit.reports.html import model_summary, write_report
         from transferkit.reports.plots import plot_history
 
@@ -536,7 +537,7 @@ class ImageClassifier:
         if self.test_:
             title = f"Test report: {os.path.basename(os.path.abspath(self.out_))}"
             write_report(self.test_, self.out_, title=title, history_png=history_png,
-                         model_info=model_summary(self.metadata))
+                         model_info=model_summary(self.metadata), overlays=report_overlays(self, self.test_))
 
     # ----- helpers -----
     def _fitted(self) -> "ImageClassifier":

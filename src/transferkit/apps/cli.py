@@ -81,6 +81,8 @@ def _model_commands(command) -> None:
     e.add_argument("--out", help="folder for metrics.json, report.html and the confusion matrices")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     e.add_argument("--unknown-dir", help="photos of none of the classes: how many the model rejects as unknown")
+    e.add_argument("--no-explain", dest="explain", action="store_false",
+                   help="no heat maps in report.html (they load the model's Keras model: TensorFlow)")
     add_options(e, EngineOptions)
 
     r = command("predict", "predict image files, folders or globs")
@@ -88,7 +90,10 @@ def _model_commands(command) -> None:
     r.add_argument("paths", nargs="+")
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    r.add_argument("--show", metavar="OUT.png", help="also draw the image(s) with label, probability and top-k bars")
+    r.add_argument("--show", metavar="OUT.png",
+                   help="also draw the image(s) with label, probability, heat map and top-k bars")
+    r.add_argument("--explain", metavar="OUT_DIR",
+                   help="write OUT_DIR/<photo>.png per image: the photo with the heat map (Grad-CAM) of its class")
     r.add_argument("--no-reject", dest="reject", action="store_false",
                    help="label photos unlike every class with their nearest class instead of 'unknown'")
     add_options(r, EngineOptions)
@@ -154,7 +159,7 @@ def _evaluate(args) -> None:
     from transferkit.api import evaluate
     from transferkit.reports.metrics import text_report
 
-    metrics = evaluate(args.model, args.test_dir, out=args.out, unknown_dir=args.unknown_dir,
+    metrics = evaluate(args.model, args.test_dir, out=args.out, unknown_dir=args.unknown_dir, explain=args.explain,
                        **record_values(args, EngineOptions))
     if args.json:
         keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
@@ -165,15 +170,26 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
-    from transferkit.api import predict
+    from transferkit.api import load_predictor, predict
 
-    rows = predict(args.model, args.paths, top_k=args.top_k, reject=args.reject,
-                   **record_values(args, EngineOptions))
+    model = load_predictor(args.model, **record_values(args, EngineOptions))
+    rows = predict(model, args.paths, top_k=args.top_k, reject=args.reject)
+    explainer = None
+    if args.explain or args.show:
+        from transferkit.reports.explain import Explainer, write_explanations
+
+        explainer = Explainer.for_predictor(model)
+        if args.explain and explainer is None:
+            raise TransferkitError(f"{args.model}: --explain needs the .keras model file (an export has no "
+                                   f"gradients to explain with)")
+        if args.explain:
+            written = write_explanations(rows, explainer, args.explain)
+            logger.info(f"wrote {len(written)} heat map(s) to {args.explain}")
     _print_rows(rows, args.format)
     if args.show:
         from transferkit.reports.plots import show_predictions
 
-        for path in show_predictions(rows, args.show):
+        for path in show_predictions(rows, args.show, explainer):
             logger.info(f"wrote {path}")
 
 
