@@ -68,6 +68,15 @@ def _data_commands(command) -> None:
     i.add_argument("--out", default=os.path.join("runs", "inspect"), help="folder for health.json, samples.png")
     i.add_argument("--near-threshold", type=int, default=6, help="perceptual-hash bits for a near duplicate")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    i.add_argument("--labels", action="store_true",
+                   help="audit the labels: photos probably in the wrong class folder, and outliers (labels.html, "
+                        "label_issues.csv in --out)")
+    i.add_argument("--backbone", default="efficientnet_lite0", help="the backbone whose features --labels uses")
+    i.add_argument("--image-size", type=int, help="the image size of --labels (default: the backbone's)")
+    i.add_argument("--move-to", metavar="QUARANTINE",
+                   help="move the files marked 'yes' in the 'move' column of --out's label_issues.csv (or --csv) "
+                        "to QUARANTINE/<class>/; nothing is deleted, nothing else is done")
+    i.add_argument("--csv", help="the edited label audit CSV for --move-to (default: OUT/label_issues.csv)")
 
     d = command("demo", "train and evaluate on scikit-learn's bundled digits (offline)")
     d.add_argument("--out", default=os.path.join("runs", "demo"))
@@ -196,14 +205,49 @@ def _predict(args) -> None:
 def _inspect(args) -> None:
     from transferkit.data.health import inspect_dataset, text_summary, write_inspection
 
+    if args.move_to:
+        return _move_marked(args)
     report = inspect_dataset(args.data_dir, args.test_dir, near_threshold=args.near_threshold,
                              progress=not args.json and args.verbosity >= 0)
     written = write_inspection(report, args.out)
+    if args.labels:
+        from transferkit.reports.html import write_label_report
+        from transferkit.training import audit
+
+        found = audit.audit_folder(args.data_dir, args.backbone, args.image_size)
+        report |= found.to_json()
+        written["csv"] = audit.write_csv(found, os.path.join(args.out, audit.CSV_NAME))
+        written["labels"] = write_label_report(found, os.path.join(args.out, "labels.html"), written["csv"])
+        write_inspection(report, args.out)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
-    else:
-        print(text_summary(report))
-        print(f"\nwrote {written['json']} and {written['samples']}")
+        return
+    print(text_summary(report))
+    if args.labels:
+        print(_audit_table(report))
+    print("\nwrote " + ", ".join(written.values()))
+
+
+def _audit_table(report: dict, limit: int = 20) -> str:
+    issues, outliers = report["label_issues"], report["outliers"]
+    lines = [f"\nlabel audit: {len(issues)} photo(s) probably in the wrong folder, {len(outliers)} outlier(s)"]
+    lines += [f"  {r['score']:.3f}  {r['given']} -> {r['suggested']}\t{r['path']}" for r in issues[:limit]]
+    lines += [f"  outlier {r['score']:.3f}  {r['given']}\t{r['path']}" for r in outliers[:limit]]
+    if issues or outliers:
+        lines.append("  mark 'yes' in the 'move' column of the CSV, then: transferkit inspect DATA --move-to DIR")
+    return "\n".join(lines)
+
+
+def _move_marked(args) -> None:
+    from transferkit.training.audit import CSV_NAME, move_marked
+
+    moved = move_marked(args.csv or os.path.join(args.out, CSV_NAME), args.data_dir, args.move_to)
+    if args.json:
+        print(json.dumps({"moved": moved}, ensure_ascii=False))
+        return
+    for m in moved:
+        print(f"moved {m['path']} -> {m['to']}")
+    print(f"moved {len(moved)} file(s) to {args.move_to} (nothing deleted)")
 
 
 def _serve(args) -> None:
