@@ -56,10 +56,7 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
     max_upload_mb, top_k = options.max_upload_mb, options.top_k
     model = load_predictor(model_path, runtime=options.runtime, precision=options.precision)
     lock = threading.Lock()  # one inference at a time per worker: TensorFlow already uses every core for it
-    info = model_info(model)
-    from transferkit.reports.explain import Explainer  # imports no TensorFlow: the Keras model loads on first use
-
-    explainer = Explainer.for_predictor(model)
+    info, explainer = model_info(model), _explainer(model)
     _warm_up(model)
     page = resources.files("transferkit.apps").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -107,6 +104,14 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
         return jsonify({"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}})
 
     return app
+
+
+def _explainer(model):
+    """The heat maps' explainer of ``model`` (None for an ONNX export); it imports no TensorFlow: the Keras
+    model is loaded at the first ``explain=1`` request."""
+    from transferkit.reports.explain import Explainer
+
+    return Explainer.for_predictor(model)
 
 
 def _warm_up(model) -> None:
