@@ -96,9 +96,11 @@ def test_report_numbers_agree_and_page_renders_in_chromium(trained, mislabeled_r
         assert len(metrics["most_confident_errors"]) >= 2
         driver.get(pathlib.Path(page).as_uri())
         gallery = driver.execute_script(
-            "return Array.from(document.querySelectorAll('.gallery img')).map(i => [i.complete, i.naturalWidth])")
-        assert len(gallery) == len(metrics["most_confident_errors"])
+            "return Array.from(document.querySelectorAll('#wrong img')).map(i => [i.complete, i.naturalWidth])")
+        assert len(gallery) == 2 * len(metrics["most_confident_errors"])  # each photo and its heat map
         assert all(done and width > 0 for done, width in gallery)
+        heat = driver.execute_script("return document.querySelectorAll('#least-sure img.heatmap').length")
+        assert heat == len(metrics["least_confident_correct"]) > 0
         pairs = driver.execute_script("return Array.from(document.querySelectorAll('#confused tbody tr'))"
                                       ".map(r => [r.cells[0].textContent, r.cells[1].textContent, r.cells[2].textContent])")
         assert pairs[0] == ["fraise fraîche", "grenade", "2"]

@@ -307,3 +307,91 @@ def test_browser_says_none_of_these_for_a_photo_of_something_else(server, tmp_pa
         save_screenshot(driver, "serve_page_unknown.png")
     finally:
         driver.quit()
+
+
+def _data_uri_image(uri: str) -> Image.Image:
+    import base64
+
+    assert uri.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+
+def test_explain_adds_a_heat_map_and_ordinary_answers_stay_as_they_were(server, dataset):
+    url, *_ = server
+    photo = ("p.jpg", open(os.path.join(dataset[1], "grenade", "photo_003.jpg"), "rb").read(), "image/jpeg")
+    plain = _post(url, photo).json()["predictions"][0]
+    assert "explanation" not in plain
+    explained = _post(url, photo, photo, explain=1).json()["predictions"]
+    for row in explained:
+        assert row["label"] == plain["label"] and row["unknown"] == plain["unknown"]
+        assert row["probability"] == pytest.approx(plain["probability"], abs=1e-5)
+        with _data_uri_image(row["explanation"]) as img:
+            assert img.format == "PNG" and img.size == (80, 64)  # drawn over the upload itself (80 x 64 crops)
+            pixels = np.asarray(img.convert("RGB"), float)
+    assert np.abs(pixels - np.asarray(Image.open(io.BytesIO(photo[1])).convert("RGB"), float)).mean() > 10
+    assert "explanation" not in _post(url, photo, explain=0).json()["predictions"][0]
+
+
+CACHED_SERVER = """
+import sys, json
+from transferkit.apps.serve import create_app
+from transferkit.options import ServeOptions
+app = create_app(sys.argv[1], ServeOptions(runtime="openvino"))
+client = app.test_client()
+photo = open(sys.argv[2], "rb").read()
+import io
+seen = {"start": "tensorflow" in sys.modules}
+plain = client.post("/api/predict", data={"image": (io.BytesIO(photo), "p.jpg")}).get_json()["predictions"][0]
+seen["after_plain"] = "tensorflow" in sys.modules
+explained = client.post("/api/predict?explain=1", data={"image": (io.BytesIO(photo), "p.jpg")}).get_json()
+seen["after_explain"] = "tensorflow" in sys.modules
+seen["same_label"] = explained["predictions"][0]["label"] == plain["label"]
+seen["has_heat_map"] = explained["predictions"][0]["explanation"].startswith("data:image/png;base64,")
+print(json.dumps(seen))
+"""
+
+
+def test_cached_engine_server_loads_tensorflow_at_the_first_explain_request_only(trained, dataset):
+    """The server on a converted engine (no TensorFlow): an ordinary request still imports none; the first
+    ?explain=1 loads the Keras model for its gradients."""
+    import transferkit
+
+    result, _ = trained
+    photo = os.path.join(dataset[1], "grenade", "photo_004.jpg")
+    transferkit.predict(result["model_path"], [photo], runtime="openvino")  # leaves the checked conversion cached
+    proc = subprocess.run([sys.executable, "-c", CACHED_SERVER, result["model_path"], photo], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"start": False, "after_plain": False, "after_explain": True, "same_label": True,
+                    "has_heat_map": True}
+
+
+def test_browser_toggle_shows_the_heat_map(server, dataset):
+    url, *_ = server
+    photo = os.path.join(dataset[1], "fraise fraîche", "photo_001.jpg")
+    driver = chromium()
+    try:
+        driver.get(url + "/")
+        driver.find_element("id", "file").send_keys(os.path.abspath(photo))
+        _wait_done(driver)
+        assert driver.execute_script("return document.getElementById('heatmap').hidden") is True  # off by default
+        driver.find_element("id", "explain").click()  # on: the same photo again, with its heat map
+        deadline = time.time() + 120
+        while not driver.execute_script("const h = document.getElementById('heatmap');"
+                                        "return !h.hidden && h.complete && h.naturalWidth > 0"):
+            assert time.time() < deadline, driver.find_element("id", "error").text
+            time.sleep(0.2)
+        assert driver.find_element("id", "label").text in CLASSES
+        save_screenshot(driver, "serve_page_heatmap.png")
+        driver.find_element("id", "explain").click()
+        assert driver.execute_script("return document.getElementById('heatmap').hidden") is True
+    finally:
+        driver.quit()
+
+
+def _wait_done(driver, seconds: int = 60) -> None:
+    deadline = time.time() + seconds
+    while driver.execute_script("return document.body.dataset.state") != "done":
+        assert time.time() < deadline, driver.find_element("id", "error").text
+        time.sleep(0.2)

@@ -74,10 +74,34 @@ def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str 
 
 def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = 32,
              runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
-             unknown_dir: str | None = None) -> dict:
+             unknown_dir: str | None = None, explain: bool = True) -> dict:
     """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/``; report files in ``out``;
-    ``unknown_dir``: photos of none of the classes (rejection rate, AUROC, confusion with an unknown row)."""
+    ``unknown_dir``: photos of none of the classes (rejection rate, AUROC, confusion with an unknown row);
+    ``explain``: heat maps in the report's galleries."""
     from transferkit.reports.evaluation import evaluate_predictor
 
     return evaluate_predictor(_model(model, runtime, precision), test_dir, out=out, batch_size=batch_size,
-                              unknown_dir=unknown_dir)
+                              unknown_dir=unknown_dir, explain=explain)
+
+
+def explain(model, paths, *, out: str | None = None, top_k: int = 3, runtime: str = DEFAULT_ENGINE.runtime,
+            precision: str = DEFAULT_ENGINE.precision, reject: bool = True) -> list[dict]:
+    """``predict``'s rows, each readable one with ``heatmap``: the Grad-CAM map (h, w; 0-1, the last feature
+    map's cells) of its label (an unknown photo: of its nearest class); with ``out``, also ``explanation``, the
+    PNG written there (the photo with its heat map, titled with the verdict). ``model``: a ``.keras`` path or
+    a loaded model (not an ONNX export: it has no gradients)."""
+    from transferkit.errors import TransferkitError
+    from transferkit.reports.explain import Explainer, explained_class, write_explanations
+
+    predictor = _model(model, runtime, precision)
+    rows = predict(predictor, paths, top_k=top_k, reject=reject)
+    explainer = Explainer.for_predictor(predictor)
+    if explainer is None:
+        raise TransferkitError(f"{getattr(predictor, 'path', model)}: heat maps need a .keras model file")
+    good = [r for r in rows if not r.get("error")]
+    pairs = explainer.files([r["path"] for r in good], [explained_class(r, explainer.class_names) for r in good])
+    for row, (_, heat) in zip(good, pairs):
+        row["heatmap"] = heat
+    if out and good:
+        write_explanations(good, explainer, out, pairs)
+    return rows

@@ -38,7 +38,7 @@ from transferkit import runs
 
 _LEARNED = ("classes_", "options_", "model_", "history_", "best_epoch_", "validation_", "test_", "fine_tune_",
             "skipped_", "timing_", "data_", "out_", "model_path_", "extractor_", "head_",
-            "check_images_", "novelty_", "feature_check_", "head_choice_")
+            "check_images_", "novelty_", "feature_check_", "head_choice_", "label_audit_")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class FeatureSplit:
     x_val: np.ndarray
     y_val: np.ndarray
     val_paths: list[str]
+    train_paths: list[str] = dataclasses.field(default_factory=list)  # the decoded training files, in order
 
 
 class ImageClassifier:
@@ -172,7 +173,9 @@ class ImageClassifier:
             if "total_seconds" in (self.timing_ or {}):  # written by the last save of a complete run
                 raise TransferkitError(f"{self.out_}: this run already finished; nothing to resume")
         else:  # a new run, or one killed before its first model file: the cached features make this quick
-            self.fit_head(self.extract_features())
+            features = self.extract_features()
+            self.fit_head(features)
+            self.audit_labels(features)
             if self.options_.fine_tune_epochs:  # the head-only model is safe on disk before the long second stage
                 self.save(self.model_path_)  # (without one, the final save below is the only one: -1.1 s a run)
             self._write_records()
@@ -258,7 +261,8 @@ class ImageClassifier:
             raise TransferkitError(f"{data.root}: no readable validation image")
         x_train, y_views = flatten_views(f_train, y_train)
         self.check_images_ = _check_images([data.val_paths[i] for i in kept_v], options.size)
-        return FeatureSplit(x_train, y_views, f_val[:, 0], y_val, [data.val_paths[i] for i in kept_v])
+        return FeatureSplit(x_train, y_views, f_val[:, 0], y_val, [data.val_paths[i] for i in kept_v],
+                            [data.train_paths[i] for i in kept_t])
 
     def fit_head(self, features: FeatureSplit) -> "ImageClassifier":
         """Train the head on ``features`` (``--head auto``: the best candidate on validation; ``refit``: then again
@@ -321,6 +325,21 @@ class ImageClassifier:
         logger.info(f"refitted {chosen.name} on {len(y)} training + validation rows (the validation metrics "
                     f"were measured before the refit)")
         return again.model
+
+    def audit_labels(self, features: FeatureSplit) -> "ImageClassifier":
+        """The label audit of the training folder (training and validation photos, their cached features):
+        ``label_audit_`` (see ``training.audit``), written to the run folder and the report. Skipped, with a
+        warning, where a class has too few photos for two folds."""
+        from transferkit.training.audit import audit_labels
+
+        views = self.options_.augment_views + 1
+        x = np.concatenate([features.x_train[::views], features.x_val])
+        y = np.concatenate([features.y_train[::views], features.y_val])
+        try:
+            self.label_audit_ = audit_labels(x, y, features.train_paths + features.val_paths, self.classes_)
+        except TransferkitError as exc:
+            logger.warning(f"no label audit: {exc}")
+        return self
 
     def _check_view_features(self, features: FeatureSplit) -> dict | None:
         """Where the training views were computed in a lower precision than the reported numerics: the same
@@ -538,6 +557,8 @@ class ImageClassifier:
         if self.fine_tune_:
             result["fine_tune"] = {k: self.fine_tune_.get(k) for k in
                                    ("epochs", "unfreeze_top", "learning_rate", "blocks", "best_epoch", "history")}
+        if self.label_audit_ is not None:
+            result["label_audit"] = self.label_audit_.to_json()
         if self.test_:
             result["test"] = self.test_
             result["report"] = os.path.join(self.out_, "report.html")
@@ -567,6 +588,7 @@ class ImageClassifier:
 
     def _write_run(self) -> None:
         """The records, history.png, and report.html when there are test metrics."""
+        from transferkit.reports.explain import report_overlays
         from transferkit.reports.html import model_summary, write_report
         from transferkit.reports.plots import plot_history
 
@@ -574,10 +596,18 @@ class ImageClassifier:
         _, curves, boundary = self._curves()
         history_png = plot_history(curves, os.path.join(self.out_, "history.png"), record["best_epoch"],
                                    stage_boundary=boundary)
+        section = ""
+        if self.label_audit_ is not None:
+            from transferkit.reports.html import label_audit_section
+            from transferkit.training.audit import CSV_NAME, write_csv
+
+            written = write_csv(self.label_audit_, os.path.join(self.out_, CSV_NAME))
+            section = label_audit_section(self.label_audit_, written)
         if self.test_:
             title = f"Test report: {os.path.basename(os.path.abspath(self.out_))}"
             write_report(self.test_, self.out_, title=title, history_png=history_png,
-                         model_info=model_summary(self.metadata))
+                         model_info=model_summary(self.metadata), overlays=report_overlays(self, self.test_),
+                         sections=section)
 
     # ----- helpers -----
     def _fitted(self) -> "ImageClassifier":

@@ -68,6 +68,15 @@ def _data_commands(command) -> None:
     i.add_argument("--out", default=os.path.join("runs", "inspect"), help="folder for health.json, samples.png")
     i.add_argument("--near-threshold", type=int, default=6, help="perceptual-hash bits for a near duplicate")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    i.add_argument("--labels", action="store_true",
+                   help="audit the labels: photos probably in the wrong class folder, and outliers (labels.html, "
+                        "label_issues.csv in --out)")
+    i.add_argument("--backbone", default="efficientnet_lite0", help="the backbone whose features --labels uses")
+    i.add_argument("--image-size", type=int, help="the image size of --labels (default: the backbone's)")
+    i.add_argument("--move-to", metavar="QUARANTINE",
+                   help="move the files marked 'yes' in the 'move' column of --out's label_issues.csv (or --csv) "
+                        "to QUARANTINE/<class>/; nothing is deleted, nothing else is done")
+    i.add_argument("--csv", help="the edited label audit CSV for --move-to (default: OUT/label_issues.csv)")
 
     d = command("demo", "train and evaluate on scikit-learn's bundled digits (offline)")
     d.add_argument("--out", default=os.path.join("runs", "demo"))
@@ -81,6 +90,8 @@ def _model_commands(command) -> None:
     e.add_argument("--out", help="folder for metrics.json, report.html and the confusion matrices")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     e.add_argument("--unknown-dir", help="photos of none of the classes: how many the model rejects as unknown")
+    e.add_argument("--no-explain", dest="explain", action="store_false",
+                   help="no heat maps in report.html (they load the model's Keras model: TensorFlow)")
     add_options(e, EngineOptions)
 
     r = command("predict", "predict image files, folders or globs")
@@ -88,7 +99,10 @@ def _model_commands(command) -> None:
     r.add_argument("paths", nargs="+")
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    r.add_argument("--show", metavar="OUT.png", help="also draw the image(s) with label, probability and top-k bars")
+    r.add_argument("--show", metavar="OUT.png",
+                   help="also draw the image(s) with label, probability, heat map and top-k bars")
+    r.add_argument("--explain", metavar="OUT_DIR",
+                   help="write OUT_DIR/<photo>.png per image: the photo with the heat map (Grad-CAM) of its class")
     r.add_argument("--no-reject", dest="reject", action="store_false",
                    help="label photos unlike every class with their nearest class instead of 'unknown'")
     add_options(r, EngineOptions)
@@ -154,7 +168,7 @@ def _evaluate(args) -> None:
     from transferkit.api import evaluate
     from transferkit.reports.metrics import text_report
 
-    metrics = evaluate(args.model, args.test_dir, out=args.out, unknown_dir=args.unknown_dir,
+    metrics = evaluate(args.model, args.test_dir, out=args.out, unknown_dir=args.unknown_dir, explain=args.explain,
                        **record_values(args, EngineOptions))
     if args.json:
         keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
@@ -165,29 +179,75 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> None:
-    from transferkit.api import predict
+    from transferkit.api import load_predictor, predict
 
-    rows = predict(args.model, args.paths, top_k=args.top_k, reject=args.reject,
-                   **record_values(args, EngineOptions))
+    model = load_predictor(args.model, **record_values(args, EngineOptions))
+    rows = predict(model, args.paths, top_k=args.top_k, reject=args.reject)
+    explainer = None
+    if args.explain or args.show:
+        from transferkit.reports.explain import Explainer, write_explanations
+
+        explainer = Explainer.for_predictor(model)
+        if args.explain and explainer is None:
+            raise TransferkitError(f"{args.model}: --explain needs the .keras model file (an export has no "
+                                   f"gradients to explain with)")
+        if args.explain:
+            written = write_explanations(rows, explainer, args.explain)
+            logger.info(f"wrote {len(written)} heat map(s) to {args.explain}")
     _print_rows(rows, args.format)
     if args.show:
         from transferkit.reports.plots import show_predictions
 
-        for path in show_predictions(rows, args.show):
+        for path in show_predictions(rows, args.show, explainer):
             logger.info(f"wrote {path}")
 
 
 def _inspect(args) -> None:
     from transferkit.data.health import inspect_dataset, text_summary, write_inspection
 
+    if args.move_to:
+        return _move_marked(args)
     report = inspect_dataset(args.data_dir, args.test_dir, near_threshold=args.near_threshold,
                              progress=not args.json and args.verbosity >= 0)
     written = write_inspection(report, args.out)
+    if args.labels:
+        from transferkit.reports.html import write_label_report
+        from transferkit.training import audit
+
+        found = audit.audit_folder(args.data_dir, args.backbone, args.image_size)
+        report |= found.to_json()
+        written["csv"] = audit.write_csv(found, os.path.join(args.out, audit.CSV_NAME))
+        written["labels"] = write_label_report(found, os.path.join(args.out, "labels.html"), written["csv"])
+        write_inspection(report, args.out)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
-    else:
-        print(text_summary(report))
-        print(f"\nwrote {written['json']} and {written['samples']}")
+        return
+    print(text_summary(report))
+    if args.labels:
+        print(_audit_table(report))
+    print("\nwrote " + ", ".join(written.values()))
+
+
+def _audit_table(report: dict, limit: int = 20) -> str:
+    issues, outliers = report["label_issues"], report["outliers"]
+    lines = [f"\nlabel audit: {len(issues)} photo(s) probably in the wrong folder, {len(outliers)} outlier(s)"]
+    lines += [f"  {r['score']:.3f}  {r['given']} -> {r['suggested']}\t{r['path']}" for r in issues[:limit]]
+    lines += [f"  outlier {r['score']:.3f}  {r['given']}\t{r['path']}" for r in outliers[:limit]]
+    if issues or outliers:
+        lines.append("  mark 'yes' in the 'move' column of the CSV, then: transferkit inspect DATA --move-to DIR")
+    return "\n".join(lines)
+
+
+def _move_marked(args) -> None:
+    from transferkit.training.audit import CSV_NAME, move_marked
+
+    moved = move_marked(args.csv or os.path.join(args.out, CSV_NAME), args.data_dir, args.move_to)
+    if args.json:
+        print(json.dumps({"moved": moved}, ensure_ascii=False))
+        return
+    for m in moved:
+        print(f"moved {m['path']} -> {m['to']}")
+    print(f"moved {len(moved)} file(s) to {args.move_to} (nothing deleted)")
 
 
 def _serve(args) -> None:

@@ -1,7 +1,9 @@
 """The web app and JSON API (`transferkit serve`): Flask behind gunicorn, the model file loaded once per worker.
 
     GET  /             a page: pick or drop a photo, see it with its label, probability and top-k bars
-    POST /api/predict  multipart field `image` (one or several files) -> {"predictions": [...], "model": {...}}
+    POST /api/predict  multipart field `image` (one or several files) -> {"predictions": [...], "model": {...}};
+                       ?explain=1 adds to each prediction "explanation": a PNG data URI of the photo with its
+                       heat map (Grad-CAM; the Keras model is loaded at the first such request, not before)
     GET  /api/model    class names, backbone, image size, training metrics
     GET  /healthz      200 once the model is loaded
 
@@ -54,7 +56,7 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
     max_upload_mb, top_k = options.max_upload_mb, options.top_k
     model = load_predictor(model_path, runtime=options.runtime, precision=options.precision)
     lock = threading.Lock()  # one inference at a time per worker: TensorFlow already uses every core for it
-    info = model_info(model)
+    info, explainer = model_info(model), _explainer(model)
     _warm_up(model)
     page = resources.files("transferkit.apps").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -90,8 +92,11 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
         if len(files) > MAX_FILES:
             return error(400, f"at most {MAX_FILES} files per request")
         k = request.args.get("top_k", default=top_k, type=int)
+        explain = request.args.get("explain", "").strip().lower() in ("1", "true", "yes")
+        if explain and explainer is None:
+            return error(400, f"explain=1 needs a .keras model file; {os.path.basename(model_path)} has no gradients")
         try:
-            rows = _predict_uploads(model, lock, files, k, options.max_request_pixels)
+            rows = _predict_uploads(model, lock, files, k, options.max_request_pixels, explainer if explain else None)
         except OverPixelBudget as exc:
             return error(413, f"{exc.path}: {exc.reason}")
         except UnreadableImage as exc:
@@ -99,6 +104,14 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
         return jsonify({"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}})
 
     return app
+
+
+def _explainer(model):
+    """The heat maps' explainer of ``model`` (None for an ONNX export); it imports no TensorFlow: the Keras
+    model is loaded at the first ``explain=1`` request."""
+    from transferkit.reports.explain import Explainer
+
+    return Explainer.for_predictor(model)
 
 
 def _warm_up(model) -> None:
@@ -112,10 +125,11 @@ def _warm_up(model) -> None:
         model.predict_images(photos[np.arange(n) % len(photos)])
 
 
-def _predict_uploads(model, lock: threading.Lock, files, top_k: int, max_pixels: int) -> list[dict]:
+def _predict_uploads(model, lock: threading.Lock, files, top_k: int, max_pixels: int, explainer=None) -> list[dict]:
     """Check every upload's header and the request's pixel budget (OverPixelBudget) before decoding any, then
     decode them (in memory; the client's file name is echoed back, never used as a path) and make one batched
-    prediction; an unreadable upload raises UnreadableImage naming it."""
+    prediction; an unreadable upload raises UnreadableImage naming it. With ``explainer``, each row gets its
+    heat map as a PNG data URI (``explanation``)."""
     from transferkit.engines.predict import rows_from_probs
 
     uploads = [(os.path.basename(upload.filename or "upload")[:200], upload.read()) for upload in files]
@@ -127,7 +141,22 @@ def _predict_uploads(model, lock: threading.Lock, files, top_k: int, max_pixels:
     rows = rows_from_probs(names, probs, model.class_names, top_k, model.metadata.get("novelty"))
     for row in rows:
         row["filename"] = row.pop("path")
+    if explainer is not None:
+        _add_explanations(rows, images, uploads, explainer)
     return rows
+
+
+def _add_explanations(rows: list[dict], images: list[np.ndarray], uploads: list, explainer) -> None:
+    """Each row's heat map, drawn over its upload (decoded again, at most 480 px) as a PNG data URI."""
+    from transferkit.data.images import open_rgb
+    from transferkit.reports.explain import data_uri, explained_class, overlay_png
+
+    classes = [explained_class(row, explainer.class_names) for row in rows]
+    maps = explainer.heatmaps(np.stack(images), classes)
+    for row, (name, data), heat in zip(rows, uploads, maps):
+        photo = open_rgb(data, name=name, draft_size=480)
+        photo.thumbnail((480, 480))
+        row["explanation"] = data_uri(overlay_png(np.asarray(photo), heat))
 
 
 def serve(model_path: str, options: ServeOptions | None = None) -> None:

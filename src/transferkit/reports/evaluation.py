@@ -16,17 +16,19 @@ from transferkit.engines.predict import files_to_probs
 from transferkit.files import write_json_atomic
 from transferkit.models.novelty import split_outputs
 from transferkit.reports.trust import trust_figures, trust_metrics
+from transferkit.reports.explain import report_overlays
 from transferkit.reports.html import model_summary, write_report
 from transferkit.reports.metrics import compute_metrics
 
 
 def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None = None, batch_size: int = 32,
                        title: str | None = None, history_png: str | None = None,
-                       unknown_dir: str | None = None) -> dict:
+                       unknown_dir: str | None = None, explain: bool = True) -> dict:
     """Metrics of ``predictor`` on ``test_dir/<class>/``; with ``out``, writes metrics.json and report.html (with
     confusion_matrix.png, confusion_matrix_normalised.png, reliability.png) there. Class folders are matched to
     the model's classes by name, never by order. ``unknown_dir``: photos of none of the classes, to measure how
-    many the novelty score rejects (metrics["unknown"], novelty.png, confusion_unknown.png)."""
+    many the novelty score rejects (metrics["unknown"], novelty.png, confusion_unknown.png). ``explain``: the
+    report's galleries show each photo's heat map (a ``.keras`` model: its Keras model is loaded for them)."""
     data = scan_folder(test_dir, class_names=predictor.class_names)
     outputs, kept, skipped = files_to_probs(predictor, data.paths, batch_size)
     probs, scores = split_outputs(outputs, len(predictor.class_names))
@@ -43,5 +45,6 @@ def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None =
         name = os.path.basename(predictor.path or "model")
         write_report(metrics, out, title=title or f"Evaluation of {name} on {test_dir}",
                      history_png=history_png, model_info=model_summary(predictor.metadata),
-                     extra_figures=trust_figures(found, arrays, out))
+                     extra_figures=trust_figures(found, arrays, out),
+                     overlays=report_overlays(predictor, metrics) if explain else None)
     return metrics

@@ -7,9 +7,9 @@ from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], paths: list[str] | None = None,
-                    skipped: list[dict] | None = None, n_wrong: int = 20) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, confusion matrix (rows = truth) and the most confidently
-    wrong images, as a JSON-ready dict."""
+                    skipped: list[dict] | None = None, n_wrong: int = 20, n_unsure: int = 12) -> dict:
+    """Accuracy, per-class precision/recall/F1/support, confusion matrix (rows = truth), the most confidently
+    wrong images and the least confident right ones, as a JSON-ready dict."""
     y_true = np.asarray(y_true, dtype=int)
     y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     labels = list(range(len(class_names)))
@@ -34,13 +34,14 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
         "skipped": list(skipped or []),
     }
     if paths is not None:
+        def entries(index):
+            return [{"path": paths[i], "true": class_names[y_true[i]], "predicted": class_names[y_pred[i]],
+                     "probability": float(probs[i, y_pred[i]])} for i in index]
+
         wrong = np.flatnonzero(y_true != y_pred)
-        wrong = wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:n_wrong]
-        result["most_confident_errors"] = [
-            {"path": paths[i], "true": class_names[y_true[i]], "predicted": class_names[y_pred[i]],
-             "probability": float(probs[i, y_pred[i]])}
-            for i in wrong
-        ]
+        right = np.flatnonzero(y_true == y_pred)
+        result["most_confident_errors"] = entries(wrong[np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")][:n_wrong])
+        result["least_confident_correct"] = entries(right[np.argsort(probs[right, y_pred[right]], kind="stable")][:n_unsure])
     return result
 
 

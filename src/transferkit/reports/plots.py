@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from transferkit.data.images import open_rgb  # noqa: E402
 from transferkit.errors import TransferkitError  # noqa: E402
@@ -121,12 +122,21 @@ def plot_samples(samples: dict[str, list[str]], path: str, thumb: int = 160) -> 
     return _save(fig, path)
 
 
-def plot_prediction(image: np.ndarray, title: str, top_k: list[dict], path: str) -> str:
-    """The photo titled 'label (probability)' beside a bar chart of the top-k probabilities."""
-    fig, (ax_img, ax_bar) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [1.2, 1]})
+def plot_prediction(image: np.ndarray, title: str, top_k: list[dict], path: str,
+                    overlay: np.ndarray | None = None) -> str:
+    """The photo titled 'label (probability)' beside a bar chart of the top-k probabilities (and, given an
+    ``overlay``, the photo with its heat map between them)."""
+    panels = 3 if overlay is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4),
+                             gridspec_kw={"width_ratios": [1.2] * (panels - 1) + [1]})
+    ax_img, ax_bar = axes[0], axes[-1]
     ax_img.imshow(image)
     ax_img.axis("off")
     ax_img.set_title(title, fontsize=13)
+    if overlay is not None:
+        axes[1].imshow(overlay)
+        axes[1].axis("off")
+        axes[1].set_title("where the model looked", fontsize=11)
     labels = [t["label"] for t in top_k][::-1]
     values = [t["probability"] for t in top_k][::-1]
     ax_bar.barh(range(len(labels)), values, color="tab:blue")
@@ -139,17 +149,40 @@ def plot_prediction(image: np.ndarray, title: str, top_k: list[dict], path: str)
     return _save(fig, path)
 
 
-def show_predictions(rows: list[dict], out: str) -> list[str]:
-    """Draw each predicted image with 'label (probability)' and its top-k bars: ``out`` for one image,
-    ``out`` with ``-1``, ``-2``, ... before the extension for several."""
+def plot_explanation(photo: np.ndarray, overlay: np.ndarray, title: str, path: str) -> str:
+    """The photo and the same photo with its heat map, side by side, under one title (the verdict)."""
+    height, width = photo.shape[:2]
+    fig, axes = plt.subplots(1, 2, figsize=(9, max(2.5, 4.5 * height / max(width, 1)) + 0.6))
+    for ax, image, caption in zip(axes, (photo, overlay), ("photo", "heat map (Grad-CAM)")):
+        ax.imshow(image)
+        ax.axis("off")
+        ax.set_title(caption, fontsize=10, color="#555")
+    fig.suptitle(title, fontsize=13)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def show_predictions(rows: list[dict], out: str, explainer=None) -> list[str]:
+    """Draw each predicted image with 'label (probability)' and its top-k bars (with ``explainer``, a
+    ``reports.explain.Explainer``, its heat map too): ``out`` for one image, ``out`` with ``-1``, ``-2``, ...
+    before the extension for several."""
     good = [r for r in rows if not r.get("error")]
     if not good:
         raise TransferkitError("no readable image to show")
     stem, ext = os.path.splitext(out)
+    overlays = [None] * len(good)
+    if explainer is not None:
+        from transferkit.reports.explain import colorize, explained_class
+
+        pairs = explainer.files([r["path"] for r in good], [explained_class(r, explainer.class_names) for r in good])
+        overlays = [colorize(photo, heat) for photo, heat in pairs]
     written = []
-    for n, row in enumerate(good, start=1):
+    for n, (row, overlay) in enumerate(zip(good, overlays), start=1):
         target = out if len(good) == 1 else f"{stem}-{n}{ext or '.png'}"
         title = (f"none of these (novelty {row['novelty']:.2f})" if row.get("unknown") and row["label"] is None
                  else f"{row['label']} ({row['probability']:.3f})")
-        written.append(plot_prediction(np.asarray(open_rgb(row["path"])), title, row["top_k"], target))
+        photo = np.asarray(open_rgb(row["path"]))
+        if overlay is not None:
+            photo = np.asarray(Image.fromarray(photo).resize(overlay.shape[1::-1]))
+        written.append(plot_prediction(photo, title, row["top_k"], target, overlay))
     return written
