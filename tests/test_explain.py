@@ -9,6 +9,7 @@ from PIL import Image
 from skimage import data
 
 from transferkit.models.gradcam import GradCam, upsample
+from conftest import IMAGE_SIZE
 
 # Object boxes (x0, y0, x1, y1) in the photographs' own pixels, measured on a 50 px grid drawn over them:
 # chelsea (451 x 300): the cat's face, ears to chin and whisker base to whisker base (eyes at y ~ 90-160, nose
@@ -81,14 +82,17 @@ def test_same_heat_map_in_memory_and_from_the_model_file(imagenet, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-def test_default_head_gives_the_exact_class_activation_map(trained, dataset):
-    """gap head: Grad-CAM is sum_k w_ck A_k (the Dense kernel's column of the class over the feature map)."""
+def test_a_linear_head_gives_the_exact_class_activation_map(dataset, tmp_path):
+    """gap head on the final features: Grad-CAM is sum_k w_ck A_k (the Dense kernel's column of the class over the
+    feature map)."""
     import keras
 
+    import transferkit
     from transferkit.data.images import load_image
     from transferkit.models import modelfile
 
-    result, _ = trained
+    result = transferkit.train(dataset[0], image_size=IMAGE_SIZE, epochs=3, head="gap", depths=0,
+                               out=str(tmp_path / "gap"))
     loaded = modelfile.load(result["model_path"])
     cam = GradCam(loaded.keras_model)
     assert cam.method == "cam"
