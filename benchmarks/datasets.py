@@ -3,11 +3,12 @@ benchmarks that choose defaults by measurement (quality.py).
 
     photos    8 scikit-image photographs (cat, coffee, rocket, astronaut, brick, coins, camera, Hubble), each class
               crops of one photograph: close to ImageNet, 40 train / 20 test per class
-    textures  6 scikit-image textures and microscopy images (brick, grass, gravel, immunohistochemistry, retina,
-              moon), small crops (12-30 % of the side): far from ImageNet, 40 train / 20 test per class
+    textures  8 scikit-image textures and microscopy images (brick, grass, gravel, immunohistochemistry, retina,
+              moon, cell, microaneurysms), small crops (5-12 % of the side): far from ImageNet, 30 train / 20 test
+              per class
     digits    scikit-learn's handwritten digits (8 x 8 scans, grey, shown at 64 px): far from ImageNet, 10 classes,
               60 train / 60 test per class
-    faces     scikit-image's LFW subset (25 x 25 grey): faces vs not faces, 60 train / 40 test per class
+    faces     scikit-image's LFW subset (25 x 25 grey): faces vs not faces, 15 train / 60 test per class
 
     python benchmarks/datasets.py NAME OUT_DIR     # writes OUT_DIR/train/<class>/ and OUT_DIR/test/<class>/
 """
@@ -66,8 +67,9 @@ def write(name: str, root: str) -> tuple[str, str]:
         return _photo_set(photos, root, 40, 20, (0.3, 0.7))
     if name == "textures":
         photos = {"brick": data.brick(), "grass": data.grass(), "gravel": data.gravel(),
-                  "ihc": data.immunohistochemistry(), "retina": data.retina(), "moon": data.moon()}
-        return _photo_set(photos, root, 40, 20, (0.12, 0.3))
+                  "ihc": data.immunohistochemistry(), "retina": data.retina(), "moon": data.moon(),
+                  "cell": data.cell(), "microaneurysms": data.microaneurysms()}
+        return _photo_set(photos, root, 30, 20, (0.05, 0.12))
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -78,7 +80,7 @@ def write(name: str, root: str) -> tuple[str, str]:
     if name == "faces":
         faces = data.lfw_subset()
         images = [(x * 255).astype(np.uint8) for x in faces]
-        return _split(images, np.repeat([0, 1], 100), ["visage", "autre"], root, 60, 40)
+        return _split(images, np.repeat([0, 1], 100), ["visage", "autre"], root, 15, 60)
     raise SystemExit(f"unknown dataset {name!r}; one of {', '.join(NAMES)}")
 
 

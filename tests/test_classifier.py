@@ -79,7 +79,7 @@ def test_each_stage_is_a_method_a_test_can_call(dataset, tmp_path):
     clf = ImageClassifier(runtime="keras", **FAST).prepare(dataset[0], out=str(tmp_path / "run"))
     assert len(clf.data_.train_paths) + len(clf.data_.val_paths) == 48 and clf.model_ is None
     features = clf.extract_features()
-    assert features.x_train.shape == (len(clf.data_.train_paths), 1280)
+    assert features.x_train.shape == (len(clf.data_.train_paths), 1280 + 896)  # final + 4 blocks (head auto)
     assert clf.fit_head(features) is clf and clf.best_epoch_ >= 1
     path = clf.save(str(tmp_path / "staged.keras"))
     whole = ImageClassifier(runtime="keras", **FAST).fit(dataset[0], out=str(tmp_path / "whole"))
@@ -116,7 +116,7 @@ def test_bad_option_fails_before_any_image_is_read(dataset, tmp_path, monkeypatc
              (dict(unfreeze_top=99, fine_tune_epochs=1), "unfreeze_top must be between 1 and 18 for "
                                                          "efficientnet_lite0, got 99"),
              (dict(val_split=1.5), "val_split must be > 0.0 and < 1.0, got 1.5"),
-             (dict(head="mlp"), "head must be one of gap, flatten-256-128, got 'mlp'"),
+             (dict(head="mlp"), "head must be one of auto, gap, logistic, flatten-256-128, got 'mlp'"),
              (dict(backbone="resnet9000"), "backbone is unknown"),
              (dict(epochs=2.5), "epochs must be a whole number, got 2.5"),
              (dict(weights=str(tmp_path / "missing.pth")), "weights must be 'imagenet' or an existing weights file")]
