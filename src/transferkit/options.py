@@ -144,8 +144,9 @@ class TrainOptions(EngineOptions):
                                      "photo is answered 'unknown')", low=0.5, high=1.0)
     feature_precision: str = option("auto", "numerics of the training views' features only (validation, test and "
                                     "every metric train reports use --precision, so evaluate reproduces them): auto "
-                                    "= int8 for runs of >= 2,000 backbone passes, bf16 from 1,000 where the CPU has "
-                                    "it natively, else fp32; each checked against fp32", choices=FEATURE_PRECISIONS)
+                                    "= bf16 for runs of >= 1,000 backbone passes where the CPU has it natively, int8 "
+                                    "from 2,000 on a CPU with int8 (VNNI) but no bf16, else fp32; each checked "
+                                    "against fp32", choices=FEATURE_PRECISIONS)
     cache: bool = option(True, "read and write the feature cache", flag="--no-cache")
     fine_tune_epochs: int = option(0, "second stage: epochs of end-to-end training (0: none)", low=0, high=10_000)
     unfreeze_top: int = option(2, "backbone blocks to unfreeze in the second stage, from the top", low=1)

@@ -37,8 +37,8 @@ FP32_COSINE = 0.9999  # a converted fp32 model vs Keras fp32: the same computati
 MAX_CALIBRATION = 64  # images an int8 model is calibrated on (engines.quantize)
 BF16_MIN_PASSES = 1000  # feature_precision auto: bf16 from this many backbone passes (a second engine, built and
 # checked in 0.8 s, saves 1.9 ms a pass at 258 vs 172 img/s here: below ~420 passes fp32 alone is faster)
-INT8_MIN_PASSES = 2000  # and int8 from this many (its calibration, 3.5 s once per image set, costs more than it
-# saves below ~1,300 passes at 258 (bf16) vs 314 (int8) img/s here)
+INT8_MIN_PASSES = 2000  # and, on a CPU without bf16 arithmetic, int8 from this many (its calibration, 3.5 s once
+# per image set, must be earned back)
 CONVERSION = "c2"  # part of the cached files' names: a fixed converter (c2: Normalization constants) redoes them
 
 
@@ -97,18 +97,30 @@ def resolve(runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGI
 
 
 def training_precision(choice: str, runtime: str, n_passes: int) -> str:
-    """The precision of a run's training-view features: ``choice``, or for ``auto`` int8 where the run has enough
-    backbone passes to earn its calibration, else bf16 where the CPU computes it natively and the passes earn a
-    second engine, else fp32 (the reported numerics' own extractor). Only
+    """The precision of a run's training-view features: ``choice``, or for ``auto``: bf16 where the CPU computes it
+    natively and the run's passes earn a second engine; on a CPU without bf16 but with int8 dot products, int8
+    where the passes earn its calibration; else fp32 (the reported numerics' own extractor). Only
     OpenVINO computes bf16 and int8: with another runtime it is fp32. ``n_passes`` counts every view, cached or
     not, so a second run picks the same precision (and finds its features)."""
     if resolve(runtime, "fp32")[0] != "openvino":
         return "fp32"
     if choice != "auto":
         return choice
-    if n_passes >= INT8_MIN_PASSES and installed("nncf"):
-        return "int8"
-    return "bf16" if native_bf16() and n_passes >= BF16_MIN_PASSES else "fp32"
+    if native_bf16():  # measured here (AMX): bf16 395 img/s, int8 270 (Lite0), 195 vs 101 (Lite1, cosine 0.96)
+        return "bf16" if n_passes >= BF16_MIN_PASSES else "fp32"
+    if n_passes >= INT8_MIN_PASSES and installed("nncf") and cpu_has("avx512_vnni", "avx_vnni"):
+        return "int8"  # no bf16 arithmetic: int8 dot products (VNNI) are the fast path
+    return "fp32"
+
+
+def cpu_has(*flags: str) -> bool:
+    """True where /proc/cpuinfo lists any of ``flags``."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            found = set(f.read().split())
+    except OSError:
+        return False
+    return any(flag in found for flag in flags)
 
 
 def cached_onnx(key: str) -> str | None:
