@@ -121,3 +121,21 @@ def test_predict_explain_writes_a_titled_heat_map_per_photo(trained, dataset, tm
     for n in (1, 2):
         with Image.open(tmp_path / f"show-{n}.png") as img:  # three panels: photo, heat map, bars
             assert img.size[0] > 1000
+
+
+@pytest.mark.parametrize("name", ["resnet50v2", "mobilenet_v3_small", "convnext_tiny", "efficientnet_b0"])
+def test_every_kind_of_registry_backbone_gets_a_heat_map(name):
+    """Random weights (the ImageNet ones need a download here): the map is the last block's, one per image, finite,
+    and moves with the input. A classifier is assembled as training assembles it (backbone -> trusted head)."""
+    from transferkit.models import modelfile
+    from transferkit.models.backbones import REGISTRY, build_feature_extractor
+    from transferkit.models.heads import build_head
+    from transferkit.models.novelty import trusted_head
+
+    assert name in REGISTRY
+    extractor = build_feature_extractor(name, 64, weights=None)
+    model = modelfile.assemble(extractor, trusted_head(build_head("gap", extractor.output.shape[1:], 3)))
+    photos = np.stack([_square(data.chelsea()), _square(data.coffee())])[:, ::3, ::3][:, :64, :64]
+    maps, classes = GradCam(model).heatmaps(photos.astype("float32"))
+    assert maps.shape[0] == 2 and maps.ndim == 3 and np.isfinite(maps).all() and len(classes) == 2
+    assert maps.max() > 0 and not np.allclose(maps[0], maps[1])
