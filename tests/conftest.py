@@ -71,3 +71,18 @@ def trained(dataset, tmp_path_factory):
     result = transferkit.train(dataset[0], test_dir=dataset[1], image_size=IMAGE_SIZE, epochs=15, augment_views=2,
                                out=str(out))
     return result, str(out)
+
+
+@pytest.fixture(autouse=True)
+def _library_logging():
+    """A test that runs the CLI in this process (``cli.main``) installs its stderr handler, sets its level and stops
+    propagation: undone after each test, so later tests' ``caplog`` sees transferkit's messages again."""
+    yield
+    import logging
+
+    from transferkit.log import logger
+
+    for handler in [h for h in logger.handlers if getattr(h, "_transferkit", False)]:
+        logger.removeHandler(handler)
+    logger.propagate = True
+    logger.setLevel(logging.INFO)

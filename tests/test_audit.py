@@ -104,3 +104,23 @@ def test_training_run_writes_the_audit_into_its_report(trained):
     assert "id=\"label-audit\"" in page and "label_issues.csv" in page
     with open(os.path.join(out, "label_issues.csv"), newline="", encoding="utf-8") as f:
         assert next(csv.reader(f)) == ["rank", "issue", "path", "given", "suggested", "score", "move"]
+
+
+def test_move_to_checks_every_marked_path_before_moving_any(planted, tmp_path, capsys):
+    from transferkit.apps.cli import main
+
+    folder, _ = planted
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    inside = sorted(data.rglob("*.jpg"))[0]
+    (tmp_path / "elsewhere.jpg").write_bytes(b"x")
+    with open(tmp_path / "marked.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["path", "move"])
+        writer.writeheader()
+        writer.writerows([{"path": str(inside), "move": "yes"}, {"path": str(tmp_path / "elsewhere.jpg"),
+                                                                  "move": "yes"}])
+    args = ["inspect", str(data), "--csv", str(tmp_path / "marked.csv"), "--move-to"]
+    assert main(args + [str(tmp_path / "quarantine")]) == 2
+    assert "not inside" in capsys.readouterr().err and inside.exists()  # the good row did not move either
+    assert main(args + [str(data / "_quarantine")]) == 2  # the next scan would read it as a class
+    assert "inside" in capsys.readouterr().err and inside.exists() and not (data / "_quarantine").exists()

@@ -119,6 +119,8 @@ def test_bad_option_fails_before_any_image_is_read(dataset, tmp_path, monkeypatc
              (dict(head="mlp"), "head must be one of auto, gap, logistic, flatten-256-128, got 'mlp'"),
              (dict(backbone="resnet9000"), "backbone is unknown"),
              (dict(epochs=2.5), "epochs must be a whole number, got 2.5"),
+             (dict(precision="int8"), "--feature-precision int8 computes the training views in int8"),
+             (dict(depths=9), "depths must be >= 0 and <= 8, got 9"),
              (dict(weights=str(tmp_path / "missing.pth")), "weights must be 'imagenet' or an existing weights file")]
     for options, message in cases:
         with pytest.raises(OptionError) as caught:

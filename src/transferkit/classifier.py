@@ -315,10 +315,11 @@ class ImageClassifier:
         from transferkit.training import select
 
         options = self.options_
-        if chosen.head == "gap":
+        if chosen.head != "logistic":  # a softmax head: the chosen epoch count, no early stop on seen rows
             options = dataclasses.replace(options, epochs=max(1, chosen.best_epoch or 1), patience=10_000)
-        x = np.concatenate([features.x_train, features.x_val])
-        y = np.concatenate([features.y_train, features.y_val])
+        rows = slice(None) if chosen.views else slice(None, None, options.augment_views + 1)
+        x = np.concatenate([features.x_train[rows], features.x_val])
+        y = np.concatenate([features.y_train[rows], features.y_val])
         data = (x, y, features.x_val, features.y_val, 1)  # validation rows now train: every row is kept
         again = select.Candidate(chosen.head, chosen.depths, True)
         select.fit_candidate(again, options, data, dims, len(self.classes_), self._class_weights())

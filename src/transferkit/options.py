@@ -154,6 +154,9 @@ class TrainOptions(EngineOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.precision == "int8":
+            raise OptionError("precision", "is the numerics of the metrics train reports (fp32, or bf16): "
+                              "--feature-precision int8 computes the training views in int8", self.precision)
         self._check_backbone()
 
     def for_training(self) -> "TrainOptions":

@@ -61,8 +61,13 @@ class CachedPredictor:
         verdict = _trusted_verdict(key, runtime, precision, check, engine.runtime == "auto")
         if verdict is None:
             return None
-        found = runtimes.Engine(runtime, precision, runtimes.runner(onnx, runtime, precision, key, check),
-                                verdict["cosine"], verdict)
+        try:
+            run = runtimes.runner(onnx, runtime, precision, key, check)
+        except Exception as exc:  # a runtime that no longer takes the cached file: the Keras path converts again
+            logger.warning(f"{path}: cached {runtime} {precision} engine unusable ({str(exc).splitlines()[0][:200]}); "
+                           f"loading the model with Keras")
+            return None
+        found = runtimes.Engine(runtime, precision, run, verdict["cosine"], verdict)
         if precision != "fp32":
             logger.info(runtimes.describe_check(found))
         return cls(found, names, size, metadata, path, check)

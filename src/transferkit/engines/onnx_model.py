@@ -85,7 +85,7 @@ def _load_openvino(path: str) -> OnnxPredictor:
         import onnx
 
         proto = onnx.load(path, load_external_data=False)
-        run = openvino_run(path, "fp32")
+        run = openvino_run(path, "fp32", cache_compiled=False)  # a user's file: nothing of it kept in the cache
     except Exception as exc:  # onnx and OpenVINO raise their own types for a bad file
         raise TransferkitError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0][:300]})") from None
     metadata = _metadata(path, {p.key: p.value for p in proto.metadata_props}.get("transferkit"))

@@ -50,7 +50,8 @@ def _head_parts(model: keras.Model):
         logits = _pre_softmax(final, hidden)
         body = head
     between = [layer for layer in body.layers if not isinstance(layer, keras.layers.InputLayer) and layer is not final]
-    linear = len(features.shape) == 2 and all(isinstance(layer, keras.layers.Dropout) for layer in between)
+    linear = len(features.shape) == 2 and all(isinstance(layer, keras.layers.Dropout) for layer in between) \
+        and features.shape[-1] == feature_map.shape[-1]  # pooled final features only: no other block's pools
     return keras.Model(model.input, [feature_map, logits], name="cam_model"), linear
 
 

@@ -140,7 +140,8 @@ def set_trust(head: keras.Model, temperature: float, whitening: np.ndarray, cent
     head.get_layer(NOVELTY).set_weights([np.full((1, 1), -1.0 / threshold, np.float32)])
     head.get_layer("temperature").set_weights([np.eye(n, dtype=np.float32) / np.float32(temperature)])
     head.get_layer("novelty_whiten").set_weights([whitening.T.astype(np.float32)])
-    head.get_layer("novelty_norm").set_weights([np.ones((whitening.shape[0], n), np.float32)])
+    units = head.get_layer("novelty_norm").units  # n; 1 in model files from before the equal-shape fix
+    head.get_layer("novelty_norm").set_weights([np.ones((whitening.shape[0], units), np.float32)])
     norms = (centers.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
     head.get_layer("novelty_cross").set_weights([(-2.0 * centers.T).astype(np.float32), norms])
 

@@ -138,11 +138,12 @@ def write_explanations(rows: list[dict], explainer: Explainer, out_dir: str, pai
     os.makedirs(out_dir, exist_ok=True)
     if pairs is None:
         pairs = explainer.files([r["path"] for r in good], [explained_class(r, explainer.class_names) for r in good])
-    used, written = set(), []
+    used = {os.path.realpath(r["path"]) for r in rows}  # never overwrite a photo being explained
+    written = []
     for row, (photo, heat) in zip(good, pairs):
         stem = os.path.splitext(os.path.basename(row["path"]))[0] or "image"
         name, n = f"{stem}.png", 1
-        while name in used:
+        while name in used or os.path.realpath(os.path.join(out_dir, name)) in used:
             n += 1
             name = f"{stem}-{n}.png"
         used.add(name)

@@ -164,11 +164,15 @@ def move_marked(csv_path: str, data_dir: str, quarantine: str) -> list[dict]:
             raise TransferkitError(f"{csv_path}: needs the columns 'path' and 'move'")
         marked = [row["path"] for row in reader if (row.get("move") or "").strip().lower() in MARKS]
     root = os.path.realpath(data_dir)
+    if os.path.commonpath([root, os.path.realpath(quarantine)]) == root:
+        raise TransferkitError(f"{quarantine}: inside {data_dir}, where the next scan would read it as a class; "
+                               f"choose a folder outside it")
+    for path in marked:  # every path checked before any file moves
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise TransferkitError(f"{csv_path}: {path} is not inside {data_dir}; nothing moved")
     moved = []
     for path in dict.fromkeys(marked):  # a file listed twice (label issue and outlier) moves once
         source = os.path.realpath(path)
-        if os.path.commonpath([root, source]) != root:
-            raise TransferkitError(f"{csv_path}: {path} is not inside {data_dir}; nothing moved from there")
         if not os.path.isfile(source):
             logger.warning(f"{path}: marked in {csv_path} but not there (moved already?)")
             continue
