@@ -277,8 +277,6 @@ class ImageClassifier:
         dims = depth_dims(self.extractor_.model)
         chosen, found = self._choose_head(features, dims)
         self.history_, self.best_epoch_ = chosen.history, chosen.best_epoch
-        probs = run_model(chosen.model, features.x_val)  # validation: the head as chosen (before any refit)
-        self.validation_ = compute_metrics(features.y_val, probs, self.classes_, features.val_paths, self.skipped_)
         head = self._refit(chosen, features, dims) if self.options_.refit else chosen.model
         self.head_choice_ = {"chosen": chosen.row(), "candidates": [c.row() for c in found],
                              "refit": bool(self.options_.refit)}
@@ -288,10 +286,10 @@ class ImageClassifier:
                                   (features.x_val, features.y_val), len(self.classes_), self.options_.keep_known,
                                   groups=np.arange(len(features.y_train)) // views, novelty_dim=dims[0])
         self.timing_["head_seconds"] = round(time.perf_counter() - t0, 2)
-        if not self.options_.refit:  # the same head, calibrated: its validation metrics as the model answers
-            probs, _ = split_outputs(run_model(self.head_, features.x_val), len(self.classes_))
-            self.validation_ = compute_metrics(features.y_val, probs, self.classes_, features.val_paths,
-                                               self.skipped_)
+        # validation as the model answers (calibrated), or after a refit the head as chosen, before it saw them
+        measured = chosen.model if self.options_.refit else self.head_
+        probs, _ = split_outputs(run_model(measured, features.x_val), len(self.classes_))
+        self.validation_ = compute_metrics(features.y_val, probs, self.classes_, features.val_paths, self.skipped_)
         self.feature_check_ = self._check_view_features(features)
         self._set_model(modelfile.assemble(self.extractor_.model, self.head_), features_current=True)
         return self

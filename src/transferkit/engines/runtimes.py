@@ -65,18 +65,29 @@ def installed(runtime: str) -> bool:
     return name is None or importlib.util.find_spec(name) is not None
 
 
-def native_bf16() -> bool:
-    """True where the CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+def _cpu_flags() -> set[str] | None:
+    """The CPU's flags from /proc/cpuinfo (None where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+            return set(f.read().split())
     except OSError:
-        if installed("openvino"):
-            import openvino as ov
+        return None
 
-            return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        return False
+
+def cpu_has(*flags: str) -> bool:
+    """True where /proc/cpuinfo lists any of ``flags``."""
+    return bool(set(flags) & (_cpu_flags() or set()))
+
+
+def native_bf16() -> bool:
+    """True where the CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    if _cpu_flags() is not None:
+        return cpu_has("avx512_bf16", "amx_bf16")
+    if installed("openvino"):
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return False
 
 
 def resolve(runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision) -> tuple[str, str]:
@@ -113,20 +124,18 @@ def training_precision(choice: str, runtime: str, n_passes: int) -> str:
     return "fp32"
 
 
-def cpu_has(*flags: str) -> bool:
-    """True where /proc/cpuinfo lists any of ``flags``."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            found = set(f.read().split())
-    except OSError:
-        return False
-    return any(flag in found for flag in flags)
+def _onnx_path(key: str):
+    return cache_dir("runtimes") / f"{key}-{CONVERSION}.onnx"
+
+
+def _checksum_path(path):
+    return path.with_name(path.name + ".blake2b")
 
 
 def cached_onnx(key: str) -> str | None:
     """The cached conversion under ``key`` if its checksum holds (absent, unfinished or damaged: None)."""
-    path = cache_dir("runtimes") / f"{key}-{CONVERSION}.onnx"
-    recorded = read_checked(path.with_name(path.name + ".blake2b"))
+    path = _onnx_path(key)
+    recorded = read_checked(_checksum_path(path))
     return str(path) if recorded is not None and recorded == _digest_or_none(path) else None
 
 
@@ -142,16 +151,14 @@ def onnx_file(model: keras.Model, key: str | None, rebuild: bool = False):
             save_onnx(model, os.path.join(folder, "model.onnx"))
             yield os.path.join(folder, "model.onnx")
         return
-    path = cache_dir("runtimes") / f"{key}-{CONVERSION}.onnx"
-    digest_path = path.with_name(path.name + ".blake2b")
-    recorded = read_checked(digest_path)
-    if rebuild or recorded is None or recorded != _digest_or_none(path):
+    path = _onnx_path(key)
+    if rebuild or cached_onnx(key) is None:
         if path.exists():
             logger.warning(f"{path.name}: cached conversion missing its checksum or damaged; converting again")
         with atomic_path(path, suffix=".onnx") as tmp:
             os.unlink(tmp)  # the exporter writes the file itself
             save_onnx(model, tmp)
-        write_checked(digest_path, file_digest(path).encode())
+        write_checked(_checksum_path(path), file_digest(path).encode())
     yield str(path)
 
 
