@@ -25,6 +25,7 @@ _LAZY = {  # the heavy parts (Keras, TensorFlow) are imported when used, so ``tr
     "train": ("transferkit.api", "train"),
     "evaluate": ("transferkit.api", "evaluate"),
     "predict": ("transferkit.api", "predict"),
+    "predict_on_ray": ("transferkit.api", "predict_on_ray"),
     "explain": ("transferkit.api", "explain"),
     "load_model": ("transferkit.api", "load_model"),
     "load_predictor": ("transferkit.api", "load_predictor"),

@@ -16,12 +16,13 @@ from transferkit.options import DEFAULT_ENGINE, EngineOptions
 
 
 def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
-          callbacks=(), **options) -> dict:
-    """Train with ``options`` (the fields of TrainOptions) and write the run folder; returns its metrics."""
+          callbacks=(), ray: str | None = None, **options) -> dict:
+    """Train with ``options`` (the fields of TrainOptions) and write the run folder; returns its metrics.
+    ``ray``: extract the features on the Ray cluster at this address ("local": a local Ray instance)."""
     from transferkit.classifier import ImageClassifier
 
     clf = ImageClassifier(**options)
-    return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks).summary()
+    return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks, ray=ray).summary()
 
 
 def load_model(path, *, runtime: str = DEFAULT_ENGINE.runtime,
@@ -70,6 +71,20 @@ def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str 
 
     return predict_rows(_model(model, runtime, precision), paths, top_k=top_k, batch_size=batch_size,
                         reject=reject)
+
+
+def predict_on_ray(model, paths, out: str, *, address: str | None = "local", top_k: int = 3, batch_size: int = 32,
+                   runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
+                   reject: bool = True) -> dict:
+    """``predict``'s rows for every image in ``paths`` (files, folders, globs), computed on the Ray cluster at
+    ``address`` ("local": a local Ray instance) and written to the folder ``out`` (``*.parquet`` or ``*.csv``);
+    files already predicted there are skipped, so a killed job resumes. ``model``: the path of a model file
+    every worker can read. Returns the summary (rows, new, errors, seconds, images_per_second)."""
+    from transferkit.scale.predict import predict_on_ray as run
+
+    engine = EngineOptions(runtime=runtime, precision=precision)
+    return run(str(model), paths, out, address=address, top_k=top_k, reject=reject, batch_size=batch_size,
+               engine=engine)
 
 
 def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = 32,

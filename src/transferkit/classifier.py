@@ -160,10 +160,11 @@ class ImageClassifier:
 
     # ----- training -----
     def fit(self, data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
-            callbacks=()) -> "ImageClassifier":
+            callbacks=(), ray: str | None = None) -> "ImageClassifier":
         """Train on ``data_dir/<class>/<images>`` and write the run folder ``out``. ``resume`` continues the
         interrupted second stage of ``out`` (same options, same files); ``callbacks`` are Keras callbacks for
-        the second stage."""
+        the second stage; ``ray``: compute the features missing from the cache on the Ray cluster at this
+        address ("local": a local Ray instance; see transferkit.scale)."""
         from transferkit.training.finetune import read_state
 
         started = time.perf_counter()
@@ -173,7 +174,7 @@ class ImageClassifier:
             if "total_seconds" in (self.timing_ or {}):  # written by the last save of a complete run
                 raise TransferkitError(f"{self.out_}: this run already finished; nothing to resume")
         else:  # a new run, or one killed before its first model file: the cached features make this quick
-            features = self.extract_features()
+            features = self.extract_features(ray=ray)
             self.fit_head(features)
             self.audit_labels(features)
             if self.options_.fine_tune_epochs:  # the head-only model is safe on disk before the long second stage
@@ -230,8 +231,9 @@ class ImageClassifier:
             runs.write_split(self.out_, self.data_)
         return self
 
-    def extract_features(self) -> FeatureSplit:
-        """Features of every training view and validation image, through the frozen backbone and its cache."""
+    def extract_features(self, ray: str | None = None) -> FeatureSplit:
+        """Features of every training view and validation image, through the frozen backbone and its cache (the
+        missing ones first computed on the Ray cluster at ``ray``, when given)."""
         from transferkit.engines import runtimes
         from transferkit.training.features import FeatureExtractor
         from transferkit.training.head import flatten_views
@@ -246,6 +248,11 @@ class ImageClassifier:
                     f"{len(data.train_paths)} train x {options.augment_views + 1} views ({views.precision}), "
                     f"{len(data.val_paths)} validation ({self.extractor_.precision})")
         t0 = time.perf_counter()
+        if ray is not None:
+            from transferkit.scale.features import prefill
+
+            prefill(views, data.train_paths, options.augment_views, data.digests, ray)
+            prefill(self.extractor_, data.val_paths, 0, data.digests, ray)
         f_train, kept_t, skip_t = views.extract(data.train_paths, options.augment_views, desc="train features",
                                                 digests=data.digests)
         f_val, kept_v, skip_v = self.extractor_.extract(data.val_paths, 0, desc="validation features",

@@ -60,6 +60,7 @@ def _data_commands(command) -> None:
     t.add_argument("--test-dir", help="a separate labelled folder, evaluated at the end")
     t.add_argument("--out", help="run folder (default runs/<date-time>)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
+    _ray_flag(t, "compute the features missing from the cache on a Ray cluster (transferkit[ray])")
     add_options(t, TrainOptions)
 
     i = command("inspect", "dataset health: counts, imbalance, unreadable files, duplicates, leakage")
@@ -105,6 +106,10 @@ def _model_commands(command) -> None:
                    help="write OUT_DIR/<photo>.png per image: the photo with the heat map (Grad-CAM) of its class")
     r.add_argument("--no-reject", dest="reject", action="store_false",
                    help="label photos unlike every class with their nearest class instead of 'unknown'")
+    r.add_argument("--batch-size", type=int, default=32, help="images per engine call (default: 32)")
+    _ray_flag(r, "predict on a Ray cluster (transferkit[ray]) into --out, resumable")
+    r.add_argument("--out", help="with --ray: the output folder, OUT.parquet or OUT.csv (Ray writes one file per "
+                                 "block); files already predicted there are skipped")
     add_options(r, EngineOptions)
 
     s = command("serve", "web page + JSON API for MODEL on a production WSGI server (gunicorn)")
@@ -122,6 +127,12 @@ def _model_commands(command) -> None:
     b.add_argument("pattern", nargs="?", help="only names matching this pattern (e.g. 'efficientnet*')")
     b.add_argument("--offline", action="store_true", default=None, help="only those whose weights need no network")
     b.add_argument("--json", action="store_true", help="print one JSON list")
+
+
+def _ray_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help=f"{help}: ADDRESS of a running cluster (HEAD:6379, or ray://HEAD:10001), or none for "
+                             f"a local Ray instance with this machine's cores")
 
 
 def _print_rows(rows: list[dict], fmt: str) -> None:
@@ -160,7 +171,7 @@ def _csv_rows(rows: list[dict]) -> str:
 def _train(args) -> None:
     from transferkit.api import train
 
-    train(args.data_dir, test_dir=args.test_dir, out=args.out, resume=args.resume,
+    train(args.data_dir, test_dir=args.test_dir, out=args.out, resume=args.resume, ray=args.ray,
           **record_values(args, TrainOptions))
 
 
@@ -181,8 +192,12 @@ def _evaluate(args) -> None:
 def _predict(args) -> None:
     from transferkit.api import load_predictor, predict
 
+    if args.batch_size < 1:
+        raise OptionError("batch_size", "must be >= 1", args.batch_size)
+    if args.ray is not None or args.out:
+        return _predict_on_ray(args)
     model = load_predictor(args.model, **record_values(args, EngineOptions))
-    rows = predict(model, args.paths, top_k=args.top_k, reject=args.reject)
+    rows = predict(model, args.paths, top_k=args.top_k, reject=args.reject, batch_size=args.batch_size)
     explainer = None
     if args.explain or args.show:
         from transferkit.reports.explain import Explainer, write_explanations
@@ -200,6 +215,21 @@ def _predict(args) -> None:
 
         for path in show_predictions(rows, args.show, explainer):
             logger.info(f"wrote {path}")
+
+
+def _predict_on_ray(args) -> None:
+    from transferkit.api import predict_on_ray
+
+    if args.ray is None or not args.out:
+        raise TransferkitError("--ray and --out go together: predict --ray [ADDRESS] --out preds.parquet")
+    if args.show or args.explain:
+        raise TransferkitError("--show and --explain draw pictures on this machine: not with --ray")
+    done = predict_on_ray(args.model, args.paths, args.out, address=args.ray, top_k=args.top_k,
+                          batch_size=args.batch_size, reject=args.reject, **record_values(args, EngineOptions))
+    rate = f", {done['images_per_second']:.1f} img/s" if done["images_per_second"] else ""
+    print(f"transferkit: predicted {done['new']} image(s) in {done['seconds']:.1f} s{rate}; "
+          f"{done['skipped_done']} already in {done['out']} skipped; {done['errors']} unreadable; "
+          f"{done['rows']} rows in {done['out']}")
 
 
 def _inspect(args) -> None:

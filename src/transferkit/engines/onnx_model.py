@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from transferkit.errors import TransferkitError
+from transferkit.engines.runtimes import thread_limit
 from transferkit.runs import check_model_metadata
 
 
@@ -44,7 +45,10 @@ def load_onnx(path: str, runtime: str = "auto") -> OnnxPredictor:
     if not os.path.isfile(path):
         raise TransferkitError(f"{path}: model file not found")
     try:
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if thread_limit():
+            options.intra_op_num_threads = thread_limit()
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for a bad file
         raise TransferkitError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0]})") from None
     metadata = _metadata(path, session.get_modelmeta().custom_metadata_map.get("transferkit"))

@@ -169,10 +169,19 @@ def _digest_or_none(path) -> bytes | None:
         return None
 
 
+def thread_limit() -> int | None:
+    """Threads an engine may use (``$TRANSFERKIT_THREADS``; None: the engine's own choice, every core). A Ray
+    actor sets it to the CPUs it reserved, so two actors on a 2-core node do not each start two threads."""
+    value = os.environ.get("TRANSFERKIT_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def _onnxruntime(path: str) -> Callable:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if thread_limit():
+        options.intra_op_num_threads = thread_limit()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     inputs = session.get_inputs()
@@ -192,7 +201,10 @@ def openvino_run(model, precision: str, cache_compiled: bool = True) -> Callable
     if cache_compiled:
         core.set_property({"CACHE_DIR": str(cache_dir("runtimes", "openvino"))})
     hint = "bf16" if precision == "bf16" else "f32"  # int8: the layers NNCF keeps in float (novelty) stay f32
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+    if thread_limit():
+        config["INFERENCE_NUM_THREADS"] = thread_limit()
+    compiled = core.compile_model(model, "CPU", config)
     if len(compiled.inputs) != 1:
         raise TransferkitError(f"{model}: the ONNX graph has {len(compiled.inputs)} inputs (constants exported "
                                f"as inputs)")

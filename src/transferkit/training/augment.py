@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import math
 
-import keras
 import numpy as np
 
 ROTATION = 0.1  # fraction of a full turn, as RandomRotation(0.1): up to +-36 degrees
@@ -40,6 +39,8 @@ def affine_for(flip: bool, angle: float, scale: float, size: int) -> list[float]
 
 def augment_batch(images: np.ndarray, digests: list[str], view: int) -> np.ndarray:
     """Apply view ``view`` to a batch of square uint8 images; returns float32 0-255."""
+    import keras  # here, not at the top: a Ray worker computing views 0 only never imports TensorFlow
+
     size = images.shape[1]
     transforms = np.asarray([affine_for(*view_params(d, view), size) for d in digests], dtype="float32")
     out = keras.ops.image.affine_transform(

@@ -21,7 +21,8 @@ from transferkit.training import augment
 
 from transferkit.engines import runtimes
 from transferkit.models.backbones import build_feature_extractor, get_spec
-from transferkit.files import cache_dir, file_digest, read_checked, write_checked
+from transferkit.files import cache_dir, file_digest, read_checked
+from transferkit.training.cache import cache_file, store_feature
 from transferkit.data.images import decode_batch
 from transferkit.engines.keras_step import without_resize
 from transferkit.log import logger, show_progress
@@ -108,7 +109,7 @@ class FeatureExtractor:
                    precision=options.precision, depths=feature_depths(options))
 
     def _cache_file(self, digest: str, view: int) -> Path:
-        return self.cache_root / digest[:2] / f"{digest}-v{view}.npy"
+        return cache_file(self.cache_root, digest, view)
 
     def _load_cached(self, digest: str, view: int) -> np.ndarray | None:
         if self.cache_root is None:
@@ -122,11 +123,8 @@ class FeatureExtractor:
             return None
 
     def _store(self, digest: str, view: int, feature: np.ndarray) -> None:
-        if self.cache_root is None:
-            return
-        buffer = io.BytesIO()
-        np.save(buffer, feature.astype(self.dtype), allow_pickle=False)
-        write_checked(self._cache_file(digest, view), buffer.getvalue())
+        if self.cache_root is not None:
+            store_feature(self.cache_root, digest, view, feature, self.dtype)
 
     def _build_engine(self, images: np.ndarray) -> None:
         fixed = without_resize(self.model, self.image_size) if self.runtime != "keras" else self.model
