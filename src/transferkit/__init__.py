@@ -26,6 +26,8 @@ _LAZY = {  # the heavy parts (Keras, TensorFlow) are imported when used, so ``tr
     "evaluate": ("transferkit.api", "evaluate"),
     "predict": ("transferkit.api", "predict"),
     "explain": ("transferkit.api", "explain"),
+    "model_card": ("transferkit.api", "model_card"),
+    "compare": ("transferkit.api", "compare"),
     "load_model": ("transferkit.api", "load_model"),
     "load_predictor": ("transferkit.api", "load_predictor"),
     "list_backbones": ("transferkit.models.backbones", "list_backbones"),

@@ -105,3 +105,15 @@ def explain(model, paths, *, out: str | None = None, top_k: int = 3, runtime: st
     if out and good:
         write_explanations(good, explainer, out, pairs)
     return rows
+
+
+def model_card(path, *, out: str | None = None) -> str:
+    """The model card (Markdown) of a ``.keras`` model file, rendered from its metadata (no TensorFlow import);
+    with ``out``, also written there (atomically)."""
+    from transferkit.models.modelfile import read_metadata
+    from transferkit.reports.card import model_card as render, write_model_card
+
+    metadata = read_metadata(str(path))
+    if out:
+        write_model_card(metadata, out)
+    return render(metadata)

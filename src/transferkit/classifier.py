@@ -38,7 +38,8 @@ from transferkit import runs
 
 _LEARNED = ("classes_", "options_", "model_", "history_", "best_epoch_", "validation_", "test_", "fine_tune_",
             "skipped_", "timing_", "data_", "out_", "model_path_", "extractor_", "head_",
-            "check_images_", "novelty_", "feature_check_", "head_choice_", "label_audit_")
+            "check_images_", "novelty_", "feature_check_", "head_choice_", "label_audit_",
+            "duplicates_", "backbone_choice_")
 
 
 @dataclass
@@ -203,6 +204,7 @@ class ImageClassifier:
         import keras
 
         from transferkit.data.folders import scan_folder, split_training_folder
+        from transferkit.data.health import run_duplicates
         from transferkit.training.finetune import STATE_NAME
 
         self._reset()
@@ -214,8 +216,8 @@ class ImageClassifier:
             raise TransferkitError("resume needs out, the run folder to continue (--resume --out RUN)")
         keras.utils.set_random_seed(options.seed)
         self.data_ = split_training_folder(data_dir, options.val_split, options.seed)
-        if test_dir:
-            scan_folder(test_dir, class_names=self.data_.class_names)
+        test = scan_folder(test_dir, class_names=self.data_.class_names) if test_dir else None
+        self.duplicates_ = run_duplicates(self.data_, test)  # exact copies, by the hashes the split computed
         self.classes_, self.skipped_ = list(self.data_.class_names), list(self.data_.skipped)
         self.out_ = str(out or runs.default_folder())
         self.model_path_ = os.path.join(self.out_, runs.MODEL_NAME)
@@ -529,10 +531,15 @@ class ImageClassifier:
         if self.data_ is not None:
             meta["data"] = {"dir": os.path.abspath(self.data_.root), "fingerprint": self.data_.fingerprint,
                             "n_train": len(self.data_.train_paths), "n_val": len(self.data_.val_paths)}
+            meta["data"] |= runs.data_record(self.data_, self.skipped_, self.duplicates_)
         for name in ("validation", "test"):
             metrics = getattr(self, name + "_")
             if metrics:
                 meta[name] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+                meta[name] |= runs.metrics_record(metrics, meta[name])
+        meta |= runs.backbone_record(options)
+        if self.backbone_choice_:
+            meta["backbone_choice"] = self.backbone_choice_
         if self.novelty_:
             meta["novelty"] = dict(self.novelty_)
         if self.fine_tune_:
@@ -586,12 +593,15 @@ class ImageClassifier:
         return record
 
     def _write_run(self) -> None:
-        """The records, history.png, and report.html when there are test metrics."""
+        """The records, MODEL_CARD.md, history.png, and report.html when there are test metrics."""
         from transferkit.reports.explain import report_overlays
         from transferkit.reports.html import model_summary, write_report
         from transferkit.reports.plots import plot_history
 
+        from transferkit.reports.card import write_model_card
+
         record = self._write_records()
+        write_model_card(self.metadata, os.path.join(self.out_, runs.CARD_NAME))
         _, curves, boundary = self._curves()
         history_png = plot_history(curves, os.path.join(self.out_, "history.png"), record["best_epoch"],
                                    stage_boundary=boundary)

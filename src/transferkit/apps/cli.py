@@ -18,10 +18,12 @@ from transferkit.log import configure, logger
 from transferkit.options import EngineOptions, Options, ServeOptions, TrainOptions
 
 
-def add_options(parser: argparse.ArgumentParser, record: type[Options]) -> None:
-    """One flag per field of ``record`` (``batch_size`` -> ``--batch-size``). Flags not given are absent from
-    the parsed namespace, so the record's own defaults apply."""
+def add_options(parser: argparse.ArgumentParser, record: type[Options], only: tuple | None = None) -> None:
+    """One flag per field of ``record`` (``batch_size`` -> ``--batch-size``; ``only``: those fields). Flags not
+    given are absent from the parsed namespace, so the record's own defaults apply."""
     for f in dataclasses.fields(record):
+        if only is not None and f.name not in only:
+            continue
         rule = f.metadata
         flag = rule["flag"] or "--" + f.name.replace("_", "-")
         shown = "the backbone's" if f.default is None else f.default
@@ -51,7 +53,28 @@ def _parser() -> argparse.ArgumentParser:
 
     _data_commands(command)
     _model_commands(command)
+    _ecosystem_commands(command)
     return p
+
+
+COMPARE_OPTIONS = ("image_size", "seed", "val_split", "batch_size", "class_weight", "runtime", "precision",
+                   "feature_precision", "cache")
+
+
+def _ecosystem_commands(command) -> None:
+    c = command("compare", "compare backbones on DATA_DIR (cached features, the same split and head): accuracy, "
+                           "macro F1 and images/s, and the pick")
+    c.add_argument("data_dir")
+    c.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2",
+                   help="comma-separated backbone names (default: the offline EfficientNet-Lite0,1,2)")
+    c.add_argument("--test-dir", help="a separate labelled folder: its accuracy and macro F1 too (not used to pick)")
+    c.add_argument("--out", default=os.path.join("runs", "compare"), help="folder for compare.json, compare.png")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_options(c, TrainOptions, only=COMPARE_OPTIONS)
+
+    m = command("card", "print (or write) the model card of MODEL, rendered from its metadata")
+    m.add_argument("model")
+    m.add_argument("--out", help="write the Markdown there (e.g. MODEL_CARD.md) instead of printing it")
 
 
 def _data_commands(command) -> None:
@@ -281,7 +304,31 @@ def _demo(args) -> None:
     run_demo(args.data, args.out)
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "inspect": _inspect, "serve": _serve,
+def _compare(args) -> None:
+    from transferkit.api import compare
+    from transferkit.training.compare import text_table
+
+    names = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    found = compare(args.data_dir, backbones=names, test_dir=args.test_dir, out=args.out,
+                    **record_values(args, TrainOptions))
+    if args.json:
+        print(json.dumps(found, ensure_ascii=False))
+        return
+    print(text_table(found))
+    print(f"\nwrote {found['json']}, {found['plot']}")
+
+
+def _card(args) -> None:
+    from transferkit.api import model_card
+
+    text = model_card(args.model, out=args.out)
+    if args.out:
+        print(f"transferkit: wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+
+
+COMMANDS = {"compare": _compare, "card": _card, "train": _train, "evaluate": _evaluate, "predict": _predict, "inspect": _inspect, "serve": _serve,
             "export": _export, "backbones": _backbones, "demo": _demo}
 
 

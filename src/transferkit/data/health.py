@@ -184,3 +184,45 @@ def write_inspection(report: dict, out: str) -> dict:
     write_json_atomic(paths["json"], report)
     plot_samples(report["samples"], paths["samples"])
     return paths
+
+
+def run_duplicates(data, test=None, limit: int = 10) -> dict:
+    """What ``train`` records about duplicates (the model card reads it): exact copies by the content hashes the
+    split already computed (no image is decoded again, so it costs nothing), within a class, across classes (a
+    likely label error) and between training and validation or the test folder (leakage: that score would lie).
+    Near duplicates need every image decoded and hashed perceptually: ``transferkit inspect``."""
+    rows = [("train", data.class_names[y], p) for p, y in zip(data.train_paths, data.y_train)]
+    rows += [("validation", data.class_names[y], p) for p, y in zip(data.val_paths, data.y_val)]
+    digests = dict(data.digests)
+    if test is not None:
+        rows += [("test", test.class_names[y], p) for p, y in zip(test.paths, test.labels)]
+        digests |= {p: file_digest(p) for p in test.paths if p not in digests}
+    by_digest = collections.defaultdict(list)
+    for split, label, path in rows:
+        by_digest[digests[path]].append({"split": split, "label": label, "path": path})
+    groups, counts = [], collections.Counter()
+    for members in by_digest.values():
+        if len(members) < 2:
+            continue
+        kinds = sorted({_run_kind(a, b) for i, a in enumerate(members) for b in members[i + 1:]})
+        counts.update(kinds)
+        if len(groups) < limit:
+            groups.append({"kinds": kinds, "files": [dict(m, path=_relative(m["path"], data, test)) for m in members]})
+    return {"method": "exact copies by content hash", "checked": ["train", "validation"] + (["test"] if test else []),
+            "n_groups": sum(len(m) > 1 for m in by_digest.values()), "counts": dict(counts), "groups": groups}
+
+
+def _run_kind(a: dict, b: dict) -> str:
+    splits = {a["split"], b["split"]}
+    if "test" in splits and len(splits) > 1:
+        return "train-test leak"
+    if splits == {"train", "validation"}:
+        return "train-validation leak"
+    return "same class" if a["label"] == b["label"] else "across classes"
+
+
+def _relative(path: str, data, test) -> str:
+    for root in (data.root, test.root if test is not None else None):
+        if root and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
+            return os.path.relpath(path, root)
+    return os.path.basename(path)
