@@ -117,3 +117,13 @@ def model_card(path, *, out: str | None = None) -> str:
     if out:
         write_model_card(metadata, out)
     return render(metadata)
+
+
+def compare(data_dir: str, *, backbones=None, test_dir: str | None = None, out: str | None = None,
+            **options) -> dict:
+    """Compare ``backbones`` (default: the offline ones) on ``data_dir`` with the same split and head: validation
+    accuracy, macro F1, images/s, and the pick with its reason (see ``training.compare``); with ``out``,
+    compare.json and compare.png there."""
+    from transferkit.training.compare import compare_backbones
+
+    return compare_backbones(data_dir, list(backbones) if backbones else None, test_dir=test_dir, out=out, **options)

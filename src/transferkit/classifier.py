@@ -216,6 +216,8 @@ class ImageClassifier:
             raise TransferkitError("resume needs out, the run folder to continue (--resume --out RUN)")
         keras.utils.set_random_seed(options.seed)
         self.data_ = split_training_folder(data_dir, options.val_split, options.seed)
+        if options.backbone == "auto":
+            self.options_ = options = self._choose_backbone(options)
         test = scan_folder(test_dir, class_names=self.data_.class_names) if test_dir else None
         self.duplicates_ = run_duplicates(self.data_, test)  # exact copies, by the hashes the split computed
         self.classes_, self.skipped_ = list(self.data_.class_names), list(self.data_.skipped)
@@ -231,6 +233,16 @@ class ImageClassifier:
         if not resume or not runs.read_split(self.out_):
             runs.write_split(self.out_, self.data_)
         return self
+
+    def _choose_backbone(self, options: TrainOptions) -> TrainOptions:
+        """``--backbone auto``: compare the offline backbones on this split (their features cached, so the
+        winner's training reuses them) and continue with the pick; the comparison goes into the metadata."""
+        from transferkit.training.compare import auto_candidates, compare_backbones
+
+        values = {k: v for k, v in options.to_dict().items() if k != "backbone"}
+        found = compare_backbones(self.data_.root, auto_candidates(), data=self.data_, **values)
+        self.backbone_choice_ = {k: found[k] for k in ("results", "chosen", "reason", "rule", "head")}
+        return dataclasses.replace(options, backbone=found["chosen"])
 
     def extract_features(self) -> FeatureSplit:
         """Features of every training view and validation image, through the frozen backbone and its cache."""
