@@ -87,6 +87,12 @@ class ImageClassifier:
     def __repr__(self) -> str:
         return f"ImageClassifier({', '.join(f'{k}={v!r}' for k, v in self._params.items())})"
 
+    def _repr_html_(self) -> str:
+        """A notebook's view: the options (not fitted), or the classes, figures and confusion matrix."""
+        from transferkit.reports.notebook import classifier_html
+
+        return classifier_html(self)
+
     # ----- the Predictor protocol -----
     @property
     def class_names(self) -> list[str]:
@@ -567,9 +573,11 @@ class ImageClassifier:
 
     # ----- the run folder -----
     def summary(self) -> dict:
-        """What ``metrics.json`` holds and ``transferkit.train`` returns."""
-        result = {"model_path": self.model_path_, "validation": self.validation_, "best_epoch": self.best_epoch_,
-                  "timing": self.timing_, "skipped": self.skipped_}
+        """What ``metrics.json`` holds and ``transferkit.train`` returns (a dict a notebook shows as tables)."""
+        from transferkit.reports.metrics import Metrics
+
+        result = Metrics({"model_path": self.model_path_, "validation": self.validation_,
+                          "best_epoch": self.best_epoch_, "timing": self.timing_, "skipped": self.skipped_})
         if self.head_choice_:
             result["head_choice"] = self.head_choice_
         if self.fine_tune_:

@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import imagehash
 import numpy as np
-from tqdm.auto import tqdm
 
 from transferkit.data.folders import scan_folder
 from transferkit.files import file_digest, write_json_atomic
 from transferkit.data.images import UnreadableImage, open_rgb
+from transferkit.log import progress_bar
 
 NEAR_THRESHOLD = 6  # max differing bits of the 64-bit perceptual hash for "near duplicate"
 MAX_PAIRS = 1000  # listed; all are counted
@@ -59,7 +59,7 @@ def _examine_all(splits: list, progress: bool) -> tuple[list[dict], list[dict]]:
     unreadable = [dict(s, split=split) for split, data in splits for s in data.skipped]
     records = []
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        bar = tqdm(total=len(items), desc="inspect", unit="img", disable=not progress)
+        bar = progress_bar(len(items), "inspect", disable=not progress)
         for (split, label, _), rec in zip(items, pool.map(_examine, [p for _, _, p in items])):
             bar.update(1)
             if "error" in rec:

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from transferkit.training import augment
 
@@ -24,7 +23,7 @@ from transferkit.models.backbones import build_feature_extractor, get_spec
 from transferkit.files import cache_dir, file_digest, read_checked, write_checked
 from transferkit.data.images import decode_batch
 from transferkit.engines.keras_step import without_resize
-from transferkit.log import logger, show_progress
+from transferkit.log import logger, progress_bar, show_progress
 from transferkit.models.heads import head_pooling
 from transferkit.options import DEFAULT_ENGINE, TrainOptions
 
@@ -165,8 +164,7 @@ class FeatureExtractor:
                 todo.append(i)
         failed: dict[int, str] = {}
         n_passes = sum(1 for i in todo for v in range(views + 1) if (i, v) not in table)
-        bar = tqdm(total=n_passes, desc=desc, unit="img", disable=not show_progress() or n_passes == 0,
-                   dynamic_ncols=True)
+        bar = progress_bar(n_passes, desc, disable=not show_progress() or n_passes == 0)
         with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
