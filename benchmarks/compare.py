@@ -50,7 +50,8 @@ def main() -> None:
               f"{found['results'][0].get('test_images')} images; {os.cpu_count()} CPUs")
         print(text_table(found))
         for r in found["results"]:
-            print(f"  {r['backbone']}: val accuracy {r['val_accuracy']:.4f} ± {r['val_accuracy_se']:.4f}, "
+            print(f"  {r['backbone']}: val accuracy {r['val_accuracy']:.4f} ± {r['val_accuracy_se']:.4f}, val log "
+                  f"loss {r['val_log_loss']:.4f}, "
                   f"{r['images_per_second']:.0f} img/s on {r['engine']}, features {r['feature_seconds']:.1f} s")
         print(f"comparison wall time: {timings[0]:.1f} s with an empty cache, {timings[1]:.1f} s with it warm")
         print(f"plot: {found['plot']}")

@@ -247,7 +247,7 @@ class ImageClassifier:
 
         values = {k: v for k, v in options.to_dict().items() if k != "backbone"}
         found = compare_backbones(self.data_.root, auto_candidates(), data=self.data_, **values)
-        self.backbone_choice_ = {k: found[k] for k in ("results", "chosen", "reason", "rule", "head")}
+        self.backbone_choice_ = {k: found[k] for k in ("results", "chosen", "reason", "notes", "rule", "head")}
         return dataclasses.replace(options, backbone=found["chosen"])
 
     def extract_features(self) -> FeatureSplit:

@@ -113,7 +113,8 @@ def _model(meta: dict) -> list[str]:
                         [[r["backbone"], f"{r['val_accuracy']:.3f}", f"{r['val_macro_f1']:.3f}",
                           f"{r['images_per_second']:.0f}"]
                          for r in choice.get("results", [])])
-        lines += ["", f"Chosen: {choice.get('chosen')}: {choice.get('reason')}", ""]
+        lines += ["", f"Chosen: {choice.get('chosen')}: {choice.get('reason')}."]
+        lines += [f"Note: {n}." for n in choice.get("notes", [])] + [""]
     return lines
 
 
