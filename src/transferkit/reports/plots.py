@@ -202,14 +202,15 @@ def plot_comparison(results: list[dict], chosen: str, path: str) -> str:
                 color="tab:purple", markerfacecolor="none", label="test accuracy (not used to pick)")
     for r in results:
         ax.annotate(r["backbone"] + (" (chosen)" if r["backbone"] == chosen else ""),
-                    (r["images_per_second"], r["val_accuracy"]), textcoords="offset points", xytext=(6, 8 + 12 * results.index(r)),
+                    (r["images_per_second"], r["val_accuracy"]), textcoords="offset points",
+                    xytext=(6, 6 + 10 * results.index(r)),
                     fontsize=8, fontweight="bold" if r["backbone"] == chosen else "normal")
         if r["backbone"] == chosen:
             ax.plot([r["images_per_second"]], [r["val_accuracy"]], "o", markersize=16, markerfacecolor="none",
                     markeredgecolor="tab:green", markeredgewidth=2)
     low = min([r["val_accuracy"] - r["val_accuracy_se"] for r in results] + [r["val_macro_f1"] for r in results]
               + [r["test_accuracy"] for r in tested])
-    ax.set_ylim(max(0.0, low - 0.05), 1.02)
+    ax.set_ylim(max(0.0, low - 0.05), 1.02 + 0.015 * len(results))  # room for the names above 100 %
     ax.set_xlim(0, max(speed + [1]) * 1.3)
     ax.set_xlabel("backbone images/s on this machine")
     ax.set_ylabel("score")
