@@ -42,14 +42,16 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def _intended_use(meta: dict) -> list[str]:
     names, novelty = meta.get("class_names", []), meta.get("novelty")
     data = meta.get("data", {})
+    seen = (f", photos like the {data.get('n_train', 0) + data.get('n_val', 0)} it was trained and validated on "
+            f"(folder `{os.path.basename(str(data['dir']).rstrip('/'))}`)") if data.get("dir") else ""
     lines = ["## Intended use", "",
-             f"Sorting photos into one of {len(names)} classes: {', '.join(f'*{n}*' for n in names)}, photos like "
-             f"the {data.get('n_train', 0) + data.get('n_val', 0)} it was trained and validated on (folder "
-             f"`{os.path.basename(str(data.get('dir', '?')).rstrip('/'))}`). Input: {meta.get('input', 'RGB')}.", ""]
+             f"Sorting photos into one of {len(names)} classes: {', '.join(f'*{n}*' for n in names)}{seen}. "
+             f"Input: {meta.get('input', 'RGB')}.", ""]
     if novelty:
-        lines.append(f"A photo far from every class (novelty score above {novelty['threshold']:.4g}, a threshold "
-                     f"that keeps {novelty.get('keep_known', 0):.0%} of known validation photos) is answered "
-                     f"*unknown* instead of a class.")
+        kept = f", a threshold that keeps {novelty['keep_known']:.0%} of known validation photos" \
+            if "keep_known" in novelty else ""
+        lines.append(f"A photo far from every class (novelty score above {novelty['threshold']:.4g}{kept}) is "
+                     f"answered *unknown* instead of a class.")
     else:
         lines.append("This model has no novelty threshold: every photo gets one of these classes, even a photo of "
                      "none of them.")
@@ -61,6 +63,8 @@ def _data(meta: dict) -> list[str]:
     counts = data.get("counts") or {}
     test_counts = {n: s.get("support") for n, s in (meta.get("test", {}).get("per_class") or {}).items()}
     lines = ["## Data", ""]
+    if not data:
+        return lines + ["The model file records no training data (made by an older transferkit, or elsewhere).", ""]
     if counts:
         header = ["class", "train", "validation"] + (["test"] if test_counts else []) + ["total (train + val)"]
         rows = [[n, c["train"], c["validation"]] + ([test_counts.get(n)] if test_counts else [])
