@@ -554,7 +554,7 @@ class ImageClassifier:
             metrics = getattr(self, name + "_")
             if metrics:
                 meta[name] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
-                meta[name] |= runs.metrics_record(metrics, meta[name])
+                meta[name] |= runs.metrics_record(metrics)
         meta |= runs.backbone_record(options)
         if self.backbone_choice_:
             meta["backbone_choice"] = self.backbone_choice_
@@ -614,11 +614,10 @@ class ImageClassifier:
 
     def _write_run(self) -> None:
         """The records, MODEL_CARD.md, history.png, and report.html when there are test metrics."""
+        from transferkit.reports.card import write_model_card
         from transferkit.reports.explain import report_overlays
         from transferkit.reports.html import model_summary, write_report
         from transferkit.reports.plots import plot_history
-
-        from transferkit.reports.card import write_model_card
 
         record = self._write_records()
         write_model_card(self.metadata, os.path.join(self.out_, runs.CARD_NAME))

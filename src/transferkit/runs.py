@@ -197,7 +197,7 @@ def data_record(data: TrainingData, skipped: list[dict] | None, duplicates: dict
     return record
 
 
-def metrics_record(metrics: dict, summary: dict) -> dict:
+def metrics_record(metrics: dict) -> dict:
     """What the model file keeps of a metrics dict beside accuracy and macro F1: images, per-class figures, the
     confusion matrix (the model card and a notebook's view of a loaded classifier read them), and a test run's
     calibration error and known photos kept."""
