@@ -150,7 +150,7 @@ def notes(results: list[dict], chosen: str) -> list[str]:
     found = []
     if len(results) > 1 and all(r["val_accuracy"] == 1.0 for r in results):
         found.append("every backbone is right on every validation photo: validation cannot rank them, so the "
-                     "fastest is picked; a test folder of other photos (--test-dir) can")
+                     "fastest is picked; a test folder of other photos can: transferkit compare --test-dir")
     tested = [r for r in results if "test_accuracy" in r]
     if tested:
         mine = next(r for r in tested if r["backbone"] == chosen)
