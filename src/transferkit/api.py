@@ -16,12 +16,15 @@ from transferkit.options import DEFAULT_ENGINE, EngineOptions
 
 
 def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
-          callbacks=(), **options) -> dict:
-    """Train with ``options`` (the fields of TrainOptions) and write the run folder; returns its metrics."""
+          callbacks=(), log_dir: str | None = None, **options) -> dict:
+    """Train with ``options`` (the fields of TrainOptions) and write the run folder; returns its metrics.
+    ``data_dir``: a class folder, or a label file (``labels.csv``, ``LabelFile(...)``, a Hugging Face
+    imagefolder); ``log_dir``: TensorBoard logs of the head and the fine-tuning."""
     from transferkit.classifier import ImageClassifier
 
     clf = ImageClassifier(**options)
-    return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks).summary()
+    return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks,
+                   log_dir=log_dir).summary()
 
 
 def load_model(path, *, runtime: str = DEFAULT_ENGINE.runtime,
