@@ -124,14 +124,18 @@ def test_hugging_face_imagefolder_layouts(tmp_path):
 
 
 def _events(folder):
-    """{tag: [(step, value)]} of the TensorBoard event files in ``folder``."""
+    """{tag: [(step, value)]} of the TensorBoard event files in ``folder`` (a number, or a text's bytes)."""
     import tensorflow as tf
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(folder), size_guidance={"tensors": 0})
     acc.Reload()
-    return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-            for tag in acc.Tags()["tensors"]}
+
+    def value(event):
+        array = tf.make_ndarray(event.tensor_proto)
+        return array.item() if array.dtype == object else float(array)
+
+    return {tag: [(e.step, value(e)) for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
 
 
 def _cli(*args):
@@ -176,6 +180,7 @@ def test_cli_trains_from_a_label_file_with_tensorboard_logs(tmp_path, capsys):
     assert choice["chosen/val_accuracy"][0][1] == pytest.approx(metrics["head_choice"]["chosen"]["val_accuracy"])
     assert len([t for t in choice if t.startswith("candidates/") and t.endswith("/val_accuracy")]) == len(
         metrics["head_choice"]["candidates"])
+    assert b"<- chosen" in choice["head_choice"][0][1]
 
     # evaluate, predict and inspect take the label file too
     model = out / "model.keras"
@@ -191,11 +196,17 @@ def test_cli_trains_from_a_label_file_with_tensorboard_logs(tmp_path, capsys):
     assert sum(report["counts"]["test"].values()) == n_test
 
 
-def test_cli_label_file_errors_are_one_line(tmp_path):
+def test_cli_label_file_errors_are_one_line(tmp_path, capsys):
+    from transferkit.apps import cli
+
     files = _listed(tmp_path, 2)
     bad = _write(tmp_path / "labels.csv", ["path", "label"], files + [("images/missing.jpg", "grenade")])
-    proc = _cli("train", bad, "--image-size", IMAGE_SIZE, "--out", tmp_path / "run")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (f"transferkit: error: {bad}: 1 bad row(s): line 8 "
-                                                    f"('images/missing.jpg'): no such file")
+    assert cli.main(["train", bad, "--image-size", str(IMAGE_SIZE), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"transferkit: error: {bad}: 1 bad row(s): line 8 ('images/missing.jpg'): no such file")
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+    assert cli.main(["evaluate", str(tmp_path / "model.keras"), bad, "--label-col", "espèce"]) == 2
+    assert "model file not found" in capsys.readouterr().err  # the model is read first
+    assert cli.main(["inspect", bad, "--move-to", str(tmp_path / "q")]) == 2
+    assert "--move-to moves photos between class folders" in capsys.readouterr().err
