@@ -2,10 +2,12 @@
 CLI training run from a label file with ``--log-dir``, its TensorBoard event files read back."""
 
 import csv
+import glob
 import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import unicodedata
@@ -210,3 +212,29 @@ def test_cli_label_file_errors_are_one_line(tmp_path, capsys):
     assert "model file not found" in capsys.readouterr().err  # the model is read first
     assert cli.main(["inspect", bad, "--move-to", str(tmp_path / "q")]) == 2
     assert "--move-to moves photos between class folders" in capsys.readouterr().err
+
+
+def test_python_api_label_files_and_log_dir(dataset, tmp_path):
+    import transferkit
+    from transferkit import LabelFile
+
+    def listing(folder: str, name: str):  # a label file beside a copy of the folder: paths below it
+        shutil.copytree(folder, tmp_path / name)
+        rows = [(f"{name}/{c}/{os.path.basename(p)}", c) for c in CLASSES
+                for p in sorted(glob.glob(os.path.join(folder, c, "*.jpg")))]
+        return _write(tmp_path / f"{name}.csv", ["image", "classe"], rows), rows
+
+    train_csv, train_rows = listing(dataset[0], "train")
+    test_csv, test_rows = listing(dataset[1], "test")
+    result = transferkit.train(LabelFile(train_csv, path_col="image", label_col="classe"),
+                               test_dir=LabelFile(test_csv, path_col="image", label_col="classe"),
+                               out=str(tmp_path / "run"), log_dir=str(tmp_path / "logs"), image_size=IMAGE_SIZE,
+                               epochs=3, head="gap", runtime="keras")
+    assert result["test"]["n_images"] == len(test_rows) == 18
+    head = _events(tmp_path / "logs" / "head" / "train")
+    assert [s for s, _ in head["epoch_accuracy"]] == [0, 1, 2] and "epoch_learning_rate" in head
+    assert list(_events(tmp_path / "logs" / "head_choice")) and not (tmp_path / "logs" / "fine_tune").exists()
+    rows = transferkit.predict(result["model_path"], [LabelFile(test_csv, path_col="image", label_col="classe")],
+                               runtime="keras")
+    assert [r["given"] for r in rows] == [c for _, c in test_rows]
+    assert sum(r["label"] == r["given"] for r in rows) >= 12  # of 18 (chance: 6)
