@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import CLASSES, IMAGE_SIZE, write_dataset
+from transferkit import runs
 from transferkit.data import labelfile
 from transferkit.data.folders import scan_folder, split_training_folder, stratified_split
 from transferkit.errors import TransferkitError
@@ -93,6 +94,10 @@ def test_split_column_is_honoured_and_the_fingerprint_has_the_labels(tmp_path):
     moved = [(p, c, "valid" if i == 0 else s) for i, (p, c, s) in enumerate(rows)]
     third = split_training_folder(_write(tmp_path / "m.csv", ["path", "label", "split"], moved), 0.2, 42)
     assert len({data.fingerprint, other.fingerprint, third.fingerprint}) == 3
+    runs.write_split(str(tmp_path), data)  # --resume on the relabelled file: refused, naming why
+    with pytest.raises(TransferkitError, match="the training files changed since the run began .a file's content "
+                                               "or label changed"):
+        runs.check_same_files(str(tmp_path), {"data": {"fingerprint": data.fingerprint}}, other)
     # no split column: the usual seeded stratified split of every row
     plain = split_training_folder(_write(tmp_path / "plain.csv", ["path", "label"], files), 0.2, 42)
     labels = np.asarray([sorted(CLASSES).index(c) for _, c in files])
@@ -123,6 +128,12 @@ def test_hugging_face_imagefolder_layouts(tmp_path):
     assert len(data.train_paths) == 12 and all("/validation/" in p for p in data.val_paths)
     assert len(data.val_paths) == 6 and os.path.basename(os.path.dirname(data.val_paths[0])) in CLASSES
     assert labelfile.for_evaluation(str(split)).only == "test"
+    # a bad row names the metadata file it is in; a path the file lists in the other Unicode form is found
+    decomposed = unicodedata.normalize("NFD", f"{CLASSES[1]}/photo_000.jpg")
+    _write(split / "test" / "metadata.csv", ["file_name"], [(decomposed,), ("grenade/photo_009.jpg",)])
+    with pytest.raises(TransferkitError, match=r"hf_splits: 1 bad row\(s\): test/metadata.csv line 3 "
+                                               r"\('grenade/photo_009.jpg'\): no such file$"):
+        scan_folder(str(split))
 
 
 def _events(folder):
@@ -186,9 +197,10 @@ def test_cli_trains_from_a_label_file_with_tensorboard_logs(tmp_path, capsys):
 
     # evaluate, predict and inspect take the label file too
     model = out / "model.keras"
-    assert cli.main(["evaluate", str(model), labels, *cols, "--json", "--no-explain", "--runtime", "keras", "--quiet"]) == 0
+    keras_only = ["--runtime", "keras", "--quiet"]
+    assert cli.main(["evaluate", str(model), labels, *cols, "--json", "--no-explain", *keras_only]) == 0
     assert json.loads(capsys.readouterr().out)["n_images"] == n_test  # its test rows
-    assert cli.main(["predict", str(model), labels, *cols, "--format", "csv", "--runtime", "keras", "--quiet"]) == 0
+    assert cli.main(["predict", str(model), labels, *cols, "--format", "csv", *keras_only]) == 0
     predicted = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(predicted) == len(rows) and [r["given"] for r in predicted] == [c for _, c, _ in rows]
     assert sum(r["label"] == r["given"] for r in predicted) >= 0.8 * len(rows)

@@ -196,7 +196,8 @@ def _evaluate(args) -> None:
     from transferkit.api import evaluate
     from transferkit.reports.metrics import text_report
 
-    metrics = evaluate(args.model, label_source(args, args.test_dir), out=args.out, unknown_dir=args.unknown_dir, explain=args.explain,
+    metrics = evaluate(args.model, label_source(args, args.test_dir), out=args.out, unknown_dir=args.unknown_dir,
+                       explain=args.explain,
                        **record_values(args, EngineOptions))
     if args.json:
         keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
@@ -235,14 +236,15 @@ def _inspect(args) -> None:
 
     if args.move_to:
         return _move_marked(args)
-    report = inspect_dataset(label_source(args, args.data_dir), label_source(args, args.test_dir), near_threshold=args.near_threshold,
+    report = inspect_dataset(label_source(args, args.data_dir), label_source(args, args.test_dir),
+                             near_threshold=args.near_threshold,
                              progress=not args.json and args.verbosity >= 0)
     written = write_inspection(report, args.out)
     if args.labels:
         from transferkit.reports.html import write_label_report
         from transferkit.training import audit
 
-        found = audit.audit_folder(args.data_dir, args.backbone, args.image_size)
+        found = audit.audit_folder(label_source(args, args.data_dir), args.backbone, args.image_size)
         report |= found.to_json()
         written["csv"] = audit.write_csv(found, os.path.join(args.out, audit.CSV_NAME))
         written["labels"] = write_label_report(found, os.path.join(args.out, "labels.html"), written["csv"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import unicodedata
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -155,14 +156,14 @@ def _resolve(root: str, base: str, given: str) -> tuple[str | None, str | None]:
     """(path, None) for a path inside ``root``, else (None, the reason)."""
     if not given:
         return None, "empty path"
-    if os.path.isabs(given) or given.startswith("~") or (len(given) > 1 and given[1] == ":"):
+    if os.path.isabs(given) or (len(given) > 2 and given[0].isalpha() and given[1] == ":" and given[2] in "/\\"):
         return None, "absolute path (paths are relative to the label file's folder)"
     path = os.path.normpath(os.path.join(base, given))
     if os.path.relpath(path, root).split(os.sep)[0] == "..":
         return None, "'..' leads out of the label file's folder"
-    if not os.path.isfile(path):
-        return None, "no such file"
-    return path, None
+    if not os.path.isfile(path):  # typed on one system, written by another: the accents' other Unicode form
+        path = next((p for p in (nfc(path), unicodedata.normalize("NFD", path)) if os.path.isfile(p)), None)
+    return (path, None) if path else (None, "no such file")
 
 
 def _split_of(value: str | None, has_column: bool) -> tuple[str | None, str | None]:
@@ -180,14 +181,15 @@ def _rows_of_table(path: str, root: str, base: str, source: LabelFile, folder_sp
     header, records = _read_table(path)
     path_col = _column(path, header, source.path_col, "path", "--path-col", PATH_COLUMNS)
     hf = os.path.basename(path) == METADATA_NAME and not os.path.isfile(str(source.path))
-    label_col = source.label_col if source.label_col in header or (hf or not need_labels) else \
+    label_col = source.label_col if source.label_col in header else None
+    if label_col is None and need_labels and not hf:  # a Hugging Face folder: labels from its class folders
         _column(path, header, source.label_col, "label", "--label-col")
     has_split = source.split_col in header
     good, bad = [], []
     for line, rec in records:
         given = rec.get(path_col, "")
         resolved, reason = _resolve(root, base, given)
-        label = nfc(rec.get(label_col, "") if label_col in header else _parent_label(resolved, base))
+        label = nfc(rec.get(label_col, "") if label_col else _parent_label(resolved, base) if hf else "")
         split, split_reason = _split_of(rec.get(source.split_col), has_split)
         split = split or folder_split or (_path_split(given) if hf else None)
         reason = reason or (None if label or not need_labels else "empty label") or split_reason
@@ -245,8 +247,11 @@ def read_rows(source: LabelFile, need_labels: bool = True) -> tuple[str, list[Ro
 
 def bad_rows_message(source, bad: list[dict]) -> str:
     """One line naming the bad rows by line number (the first MAX_LISTED of them)."""
-    listed = "; ".join(f"line {b['line']}" + (f" ({b['path']!r})" if b["path"] else "") + f": {b['reason']}"
-                       for b in bad[:MAX_LISTED])
+    def where(b: dict) -> str:  # a Hugging Face folder's rows come from several metadata files
+        table = "" if b["file"] == str(source.path) else os.path.relpath(b["file"], str(source.path)) + " "
+        return f"{table}line {b['line']}" + (f" ({b['path']!r})" if b["path"] else "")
+
+    listed = "; ".join(f"{where(b)}: {b['reason']}" for b in bad[:MAX_LISTED])
     more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
     return f"{source}: {len(bad)} bad row(s): {listed}{more}"
 
