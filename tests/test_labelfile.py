@@ -121,8 +121,13 @@ def test_hugging_face_imagefolder_layouts(tmp_path):
     split = tmp_path / "hf_splits"
     for name, n, seed in (("train", 4, 1), ("validation", 2, 3), ("test", 2, 2)):
         write_dataset(split / name, n, seed=seed)
-        _write(split / name / "metadata.csv", ["file_name", "caption"],
-               [(f"{c}/photo_{i:03d}.jpg", "a photo") for c in CLASSES for i in range(n)])
+        listed = [(f"{c}/photo_{i:03d}.jpg", "a photo") for c in CLASSES for i in range(n)]
+        if name == "validation":  # Hugging Face's other metadata format: JSON lines
+            (split / name / "metadata.jsonl").write_text("".join(
+                json.dumps({"file_name": f, "caption": t, "n": None}, ensure_ascii=False) + "\n" for f, t in listed),
+                encoding="utf-8")
+        else:
+            _write(split / name / "metadata.csv", ["file_name", "caption"], listed)
     data = split_training_folder(str(split), 0.2, 0)
     assert data.class_names == sorted(CLASSES)
     assert len(data.train_paths) == 12 and all("/validation/" in p for p in data.val_paths)

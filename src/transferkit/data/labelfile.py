@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import json
 import os
 import unicodedata
 from dataclasses import dataclass, field, replace
@@ -31,7 +33,7 @@ from transferkit.files import file_digest
 from transferkit.log import logger
 
 TABLE_EXTENSIONS = (".csv", ".tsv")
-METADATA_NAME = "metadata.csv"  # Hugging Face imagefolder
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl")  # Hugging Face imagefolder
 # split names: the split column's values and Hugging Face's split folder names (its split pattern keywords)
 SPLITS = {"train": "train", "training": "train", "valid": "valid", "validation": "valid", "val": "valid",
           "dev": "valid", "test": "test", "testing": "test", "eval": "test", "evaluation": "test"}
@@ -96,15 +98,12 @@ def as_label_file(item) -> LabelFile:
 
 
 def _metadata_files(folder: str) -> list[tuple[str, str | None]]:
-    """(metadata.csv, the split its folder names) of a Hugging Face imagefolder: at the top and in split folders."""
-    found = []
-    if os.path.isfile(os.path.join(folder, METADATA_NAME)):
-        found.append((os.path.join(folder, METADATA_NAME), None))
-    for name in sorted(os.listdir(folder)):
-        meta = os.path.join(folder, name, METADATA_NAME)
-        if name.lower() in SPLITS and os.path.isfile(meta):
-            found.append((meta, SPLITS[name.lower()]))
-    return found
+    """(metadata.csv or .jsonl, the split its folder names) of a Hugging Face imagefolder: at the top and in
+    split folders."""
+    places = [(folder, None)] + [(os.path.join(folder, name), SPLITS[name.lower()])
+                                 for name in sorted(os.listdir(folder)) if name.lower() in SPLITS]
+    return [(os.path.join(place, meta), split) for place, split in places for meta in METADATA_NAMES
+            if os.path.isfile(os.path.join(place, meta))]
 
 
 # ----- reading the table -----
@@ -128,8 +127,10 @@ def _read_table(path: str) -> tuple[list[str], list[tuple[int, dict]]]:
         raise TransferkitError(f"{path}: not UTF-8 text (byte {exc.start}); save the label file as UTF-8") from None
     except OSError as exc:
         raise TransferkitError(f"{path}: cannot read ({exc.strerror})") from None
+    if path.lower().endswith(".jsonl"):
+        return _json_lines(path, text)
     first = text.split("\n", 1)[0]
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=_delimiter(path, first))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(path, first))
     try:
         header = [nfc(h.strip()) for h in next(reader)]
         rows = []
@@ -140,6 +141,24 @@ def _read_table(path: str) -> tuple[list[str], list[tuple[int, dict]]]:
         raise TransferkitError(f"{path}: empty file (a header row naming the columns is required)") from None
     except csv.Error as exc:
         raise TransferkitError(f"{path}: line {reader.line_num}: {exc}") from None
+    return header, rows
+
+
+def _json_lines(path: str, text: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """Hugging Face's metadata.jsonl: one JSON object per line; the columns are their keys."""
+    header, rows = [], []
+    for line, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError as exc:
+            raise TransferkitError(f"{path}: line {line}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise TransferkitError(f"{path}: line {line}: not a JSON object")
+        record = {nfc(str(k)): "" if v is None else str(v).strip() for k, v in record.items()}
+        header += [k for k in record if k not in header]
+        rows.append((line, record))
     return header, rows
 
 
@@ -180,7 +199,7 @@ def _rows_of_table(path: str, root: str, base: str, source: LabelFile, folder_sp
     """The good rows of one table and the bad ones ({line, file, path, reason})."""
     header, records = _read_table(path)
     path_col = _column(path, header, source.path_col, "path", "--path-col", PATH_COLUMNS)
-    hf = os.path.basename(path) == METADATA_NAME and not os.path.isfile(str(source.path))
+    hf = os.path.basename(path) in METADATA_NAMES and not os.path.isfile(str(source.path))
     label_col = source.label_col if source.label_col in header else None
     if label_col is None and need_labels and not hf:  # a Hugging Face folder: labels from its class folders
         _column(path, header, source.label_col, "label", "--label-col")
@@ -223,7 +242,7 @@ def read_rows(source: LabelFile, need_labels: bool = True) -> tuple[str, list[Ro
     elif os.path.isdir(target) and _metadata_files(target):
         root, tables = os.path.abspath(target), _metadata_files(target)
     else:
-        raise TransferkitError(f"{target}: not a label file (.csv, .tsv) nor a folder with {METADATA_NAME}")
+        raise TransferkitError(f"{target}: not a label file (.csv, .tsv) nor a folder with metadata.csv")
     good, bad = [], []
     for table, folder_split in tables:
         rows, wrong = _rows_of_table(table, root, os.path.dirname(os.path.abspath(table)), source, folder_split,
