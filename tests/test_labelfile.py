@@ -215,7 +215,7 @@ def test_cli_trains_from_a_label_file_with_tensorboard_logs(tmp_path, capsys):
     assert sum(report["counts"]["test"].values()) == n_test
 
 
-def test_cli_label_file_errors_are_one_line(tmp_path, capsys):
+def test_cli_label_file_errors_are_one_line(tmp_path, capsys, monkeypatch):
     from transferkit.apps import cli
 
     files = _listed(tmp_path, 2)
@@ -229,6 +229,17 @@ def test_cli_label_file_errors_are_one_line(tmp_path, capsys):
     assert "model file not found" in capsys.readouterr().err  # the model is read first
     assert cli.main(["inspect", bad, "--move-to", str(tmp_path / "q")]) == 2
     assert "--move-to moves photos between class folders" in capsys.readouterr().err
+    assert cli.main(["inspect", str(tmp_path / "images"), "--label-col", "classe"]) == 2  # a folder has no columns
+    assert capsys.readouterr().err.strip().endswith("--label-col is for a label file (.csv, .tsv, or a folder with "
+                                                    "metadata.csv), not a class folder")
+    import importlib.util
+
+    real = importlib.util.find_spec  # an install without the tensorboard package
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert cli.main(["train", str(tmp_path / "images"), "--log-dir", str(tmp_path / "logs")]) == 2
+    assert capsys.readouterr().err.strip() == ("transferkit: error: --log-dir needs the tensorboard package: pip "
+                                               "install 'transferkit[tensorboard]' (or pip install tensorboard)")
+    assert not (tmp_path / "logs").exists()
 
 
 def test_python_api_label_files_and_log_dir(dataset, tmp_path):

@@ -135,18 +135,24 @@ def add_label_file_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("label files", "DATA may be a CSV/TSV of image paths (relative to the file) and "
                                   "labels, or a folder with a Hugging Face metadata.csv")
     g.add_argument("--path-col", help="the column of image paths (default: 'path', else 'file_name')")
-    g.add_argument("--label-col", default="label", help="the column of labels (default: label)")
-    g.add_argument("--split-col", default="split", help="the column of train / valid / test, honoured instead "
-                                                          "of the random split where present (default: split)")
+    g.add_argument("--label-col", help="the column of labels (default: label)")
+    g.add_argument("--split-col", help="the column of train / valid / test, honoured instead of the random split "
+                                       "where present (default: split)")
 
 
-def label_source(args, item):
-    """``item`` as a LabelFile with the command's columns where it is a label file (else unchanged)."""
+def label_source(args, item, strict: bool = True):
+    """``item`` as a LabelFile with the command's columns where it is a label file (else unchanged; ``strict``:
+    a column flag given for a class folder is an error)."""
     from transferkit.data.labelfile import LabelFile, is_label_source
 
     if item is None or not is_label_source(item):
+        given = [f for f in ("path_col", "label_col", "split_col") if getattr(args, f) is not None]
+        if item is not None and strict and given:
+            raise TransferkitError(f"{item}: --{given[0].replace('_', '-')} is for a label file (.csv, .tsv, or a "
+                                   f"folder with metadata.csv), not a class folder")
         return item
-    return LabelFile(str(item), path_col=args.path_col, label_col=args.label_col, split_col=args.split_col)
+    return LabelFile(str(item), path_col=args.path_col, label_col=args.label_col or "label",
+                     split_col=args.split_col or "split")
 
 
 def _print_rows(rows: list[dict], fmt: str) -> None:
@@ -188,7 +194,7 @@ def _csv_rows(rows: list[dict]) -> str:
 def _train(args) -> None:
     from transferkit.api import train
 
-    train(label_source(args, args.data_dir), test_dir=label_source(args, args.test_dir), out=args.out,
+    train(label_source(args, args.data_dir), test_dir=label_source(args, args.test_dir, strict=False), out=args.out,
           resume=args.resume, log_dir=args.log_dir, **record_values(args, TrainOptions))
 
 
@@ -211,7 +217,8 @@ def _predict(args) -> None:
     from transferkit.api import load_predictor, predict
 
     model = load_predictor(args.model, **record_values(args, EngineOptions))
-    rows = predict(model, [label_source(args, p) for p in args.paths], top_k=args.top_k, reject=args.reject)
+    items = [label_source(args, p, strict=False) for p in args.paths]  # a label file: its files, given labels
+    rows = predict(model, items, top_k=args.top_k, reject=args.reject)
     explainer = None
     if args.explain or args.show:
         from transferkit.reports.explain import Explainer, write_explanations
@@ -236,7 +243,7 @@ def _inspect(args) -> None:
 
     if args.move_to:
         return _move_marked(args)
-    report = inspect_dataset(label_source(args, args.data_dir), label_source(args, args.test_dir),
+    report = inspect_dataset(label_source(args, args.data_dir), label_source(args, args.test_dir, strict=False),
                              near_threshold=args.near_threshold,
                              progress=not args.json and args.verbosity >= 0)
     written = write_inspection(report, args.out)
