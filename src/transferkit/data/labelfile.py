@@ -237,15 +237,15 @@ def read_rows(source: LabelFile, need_labels: bool = True) -> tuple[str, list[Ro
     """(root, good rows, bad rows) of a label file or a Hugging Face imagefolder; a path listed twice is bad."""
     target = str(source.path)
     if os.path.isfile(target):
-        root = os.path.dirname(os.path.abspath(target))
+        root = os.path.dirname(target) or "."  # paths as a folder scan gives them: below the folder as typed
         tables = [(target, None)]
     elif os.path.isdir(target) and _metadata_files(target):
-        root, tables = os.path.abspath(target), _metadata_files(target)
+        root, tables = target, _metadata_files(target)
     else:
         raise TransferkitError(f"{target}: not a label file (.csv, .tsv) nor a folder with metadata.csv")
     good, bad = [], []
     for table, folder_split in tables:
-        rows, wrong = _rows_of_table(table, root, os.path.dirname(os.path.abspath(table)), source, folder_split,
+        rows, wrong = _rows_of_table(table, root, os.path.dirname(table) or ".", source, folder_split,
                                      need_labels)
         good += rows
         bad += wrong
