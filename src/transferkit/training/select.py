@@ -119,10 +119,11 @@ def fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims
         candidate.history, candidate.best_epoch = _one_point_history(candidate.predict, data, rows), 1
     else:
         from transferkit.engines.keras_step import run_model
+        from transferkit.training.tensorboard import HEAD
 
         head, candidate.history, candidate.best_epoch = train_head(
             options, x_train[rows], y_train[rows], x_val, y_val, n_classes, class_weight, keep=keep,
-            log_dir=log_dir and os.path.join(log_dir, "head"))
+            log_dir=log_dir and os.path.join(log_dir, HEAD))
         candidate._model, candidate.predict = head, lambda x: run_model(head, x)
     candidate.seconds = time.perf_counter() - start
     _score(candidate, x_val, y_val)

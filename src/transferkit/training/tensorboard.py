@@ -9,8 +9,8 @@ read as any Keras run's do (``tensorboard --logdir DIR``).
 
 One step per epoch. ``--head auto`` also fits scikit-learn logistic heads, which have no epochs: they appear only
 in ``head_choice`` (a single point each), beside the Keras softmax candidate whose curves are in ``head``. A
-refitted head (``--refit``) is not logged. The graph is not written (``write_graph=False``: the fine-tuning graph
-is the whole backbone, and Keras 3 does not write it for TensorFlow functions anyway).
+refitted head (``--refit``) is not logged. Nor is the graph (``write_graph=False``: Keras 3 documents it as not
+supported, and the fine-tuning graph would be the whole backbone's).
 """
 
 from __future__ import annotations
