@@ -266,3 +266,17 @@ def test_python_api_label_files_and_log_dir(dataset, tmp_path):
                                runtime="keras")
     assert [r["given"] for r in rows] == [c for _, c in test_rows]
     assert sum(r["label"] == r["given"] for r in rows) >= 12  # of 18 (chance: 6)
+
+
+def test_a_resumed_stage_continues_the_tensorboard_steps(tmp_path):
+    import keras
+
+    from transferkit.training.tensorboard import fine_tune_callback
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = np.random.default_rng(0).normal(size=(16, 4)).astype("float32"), np.arange(16) % 2
+    model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[fine_tune_callback(str(tmp_path), 3)])
+    steps = _events(tmp_path / "fine_tune" / "train")
+    assert [s for s, _ in steps["epoch_loss"]] == [3, 4]  # epochs 4 and 5 of a stage resumed after 3
+    assert [v for _, v in steps["epoch_learning_rate"]] == pytest.approx([0.01, 0.01])

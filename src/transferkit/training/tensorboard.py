@@ -10,7 +10,8 @@ read as any Keras run's do (``tensorboard --logdir DIR``).
 One step per epoch. ``--head auto`` also fits scikit-learn logistic heads, which have no epochs: they appear only
 in ``head_choice`` (a single point each), beside the Keras softmax candidate whose curves are in ``head``. A
 refitted head (``--refit``) is not logged. Nor is the graph (``write_graph=False``: Keras 3 documents it as not
-supported, and the fine-tuning graph would be the whole backbone's).
+supported, and the fine-tuning graph would be the whole backbone's). Cost: the tests' tiny run (12 photos, 4 head
+epochs) took 9.9 s in its head stage with ``--log-dir``, 9.4 s without (one run each, on 2 busy cores).
 """
 
 from __future__ import annotations
