@@ -261,16 +261,20 @@ def _inspect(args) -> None:
         return
     print(text_summary(report))
     if args.labels:
-        print(_audit_table(report))
+        from transferkit.data.labelfile import is_label_source
+
+        print(_audit_table(report, label_file=is_label_source(args.data_dir)))
     print("\nwrote " + ", ".join(written.values()))
 
 
-def _audit_table(report: dict, limit: int = 20) -> str:
+def _audit_table(report: dict, limit: int = 20, label_file: bool = False) -> str:
     issues, outliers = report["label_issues"], report["outliers"]
     lines = [f"\nlabel audit: {len(issues)} photo(s) probably in the wrong folder, {len(outliers)} outlier(s)"]
     lines += [f"  {r['score']:.3f}  {r['given']} -> {r['suggested']}\t{r['path']}" for r in issues[:limit]]
     lines += [f"  outlier {r['score']:.3f}  {r['given']}\t{r['path']}" for r in outliers[:limit]]
-    if issues or outliers:
+    if (issues or outliers) and label_file:
+        lines.append("  correct these rows' labels in the label file (label_issues.csv lists them)")
+    elif issues or outliers:
         lines.append("  mark 'yes' in the 'move' column of the CSV, then: transferkit inspect DATA --move-to DIR")
     return "\n".join(lines)
 
