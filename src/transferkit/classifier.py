@@ -223,8 +223,11 @@ class ImageClassifier:
             raise TransferkitError("resume needs out, the run folder to continue (--resume --out RUN)")
         keras.utils.set_random_seed(options.seed)
         self.data_ = split_training_folder(data_dir, options.val_split, options.seed)
-        if test_dir:
-            scan_folder(test_dir, class_names=self.data_.class_names)
+        if test_dir:  # what evaluate reads of it (a label file: its test rows where it has a split column)
+            from transferkit.data import labelfile
+
+            is_file = labelfile.is_label_source(test_dir)
+            scan_folder(labelfile.for_evaluation(test_dir) if is_file else test_dir, class_names=self.data_.class_names)
         self.classes_, self.skipped_ = list(self.data_.class_names), list(self.data_.skipped)
         self.out_ = str(out or runs.default_folder())
         self.model_path_ = os.path.join(self.out_, runs.MODEL_NAME)
