@@ -133,6 +133,12 @@ def test_hugging_face_imagefolder_layouts(tmp_path):
     assert len(data.train_paths) == 12 and all("/validation/" in p for p in data.val_paths)
     assert len(data.val_paths) == 6 and os.path.basename(os.path.dirname(data.val_paths[0])) in CLASSES
     assert labelfile.for_evaluation(str(split)).only == "test"
+    # a photo folder that holds some other metadata.csv (no file_name) stays a class folder
+    other = tmp_path / "photos"
+    write_dataset(other, 2, seed=4)
+    _write(other / "metadata.csv", ["camera", "date"], [("X100", "2026-01-01")])
+    assert not labelfile.is_label_source(str(other)) and scan_folder(str(other)).counts() == {c: 2 for c in
+                                                                                              sorted(CLASSES)}
     # a bad row names the metadata file it is in; a path the file lists in the other Unicode form is found
     decomposed = unicodedata.normalize("NFD", f"{CLASSES[1]}/photo_000.jpg")
     _write(split / "test" / "metadata.csv", ["file_name"], [(decomposed,), ("grenade/photo_009.jpg",)])

@@ -39,6 +39,7 @@ SPLITS = {"train": "train", "training": "train", "valid": "valid", "validation":
           "dev": "valid", "test": "test", "testing": "test", "eval": "test", "evaluation": "test"}
 PATH_COLUMNS = ("path", "file_name")  # the default path column: the first of these the header has
 MAX_LISTED = 10  # bad rows named in an error message (all are counted)
+_IGNORED: set[str] = set()  # metadata files without file_name, warned about once
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,33 @@ def as_label_file(item) -> LabelFile:
 
 def _metadata_files(folder: str) -> list[tuple[str, str | None]]:
     """(metadata.csv or .jsonl, the split its folder names) of a Hugging Face imagefolder: at the top and in
-    split folders."""
-    places = [(folder, None)] + [(os.path.join(folder, name), SPLITS[name.lower()])
-                                 for name in sorted(os.listdir(folder)) if name.lower() in SPLITS]
-    return [(os.path.join(place, meta), split) for place, split in places for meta in METADATA_NAMES
-            if os.path.isfile(os.path.join(place, meta))]
+    split folders. A metadata file without a ``file_name`` (Hugging Face requires one) is not: a photo folder
+    that happens to hold some other metadata.csv stays a class folder, with a warning."""
+    try:
+        places = [(folder, None)] + [(os.path.join(folder, name), SPLITS[name.lower()])
+                                     for name in sorted(os.listdir(folder)) if name.lower() in SPLITS]
+    except OSError:
+        return []  # the folder scan names the problem
+    found = [(os.path.join(place, meta), split) for place, split in places for meta in METADATA_NAMES
+             if os.path.isfile(os.path.join(place, meta))]
+    named = [(meta, split) for meta, split in found if _names_file_name(meta)]
+    for meta, split in found:
+        if (meta, split) not in named and meta not in _IGNORED:
+            _IGNORED.add(meta)
+            logger.warning(f"{meta}: no 'file_name' column: not Hugging Face metadata, ignored")
+    return named
+
+
+def _names_file_name(meta: str) -> bool:
+    """Whether a metadata file's first record names a ``file_name`` (read only as far as its first line)."""
+    try:
+        with open(meta, encoding="utf-8-sig", errors="replace") as f:
+            first = f.readline(1 << 16)
+    except OSError:
+        return False
+    if meta.lower().endswith(".jsonl"):
+        return '"file_name"' in first
+    return "file_name" in [h.strip() for h in next(csv.reader([first], delimiter=_delimiter(meta, first)), [])]
 
 
 # ----- reading the table -----
