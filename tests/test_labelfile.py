@@ -52,6 +52,8 @@ def test_rows_columns_delimiters_and_bad_rows(tmp_path):
         scan_folder(custom)
     data = scan_folder(labelfile.LabelFile(custom, path_col="fichier", label_col="espèce"))
     assert data.counts() == {c: 3 for c in sorted(CLASSES)}
+    windows = _write(tmp_path / "windows.csv", ["path", "label"], [(p.replace("/", "\\"), c) for p, c in files])
+    assert scan_folder(windows).paths == data.paths  # images\grenade\photo_000.jpg, written on Windows
 
     (tmp_path / "outside.jpg").write_bytes((tmp_path / files[0][0]).read_bytes())
     bad = files[:2] + [("images/nowhere.jpg", "grenade"), (files[2][0], ""), (str(tmp_path / files[3][0]), "grenade"),

@@ -200,6 +200,8 @@ def _resolve(root: str, base: str, given: str) -> tuple[str | None, str | None]:
         return None, "empty path"
     if os.path.isabs(given) or (len(given) > 2 and given[0].isalpha() and given[1] == ":" and given[2] in "/\\"):
         return None, "absolute path (paths are relative to the label file's folder)"
+    if os.sep == "/" and "\\" in given and not os.path.exists(os.path.join(base, given)):
+        given = given.replace("\\", "/")  # written on Windows: images\cat\1.jpg
     path = os.path.normpath(os.path.join(base, given))
     if os.path.relpath(path, root).split(os.sep)[0] == "..":
         return None, "'..' leads out of the label file's folder"
