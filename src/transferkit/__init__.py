@@ -33,6 +33,7 @@ _LAZY = {  # the heavy parts (Keras, TensorFlow) are imported when used, so ``tr
     "list_backbones": ("transferkit.models.backbones", "list_backbones"),
     "export_model": ("transferkit.export", "export_model"),
     "backbones": ("transferkit.models.backbones", None),
+    "LabelFile": ("transferkit.data.labelfile", "LabelFile"),
 }
 
 

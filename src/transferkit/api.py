@@ -16,12 +16,15 @@ from transferkit.options import DEFAULT_ENGINE, EngineOptions
 
 
 def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
-          callbacks=(), **options) -> dict:
-    """Train with ``options`` (the fields of TrainOptions) and write the run folder; returns its metrics."""
+          callbacks=(), log_dir: str | None = None, **options) -> dict:
+    """Train with ``options`` (the fields of TrainOptions) and write the run folder; returns its metrics.
+    ``data_dir``: a class folder, or a label file (``labels.csv``, ``LabelFile(...)``, a Hugging Face
+    imagefolder); ``log_dir``: TensorBoard logs of the head and the fine-tuning."""
     from transferkit.classifier import ImageClassifier
 
     clf = ImageClassifier(**options)
-    return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks).summary()
+    return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks,
+                   log_dir=log_dir).summary()
 
 
 def load_model(path, *, runtime: str = DEFAULT_ENGINE.runtime,
@@ -64,8 +67,9 @@ def _model(model, runtime: str, precision: str) -> Predictor:
 
 def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str = DEFAULT_ENGINE.runtime,
             precision: str = DEFAULT_ENGINE.precision, reject: bool = True) -> list[dict]:
-    """Rows for every image in ``paths`` (files, folders, globs); ``model`` is a path or a loaded predictor;
-    ``reject=False`` labels unknown photos with their nearest class instead of None."""
+    """Rows for every image in ``paths`` (files, folders, globs, label files: their rows get ``given``, the
+    file's label); ``model`` is a path or a loaded predictor; ``reject=False`` labels unknown photos with their
+    nearest class instead of None."""
     from transferkit.engines.predict import predict_rows
 
     return predict_rows(_model(model, runtime, precision), paths, top_k=top_k, batch_size=batch_size,
@@ -75,7 +79,8 @@ def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str 
 def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = 32,
              runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
              unknown_dir: str | None = None, explain: bool = True) -> dict:
-    """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/``; report files in ``out``;
+    """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/`` (or a label file: its test
+    rows where it has a split column, else every row); report files in ``out``;
     ``unknown_dir``: photos of none of the classes (rejection rate, AUROC, confusion with an unknown row);
     ``explain``: heat maps in the report's galleries."""
     from transferkit.reports.evaluation import evaluate_predictor

@@ -74,6 +74,7 @@ class ImageClassifier:
         self._views_extractor = None  # the training views' extractor (a lower precision than extractor_'s)
         self._file_metadata = {}  # what the model file last written or read says about itself
         self._saved_to = None  # the file that holds model_ as it is now, if any
+        self._log_dir = None  # TensorBoard logs of fit (its log_dir), if asked
 
     # ----- parameters (scikit-learn's protocol) -----
     def get_params(self, deep: bool = True) -> dict:
@@ -167,14 +168,22 @@ class ImageClassifier:
 
     # ----- training -----
     def fit(self, data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
-            callbacks=()) -> "ImageClassifier":
-        """Train on ``data_dir/<class>/<images>`` and write the run folder ``out``. ``resume`` continues the
-        interrupted second stage of ``out`` (same options, same files); ``callbacks`` are Keras callbacks for
-        the second stage."""
+            callbacks=(), log_dir: str | None = None) -> "ImageClassifier":
+        """Train on ``data_dir/<class>/<images>`` (or a label file: ``labels.csv``, a Hugging Face imagefolder)
+        and write the run folder ``out``. ``resume`` continues the interrupted second stage of ``out`` (same
+        options, same files); ``callbacks`` are Keras callbacks for the second stage; ``log_dir``: TensorBoard
+        logs of both stages there (``training.tensorboard``)."""
         from transferkit.training.finetune import read_state
 
+        if log_dir:
+            from transferkit.training.tensorboard import check_available
+
+            check_available()
         started = time.perf_counter()
         self.prepare(data_dir, out=out, resume=resume, test_dir=test_dir)
+        self._log_dir = str(log_dir) if log_dir else None
+        if not test_dir and self.data_.test_source is not None:  # a label file's test rows
+            test_dir = self.data_.test_source
         if resume and os.path.exists(self.model_path_):
             self._restore()
             if "total_seconds" in (self.timing_ or {}):  # written by the last save of a complete run
@@ -224,7 +233,14 @@ class ImageClassifier:
         self.data_ = split_training_folder(data_dir, options.val_split, options.seed)
         if options.backbone == "auto":
             self.options_ = options = self._choose_backbone(options)
-        test = scan_folder(test_dir, class_names=self.data_.class_names) if test_dir else None
+        test = None
+        source = test_dir or self.data_.test_source  # a label file's test rows are the test set too
+        if source is not None:  # what evaluate reads of it (a label file: its test rows where it has a split column)
+            from transferkit.data import labelfile
+
+            if labelfile.is_label_source(source):
+                source = labelfile.for_evaluation(source)
+            test = scan_folder(source, class_names=self.data_.class_names)
         self.duplicates_ = run_duplicates(self.data_, test)  # exact copies, by the hashes the split computed
         self.classes_, self.skipped_ = list(self.data_.class_names), list(self.data_.skipped)
         self.out_ = str(out or runs.default_folder())
@@ -322,9 +338,15 @@ class ImageClassifier:
         options = self.options_
         data = (features.x_train, features.y_train, features.x_val, features.y_val, options.augment_views + 1)
         if options.head == "auto":
-            return select.select_head(options, data, dims, len(self.classes_), self._class_weights())
+            return select.select_head(options, data, dims, len(self.classes_), self._class_weights(),
+                                      log_dir=self._log_dir)
         one = select.Candidate(options.head, len(dims) - 1, True)
-        select.fit_candidate(one, options, data, dims, len(self.classes_), self._class_weights())
+        select.fit_candidate(one, options, data, dims, len(self.classes_), self._class_weights(),
+                             log_dir=self._log_dir)
+        if self._log_dir:
+            from transferkit.training.tensorboard import write_candidates
+
+            write_candidates(self._log_dir, [one], one)
         return one, [one]
 
     def _refit(self, chosen, features: FeatureSplit, dims: list[int]):
@@ -401,6 +423,10 @@ class ImageClassifier:
             reset_temperature(self.model_.get_layer("head"))  # trained at T = 1, calibrated again after
         state = self._fine_tune_state(finetune, self.options_, images, resume)
         options = self.options_
+        if self._log_dir:
+            from transferkit.training.tensorboard import fine_tune_callback
+
+            callbacks = [*callbacks, fine_tune_callback(self._log_dir, state["epochs_done"])]
         self.fine_tune_ = finetune.fine_tune(
             probability_view(self.model_, len(self.classes_)), self._spec(), images, state,
             save=self._checkpoint, out=self.out_, batch_size=options.batch_size, seed=options.seed,

@@ -115,7 +115,7 @@ def check_same_files(out: str, metadata: dict, data: TrainingData) -> None:
     old = set(before.get("train", []) + before.get("validation", []))
     new = set(data.relative(data.train_paths + data.val_paths))
     change = (f"'{sorted(new - old)[0]}' was added" if new - old else
-              f"'{sorted(old - new)[0]}' was removed" if old - new else "a file's content changed")
+              f"'{sorted(old - new)[0]}' was removed" if old - new else "a file's content or label changed")
     raise TransferkitError(f"{out}: cannot resume: the training files changed since the run began ({change}); "
                            f"start a new run with another --out")
 

@@ -78,16 +78,20 @@ def _ecosystem_commands(command) -> None:
 
 
 def _data_commands(command) -> None:
-    t = command("train", "train a classifier on DATA_DIR/<class>/<images>")
+    t = command("train", "train a classifier on DATA_DIR/<class>/<images> (or a label file: labels.csv)")
     t.add_argument("data_dir")
-    t.add_argument("--test-dir", help="a separate labelled folder, evaluated at the end")
+    t.add_argument("--test-dir", help="a separate labelled folder (or label file), evaluated at the end")
     t.add_argument("--out", help="run folder (default runs/<date-time>)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
+    t.add_argument("--log-dir", help="write TensorBoard logs of the head and the fine-tuning here "
+                                     "(tensorboard --logdir DIR)")
+    add_label_file_flags(t)
     add_options(t, TrainOptions)
 
     i = command("inspect", "dataset health: counts, imbalance, unreadable files, duplicates, leakage")
     i.add_argument("data_dir")
     i.add_argument("--test-dir")
+    add_label_file_flags(i)
     i.add_argument("--out", default=os.path.join("runs", "inspect"), help="folder for health.json, samples.png")
     i.add_argument("--near-threshold", type=int, default=6, help="perceptual-hash bits for a near duplicate")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -110,6 +114,7 @@ def _model_commands(command) -> None:
     e = command("evaluate", "evaluate MODEL on TEST_DIR/<class>/<images>")
     e.add_argument("model")
     e.add_argument("test_dir")
+    add_label_file_flags(e)
     e.add_argument("--out", help="folder for metrics.json, report.html and the confusion matrices")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     e.add_argument("--unknown-dir", help="photos of none of the classes: how many the model rejects as unknown")
@@ -120,6 +125,7 @@ def _model_commands(command) -> None:
     r = command("predict", "predict image files, folders or globs")
     r.add_argument("model")
     r.add_argument("paths", nargs="+")
+    add_label_file_flags(r)
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
     r.add_argument("--show", metavar="OUT.png",
@@ -147,6 +153,31 @@ def _model_commands(command) -> None:
     b.add_argument("--json", action="store_true", help="print one JSON list")
 
 
+def add_label_file_flags(parser: argparse.ArgumentParser) -> None:
+    """The columns of a label file given instead of a folder (labels.csv, a Hugging Face imagefolder)."""
+    g = parser.add_argument_group("label files", "DATA may be a CSV/TSV of image paths (relative to the file) and "
+                                  "labels, or a folder with a Hugging Face metadata.csv")
+    g.add_argument("--path-col", help="the column of image paths (default: 'path', else 'file_name')")
+    g.add_argument("--label-col", help="the column of labels (default: label)")
+    g.add_argument("--split-col", help="the column of train / valid / test, honoured instead of the random split "
+                                       "where present (default: split)")
+
+
+def label_source(args, item, strict: bool = True):
+    """``item`` as a LabelFile with the command's columns where it is a label file (else unchanged; ``strict``:
+    a column flag given for a class folder is an error)."""
+    from transferkit.data.labelfile import LabelFile, is_label_source
+
+    if item is None or not is_label_source(item):
+        given = [f for f in ("path_col", "label_col", "split_col") if getattr(args, f) is not None]
+        if item is not None and strict and given:
+            raise TransferkitError(f"{item}: --{given[0].replace('_', '-')} is for a label file (.csv, .tsv, or a "
+                                   f"folder with metadata.csv), not a class folder")
+        return item
+    return LabelFile(str(item), path_col=args.path_col, label_col=args.label_col or "label",
+                     split_col=args.split_col or "split")
+
+
 def _print_rows(rows: list[dict], fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(rows, ensure_ascii=False, indent=2))
@@ -161,7 +192,8 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
                 print(f"{r['path']}\tunknown\tnovelty {r['novelty']:.2f}\t(nearest: {nearest})")
             else:
                 others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"][1:])
-                print(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({others})" if others else ""))
+                print(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({others})" if others else "")
+                      + (f"\tgiven {r['given']}" if "given" in r else ""))
 
 
 def _csv_rows(rows: list[dict]) -> str:
@@ -169,29 +201,32 @@ def _csv_rows(rows: list[dict]) -> str:
     writer = csv.writer(buf)
     k = max((len(r["top_k"]) for r in rows), default=0)
     tops_header = [f"top{i + 1}_{c}" for i in range(k) for c in ("label", "probability")]
-    writer.writerow(["path", "label", "probability", "novelty"] + tops_header + ["error"])
+    given = any("given" in r for r in rows)  # predicting a label file: its labels, to compare
+    writer.writerow(["path", "label", "probability", "novelty"] + tops_header + ["error"] + ["given"] * given)
     for r in rows:
         tops = [x for t in r["top_k"] for x in (t["label"], f"{t['probability']:.6f}")]
         tops += [""] * (2 * k - len(tops))
         prob = "" if r["probability"] is None else f"{r['probability']:.6f}"
         label = "unknown" if r.get("unknown") and r["label"] is None else r["label"] or ""
         novelty = "" if r.get("novelty") is None else f"{r['novelty']:.4f}"
-        writer.writerow([r["path"], label, prob, novelty] + tops + [r.get("error", "")])
+        writer.writerow([r["path"], label, prob, novelty] + tops + [r.get("error", "")]
+                        + [r.get("given", "")] * given)
     return buf.getvalue()
 
 
 def _train(args) -> None:
     from transferkit.api import train
 
-    train(args.data_dir, test_dir=args.test_dir, out=args.out, resume=args.resume,
-          **record_values(args, TrainOptions))
+    train(label_source(args, args.data_dir), test_dir=label_source(args, args.test_dir, strict=False), out=args.out,
+          resume=args.resume, log_dir=args.log_dir, **record_values(args, TrainOptions))
 
 
 def _evaluate(args) -> None:
     from transferkit.api import evaluate
     from transferkit.reports.metrics import text_report
 
-    metrics = evaluate(args.model, args.test_dir, out=args.out, unknown_dir=args.unknown_dir, explain=args.explain,
+    metrics = evaluate(args.model, label_source(args, args.test_dir), out=args.out, unknown_dir=args.unknown_dir,
+                       explain=args.explain,
                        **record_values(args, EngineOptions))
     if args.json:
         keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
@@ -205,7 +240,8 @@ def _predict(args) -> None:
     from transferkit.api import load_predictor, predict
 
     model = load_predictor(args.model, **record_values(args, EngineOptions))
-    rows = predict(model, args.paths, top_k=args.top_k, reject=args.reject)
+    items = [label_source(args, p, strict=False) for p in args.paths]  # a label file: its files, given labels
+    rows = predict(model, items, top_k=args.top_k, reject=args.reject)
     explainer = None
     if args.explain or args.show:
         from transferkit.reports.explain import Explainer, write_explanations
@@ -230,14 +266,15 @@ def _inspect(args) -> None:
 
     if args.move_to:
         return _move_marked(args)
-    report = inspect_dataset(args.data_dir, args.test_dir, near_threshold=args.near_threshold,
+    report = inspect_dataset(label_source(args, args.data_dir), label_source(args, args.test_dir, strict=False),
+                             near_threshold=args.near_threshold,
                              progress=not args.json and args.verbosity >= 0)
     written = write_inspection(report, args.out)
     if args.labels:
         from transferkit.reports.html import write_label_report
         from transferkit.training import audit
 
-        found = audit.audit_folder(args.data_dir, args.backbone, args.image_size)
+        found = audit.audit_folder(label_source(args, args.data_dir), args.backbone, args.image_size)
         report |= found.to_json()
         written["csv"] = audit.write_csv(found, os.path.join(args.out, audit.CSV_NAME))
         written["labels"] = write_label_report(found, os.path.join(args.out, "labels.html"), written["csv"])
@@ -247,23 +284,31 @@ def _inspect(args) -> None:
         return
     print(text_summary(report))
     if args.labels:
-        print(_audit_table(report))
+        from transferkit.data.labelfile import is_label_source
+
+        print(_audit_table(report, label_file=is_label_source(args.data_dir)))
     print("\nwrote " + ", ".join(written.values()))
 
 
-def _audit_table(report: dict, limit: int = 20) -> str:
+def _audit_table(report: dict, limit: int = 20, label_file: bool = False) -> str:
     issues, outliers = report["label_issues"], report["outliers"]
     lines = [f"\nlabel audit: {len(issues)} photo(s) probably in the wrong folder, {len(outliers)} outlier(s)"]
     lines += [f"  {r['score']:.3f}  {r['given']} -> {r['suggested']}\t{r['path']}" for r in issues[:limit]]
     lines += [f"  outlier {r['score']:.3f}  {r['given']}\t{r['path']}" for r in outliers[:limit]]
-    if issues or outliers:
+    if (issues or outliers) and label_file:
+        lines.append("  correct these rows' labels in the label file (label_issues.csv lists them)")
+    elif issues or outliers:
         lines.append("  mark 'yes' in the 'move' column of the CSV, then: transferkit inspect DATA --move-to DIR")
     return "\n".join(lines)
 
 
 def _move_marked(args) -> None:
+    from transferkit.data.labelfile import is_label_source
     from transferkit.training.audit import CSV_NAME, move_marked
 
+    if is_label_source(args.data_dir):
+        raise TransferkitError(f"{args.data_dir}: --move-to moves photos between class folders; with a label file, "
+                               f"correct the label column instead")
     moved = move_marked(args.csv or os.path.join(args.out, CSV_NAME), args.data_dir, args.move_to)
     if args.json:
         print(json.dumps({"moved": moved}, ensure_ascii=False))

@@ -113,11 +113,19 @@ def _sizes(records: list[dict]) -> dict:
 
 def inspect_dataset(data_dir: str, test_dir: str | None = None, near_threshold: int = NEAR_THRESHOLD,
                     progress: bool = True) -> dict:
-    """The health report of a dataset as a JSON-ready dict."""
-    train = scan_folder(data_dir, min_classes=1)
-    splits = [("train", train)]
+    """The health report of a dataset as a JSON-ready dict. A label file's splits are its own (train, valid,
+    test: duplicates across them are leaks), and its bad rows are listed (``bad_rows``) instead of refused."""
+    from transferkit.data import labelfile
+
+    bad_rows = []
+    if labelfile.is_label_source(data_dir):
+        splits, bad_rows = labelfile.health_splits(data_dir)
+    else:
+        splits = [("train", scan_folder(data_dir, min_classes=1))]
+    train = splits[0][1]
     if test_dir:
-        splits.append(("test", scan_folder(test_dir, class_names=train.class_names, min_classes=1)))
+        name = "test_dir" if any(split == "test" for split, _ in splits) else "test"  # a label file's test rows
+        splits.append((name, scan_folder(test_dir, class_names=train.class_names, min_classes=1)))
     records, unreadable = _examine_all(splits, progress)
     counts = {split: {name: 0 for name in train.class_names} for split, _ in splits}
     for r in records:
@@ -138,6 +146,7 @@ def inspect_dataset(data_dir: str, test_dir: str | None = None, near_threshold: 
         "modes": distribution("mode"),
         "sizes": _sizes(records),
         "unreadable": unreadable,
+        "bad_rows": bad_rows,
         "exact_duplicates": _exact_duplicates(records),
         "near_duplicates": _near_duplicates(records, near_threshold),
         "samples": {name: [r["path"] for r in records if r["label"] == name and r["split"] == "train"][:5]
@@ -162,6 +171,9 @@ def text_summary(report: dict) -> str:
     if s["min"]:
         lines.append(f"sizes (w x h): min {s['min'][0]}x{s['min'][1]}, median {s['median'][0]:.0f}x{s['median'][1]:.0f}, "
                      f"max {s['max'][0]}x{s['max'][1]} ({s['distinct']} distinct)")
+    if report.get("bad_rows"):
+        lines.append(f"bad rows of the label file: {len(report['bad_rows'])}")
+        lines.extend(f"  line {b['line']}: {b['path']!r}: {b['reason']}" for b in report["bad_rows"][:20])
     lines.append(f"unreadable files: {len(report['unreadable'])}")
     lines.extend(f"  {u['path']}: {u['reason']}" for u in report["unreadable"][:20])
     ex, ne = report["exact_duplicates"], report["near_duplicates"]
