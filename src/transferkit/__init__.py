@@ -27,11 +27,14 @@ _LAZY = {  # the heavy parts (Keras, TensorFlow) are imported when used, so ``tr
     "predict": ("transferkit.api", "predict"),
     "predict_on_ray": ("transferkit.api", "predict_on_ray"),
     "explain": ("transferkit.api", "explain"),
+    "model_card": ("transferkit.api", "model_card"),
+    "compare": ("transferkit.api", "compare"),
     "load_model": ("transferkit.api", "load_model"),
     "load_predictor": ("transferkit.api", "load_predictor"),
     "list_backbones": ("transferkit.models.backbones", "list_backbones"),
     "export_model": ("transferkit.export", "export_model"),
     "backbones": ("transferkit.models.backbones", None),
+    "LabelFile": ("transferkit.data.labelfile", "LabelFile"),
 }
 
 

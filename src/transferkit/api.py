@@ -16,13 +16,16 @@ from transferkit.options import DEFAULT_ENGINE, EngineOptions
 
 
 def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
-          callbacks=(), ray: str | None = None, **options) -> dict:
+          callbacks=(), log_dir: str | None = None, ray: str | None = None, **options) -> dict:
     """Train with ``options`` (the fields of TrainOptions) and write the run folder; returns its metrics.
-    ``ray``: extract the features on the Ray cluster at this address ("local": a local Ray instance)."""
+    ``data_dir``: a class folder, or a label file (``labels.csv``, ``LabelFile(...)``, a Hugging Face
+    imagefolder); ``log_dir``: TensorBoard logs of the head and the fine-tuning; ``ray``: extract the features on
+    the Ray cluster at this address ("local": a local Ray instance)."""
     from transferkit.classifier import ImageClassifier
 
     clf = ImageClassifier(**options)
-    return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks, ray=ray).summary()
+    return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks, log_dir=log_dir,
+                   ray=ray).summary()
 
 
 def load_model(path, *, runtime: str = DEFAULT_ENGINE.runtime,
@@ -65,8 +68,9 @@ def _model(model, runtime: str, precision: str) -> Predictor:
 
 def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str = DEFAULT_ENGINE.runtime,
             precision: str = DEFAULT_ENGINE.precision, reject: bool = True) -> list[dict]:
-    """Rows for every image in ``paths`` (files, folders, globs); ``model`` is a path or a loaded predictor;
-    ``reject=False`` labels unknown photos with their nearest class instead of None."""
+    """Rows for every image in ``paths`` (files, folders, globs, label files: their rows get ``given``, the
+    file's label); ``model`` is a path or a loaded predictor; ``reject=False`` labels unknown photos with their
+    nearest class instead of None."""
     from transferkit.engines.predict import predict_rows
 
     return predict_rows(_model(model, runtime, precision), paths, top_k=top_k, batch_size=batch_size,
@@ -90,7 +94,8 @@ def predict_on_ray(model, paths, out: str, *, address: str | None = "local", top
 def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = 32,
              runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
              unknown_dir: str | None = None, explain: bool = True) -> dict:
-    """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/``; report files in ``out``;
+    """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/`` (or a label file: its test
+    rows where it has a split column, else every row); report files in ``out``;
     ``unknown_dir``: photos of none of the classes (rejection rate, AUROC, confusion with an unknown row);
     ``explain``: heat maps in the report's galleries."""
     from transferkit.reports.evaluation import evaluate_predictor
@@ -120,3 +125,25 @@ def explain(model, paths, *, out: str | None = None, top_k: int = 3, runtime: st
     if out and good:
         write_explanations(good, explainer, out, pairs)
     return rows
+
+
+def model_card(path, *, out: str | None = None) -> str:
+    """The model card (Markdown) of a ``.keras`` model file, rendered from its metadata (no TensorFlow import);
+    with ``out``, also written there (atomically)."""
+    from transferkit.models.modelfile import read_metadata
+    from transferkit.reports.card import model_card as render, write_model_card
+
+    metadata = read_metadata(str(path))
+    if out:
+        write_model_card(metadata, out)
+    return render(metadata)
+
+
+def compare(data_dir: str, *, backbones=None, test_dir: str | None = None, out: str | None = None,
+            **options) -> dict:
+    """Compare ``backbones`` (default: the offline ones) on ``data_dir`` with the same split and head: validation
+    accuracy, macro F1, images/s, and the pick with its reason (see ``training.compare``); with ``out``,
+    compare.json and compare.png there."""
+    from transferkit.training.compare import compare_backbones
+
+    return compare_backbones(data_dir, list(backbones) if backbones else None, test_dir=test_dir, out=out, **options)

@@ -38,7 +38,8 @@ from transferkit import runs
 
 _LEARNED = ("classes_", "options_", "model_", "history_", "best_epoch_", "validation_", "test_", "fine_tune_",
             "skipped_", "timing_", "data_", "out_", "model_path_", "extractor_", "head_",
-            "check_images_", "novelty_", "feature_check_", "head_choice_", "label_audit_")
+            "check_images_", "novelty_", "feature_check_", "head_choice_", "label_audit_",
+            "duplicates_", "backbone_choice_")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ImageClassifier:
         self._views_extractor = None  # the training views' extractor (a lower precision than extractor_'s)
         self._file_metadata = {}  # what the model file last written or read says about itself
         self._saved_to = None  # the file that holds model_ as it is now, if any
+        self._log_dir = None  # TensorBoard logs of fit (its log_dir), if asked
 
     # ----- parameters (scikit-learn's protocol) -----
     def get_params(self, deep: bool = True) -> dict:
@@ -85,6 +87,12 @@ class ImageClassifier:
 
     def __repr__(self) -> str:
         return f"ImageClassifier({', '.join(f'{k}={v!r}' for k, v in self._params.items())})"
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: the options (not fitted), or the classes, figures and confusion matrix."""
+        from transferkit.reports.notebook import classifier_html
+
+        return classifier_html(self)
 
     # ----- the Predictor protocol -----
     @property
@@ -160,15 +168,23 @@ class ImageClassifier:
 
     # ----- training -----
     def fit(self, data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
-            callbacks=(), ray: str | None = None) -> "ImageClassifier":
-        """Train on ``data_dir/<class>/<images>`` and write the run folder ``out``. ``resume`` continues the
-        interrupted second stage of ``out`` (same options, same files); ``callbacks`` are Keras callbacks for
-        the second stage; ``ray``: compute the features missing from the cache on the Ray cluster at this
-        address ("local": a local Ray instance; see transferkit.scale)."""
+            callbacks=(), log_dir: str | None = None, ray: str | None = None) -> "ImageClassifier":
+        """Train on ``data_dir/<class>/<images>`` (or a label file: ``labels.csv``, a Hugging Face imagefolder)
+        and write the run folder ``out``. ``resume`` continues the interrupted second stage of ``out`` (same
+        options, same files); ``callbacks`` are Keras callbacks for the second stage; ``log_dir``: TensorBoard
+        logs of both stages there (``training.tensorboard``); ``ray``: compute the features missing from the
+        cache on the Ray cluster at this address ("local": a local Ray instance; see transferkit.scale)."""
         from transferkit.training.finetune import read_state
 
+        if log_dir:
+            from transferkit.training.tensorboard import check_available
+
+            check_available()
         started = time.perf_counter()
         self.prepare(data_dir, out=out, resume=resume, test_dir=test_dir)
+        self._log_dir = str(log_dir) if log_dir else None
+        if not test_dir and self.data_.test_source is not None:  # a label file's test rows
+            test_dir = self.data_.test_source
         if resume and os.path.exists(self.model_path_):
             self._restore()
             if "total_seconds" in (self.timing_ or {}):  # written by the last save of a complete run
@@ -204,6 +220,7 @@ class ImageClassifier:
         import keras
 
         from transferkit.data.folders import scan_folder, split_training_folder
+        from transferkit.data.health import run_duplicates
         from transferkit.training.finetune import STATE_NAME
 
         self._reset()
@@ -215,8 +232,17 @@ class ImageClassifier:
             raise TransferkitError("resume needs out, the run folder to continue (--resume --out RUN)")
         keras.utils.set_random_seed(options.seed)
         self.data_ = split_training_folder(data_dir, options.val_split, options.seed)
-        if test_dir:
-            scan_folder(test_dir, class_names=self.data_.class_names)
+        if options.backbone == "auto":
+            self.options_ = options = self._choose_backbone(options)
+        test = None
+        source = test_dir or self.data_.test_source  # a label file's test rows are the test set too
+        if source is not None:  # what evaluate reads of it (a label file: its test rows where it has a split column)
+            from transferkit.data import labelfile
+
+            if labelfile.is_label_source(source):
+                source = labelfile.for_evaluation(source)
+            test = scan_folder(source, class_names=self.data_.class_names)
+        self.duplicates_ = run_duplicates(self.data_, test)  # exact copies, by the hashes the split computed
         self.classes_, self.skipped_ = list(self.data_.class_names), list(self.data_.skipped)
         self.out_ = str(out or runs.default_folder())
         self.model_path_ = os.path.join(self.out_, runs.MODEL_NAME)
@@ -230,6 +256,16 @@ class ImageClassifier:
         if not resume or not runs.read_split(self.out_):
             runs.write_split(self.out_, self.data_)
         return self
+
+    def _choose_backbone(self, options: TrainOptions) -> TrainOptions:
+        """``--backbone auto``: compare the offline backbones on this split (their features cached, so the
+        winner's training reuses them) and continue with the pick; the comparison goes into the metadata."""
+        from transferkit.training.compare import auto_candidates, compare_backbones
+
+        values = {k: v for k, v in options.to_dict().items() if k != "backbone"}
+        found = compare_backbones(self.data_.root, auto_candidates(), data=self.data_, **values)
+        self.backbone_choice_ = {k: found[k] for k in ("results", "chosen", "reason", "notes", "rule", "head")}
+        return dataclasses.replace(options, backbone=found["chosen"])
 
     def extract_features(self, ray: str | None = None) -> FeatureSplit:
         """Features of every training view and validation image, through the frozen backbone and its cache (the
@@ -309,9 +345,15 @@ class ImageClassifier:
         options = self.options_
         data = (features.x_train, features.y_train, features.x_val, features.y_val, options.augment_views + 1)
         if options.head == "auto":
-            return select.select_head(options, data, dims, len(self.classes_), self._class_weights())
+            return select.select_head(options, data, dims, len(self.classes_), self._class_weights(),
+                                      log_dir=self._log_dir)
         one = select.Candidate(options.head, len(dims) - 1, True)
-        select.fit_candidate(one, options, data, dims, len(self.classes_), self._class_weights())
+        select.fit_candidate(one, options, data, dims, len(self.classes_), self._class_weights(),
+                             log_dir=self._log_dir)
+        if self._log_dir:
+            from transferkit.training.tensorboard import write_candidates
+
+            write_candidates(self._log_dir, [one], one)
         return one, [one]
 
     def _refit(self, chosen, features: FeatureSplit, dims: list[int]):
@@ -388,6 +430,10 @@ class ImageClassifier:
             reset_temperature(self.model_.get_layer("head"))  # trained at T = 1, calibrated again after
         state = self._fine_tune_state(finetune, self.options_, images, resume)
         options = self.options_
+        if self._log_dir:
+            from transferkit.training.tensorboard import fine_tune_callback
+
+            callbacks = [*callbacks, fine_tune_callback(self._log_dir, state["epochs_done"])]
         self.fine_tune_ = finetune.fine_tune(
             probability_view(self.model_, len(self.classes_)), self._spec(), images, state,
             save=self._checkpoint, out=self.out_, batch_size=options.batch_size, seed=options.seed,
@@ -536,10 +582,15 @@ class ImageClassifier:
         if self.data_ is not None:
             meta["data"] = {"dir": os.path.abspath(self.data_.root), "fingerprint": self.data_.fingerprint,
                             "n_train": len(self.data_.train_paths), "n_val": len(self.data_.val_paths)}
+            meta["data"] |= runs.data_record(self.data_, self.skipped_, self.duplicates_)
         for name in ("validation", "test"):
             metrics = getattr(self, name + "_")
             if metrics:
                 meta[name] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+                meta[name] |= runs.metrics_record(metrics)
+        meta |= runs.backbone_record(options)
+        if self.backbone_choice_:
+            meta["backbone_choice"] = self.backbone_choice_
         if self.novelty_:
             meta["novelty"] = dict(self.novelty_)
         if self.fine_tune_:
@@ -555,9 +606,11 @@ class ImageClassifier:
 
     # ----- the run folder -----
     def summary(self) -> dict:
-        """What ``metrics.json`` holds and ``transferkit.train`` returns."""
-        result = {"model_path": self.model_path_, "validation": self.validation_, "best_epoch": self.best_epoch_,
-                  "timing": self.timing_, "skipped": self.skipped_}
+        """What ``metrics.json`` holds and ``transferkit.train`` returns (a dict a notebook shows as tables)."""
+        from transferkit.reports.metrics import Metrics
+
+        result = Metrics({"model_path": self.model_path_, "validation": self.validation_,
+                          "best_epoch": self.best_epoch_, "timing": self.timing_, "skipped": self.skipped_})
         if self.head_choice_:
             result["head_choice"] = self.head_choice_
         if self.fine_tune_:
@@ -593,12 +646,14 @@ class ImageClassifier:
         return record
 
     def _write_run(self) -> None:
-        """The records, history.png, and report.html when there are test metrics."""
+        """The records, MODEL_CARD.md, history.png, and report.html when there are test metrics."""
+        from transferkit.reports.card import write_model_card
         from transferkit.reports.explain import report_overlays
         from transferkit.reports.html import model_summary, write_report
         from transferkit.reports.plots import plot_history
 
         record = self._write_records()
+        write_model_card(self.metadata, os.path.join(self.out_, runs.CARD_NAME))
         _, curves, boundary = self._curves()
         history_png = plot_history(curves, os.path.join(self.out_, "history.png"), record["best_epoch"],
                                    stage_boundary=boundary)

@@ -11,6 +11,14 @@ logger = logging.getLogger("transferkit")
 logger.setLevel(logging.INFO)  # bars shown by default, like Keras's; INFO text needs a handler (the CLI's)
 
 
+def progress_bar(total: int, desc: str, *, disable: bool = False, **kwargs):
+    """The one place a progress bar is made: ``tqdm.auto``, a notebook widget in Jupyter where ipywidgets is
+    installed (``pip install transferkit[notebook]``), a text bar on a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=disable, dynamic_ncols=True, **kwargs)
+
+
 def show_progress() -> bool:
     """Whether progress bars are wanted: the transferkit logger lets INFO through."""
     return logger.isEnabledFor(logging.INFO)

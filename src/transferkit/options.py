@@ -115,7 +115,8 @@ class EngineOptions(Options):
 class TrainOptions(EngineOptions):
     """Every option of a training run. ``transferkit train --help`` is generated from these fields."""
 
-    backbone: str = option("efficientnet_lite0", "see `transferkit backbones`")
+    backbone: str = option("efficientnet_lite0", "see `transferkit backbones`; auto: compare the offline ones on "
+                                                 "the validation split (transferkit compare) and train the pick")
     weights: str = option("imagenet", "'imagenet' or PATH to a local weights file", none_ok=True)
     image_size: int = option(None, "square input size", low=32, high=1024, kind=int)
     epochs: int = option(30, "epochs of the head fit", low=1, high=10_000)
@@ -168,6 +169,8 @@ class TrainOptions(EngineOptions):
     def _check_backbone(self) -> None:
         from transferkit.models.backbones import get_spec  # the registry (imports Keras) only when validating
 
+        if self.backbone == "auto":  # chosen from the data at training (training.compare)
+            return
         try:
             spec = get_spec(self.backbone)
         except TransferkitError as exc:

@@ -7,6 +7,7 @@ that let ``--resume`` continue a run only on the same split and the same feature
     metrics.json          validation (and test) metrics, timings, skipped files
     finetune_state.json   the second stage's progress (epochs done, best epoch), for --resume
     report.html           the test report (with confusion matrices) when a test folder was given
+    MODEL_CARD.md         data, backbone, options, metrics, calibration, limits: rendered from the metadata only
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from transferkit.options import SPLIT_AND_FEATURES, TrainOptions
 FORMAT = "transferkit-model/2"  # the metadata layout: "training" is the options record, "data" the fingerprint
 MODEL_NAME = "model.keras"
 SPLIT_NAME = "split.json"
+CARD_NAME = "MODEL_CARD.md"
 RUN_FILES = (MODEL_NAME, SPLIT_NAME, "history.json", "history.png", "metrics.json", "finetune_state.json",
-             "report.html")
+             "report.html", CARD_NAME)
 
 
 def default_folder() -> str:
@@ -113,7 +115,7 @@ def check_same_files(out: str, metadata: dict, data: TrainingData) -> None:
     old = set(before.get("train", []) + before.get("validation", []))
     new = set(data.relative(data.train_paths + data.val_paths))
     change = (f"'{sorted(new - old)[0]}' was added" if new - old else
-              f"'{sorted(old - new)[0]}' was removed" if old - new else "a file's content changed")
+              f"'{sorted(old - new)[0]}' was removed" if old - new else "a file's content or label changed")
     raise TransferkitError(f"{out}: cannot resume: the training files changed since the run began ({change}); "
                            f"start a new run with another --out")
 
@@ -179,3 +181,44 @@ def portable_metadata(metadata: dict) -> dict:
 def _looks_local(text: str) -> bool:
     return (os.path.isabs(text) or text.startswith("~") or (len(text) > 2 and text[1:3] in (":\\", ":/"))) \
         and "\n" not in text and len(text) < 4096
+
+
+def data_record(data: TrainingData, skipped: list[dict] | None, duplicates: dict | None, limit: int = 20) -> dict:
+    """``metadata["data"]``'s details for the model card: images per class and split, the skipped files (paths
+    below the training folder), the duplicate findings of ``data.health.run_duplicates``."""
+    counts = {name: {"train": int((data.y_train == k).sum()), "validation": int((data.y_val == k).sum())}
+              for k, name in enumerate(data.class_names)}
+    root = os.path.abspath(data.root)
+    shown = [{"path": os.path.relpath(s["path"], root) if os.path.abspath(s["path"]).startswith(root + os.sep)
+              else os.path.basename(s["path"]), "reason": s.get("reason", "")} for s in (skipped or [])[:limit]]
+    record = {"counts": counts, "n_skipped": len(skipped or []), "skipped": shown}
+    if duplicates is not None:
+        record["duplicates"] = duplicates
+    return record
+
+
+def metrics_record(metrics: dict) -> dict:
+    """What the model file keeps of a metrics dict beside accuracy and macro F1: images, per-class figures, the
+    confusion matrix (the model card and a notebook's view of a loaded classifier read them), and a test run's
+    calibration error and known photos kept."""
+    kept = {k: metrics[k] for k in ("n_images", "per_class", "confusion_matrix") if k in metrics}
+    if (metrics.get("calibration") or {}).get("ece") is not None:
+        kept["ece"] = metrics["calibration"]["ece"]
+    if isinstance(metrics.get("novelty"), dict) and "known_kept" in metrics["novelty"]:
+        kept["known_kept"] = metrics["novelty"]["known_kept"]
+    return kept
+
+
+def backbone_record(options: TrainOptions) -> dict:
+    """``metadata["backbone_info"]``: the registry's facts about the run's backbone and where its weights came from
+    (written at training, so a model card needs no registry of this version to say it)."""
+    from transferkit.models.backbones import get_spec
+
+    spec = get_spec(options.backbone)
+    if options.weights == "imagenet":
+        origin = {"source": spec.weights.describe(), "kind": spec.weights.kind, "checksum": spec.weights.checksum}
+    else:
+        origin = {"source": "random initialisation" if options.weights is None else "local file",
+                  "kind": "none" if options.weights is None else "file", "checksum": weights_id(options.weights)}
+    return {"backbone_info": {"default_size": spec.default_size, "feature_dim": spec.feature_dim,
+                              "n_blocks": spec.n_blocks, "weights": origin}}

@@ -18,10 +18,12 @@ from transferkit.log import configure, logger
 from transferkit.options import EngineOptions, Options, ServeOptions, TrainOptions
 
 
-def add_options(parser: argparse.ArgumentParser, record: type[Options]) -> None:
-    """One flag per field of ``record`` (``batch_size`` -> ``--batch-size``). Flags not given are absent from
-    the parsed namespace, so the record's own defaults apply."""
+def add_options(parser: argparse.ArgumentParser, record: type[Options], only: tuple | None = None) -> None:
+    """One flag per field of ``record`` (``batch_size`` -> ``--batch-size``; ``only``: those fields). Flags not
+    given are absent from the parsed namespace, so the record's own defaults apply."""
     for f in dataclasses.fields(record):
+        if only is not None and f.name not in only:
+            continue
         rule = f.metadata
         flag = rule["flag"] or "--" + f.name.replace("_", "-")
         shown = "the backbone's" if f.default is None else f.default
@@ -51,21 +53,46 @@ def _parser() -> argparse.ArgumentParser:
 
     _data_commands(command)
     _model_commands(command)
+    _ecosystem_commands(command)
     return p
 
 
+COMPARE_OPTIONS = ("image_size", "seed", "val_split", "batch_size", "class_weight", "runtime", "precision",
+                   "feature_precision", "cache")
+
+
+def _ecosystem_commands(command) -> None:
+    c = command("compare", "compare backbones on DATA_DIR (cached features, the same split and head): accuracy, "
+                           "macro F1 and images/s, and the pick")
+    c.add_argument("data_dir")
+    c.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2",
+                   help="comma-separated backbone names (default: the offline EfficientNet-Lite0,1,2)")
+    c.add_argument("--test-dir", help="a separate labelled folder: its accuracy and macro F1 too (not used to pick)")
+    c.add_argument("--out", default=os.path.join("runs", "compare"), help="folder for compare.json, compare.png")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_options(c, TrainOptions, only=COMPARE_OPTIONS)
+
+    m = command("card", "print (or write) the model card of MODEL, rendered from its metadata")
+    m.add_argument("model")
+    m.add_argument("--out", help="write the Markdown there (e.g. MODEL_CARD.md) instead of printing it")
+
+
 def _data_commands(command) -> None:
-    t = command("train", "train a classifier on DATA_DIR/<class>/<images>")
+    t = command("train", "train a classifier on DATA_DIR/<class>/<images> (or a label file: labels.csv)")
     t.add_argument("data_dir")
-    t.add_argument("--test-dir", help="a separate labelled folder, evaluated at the end")
+    t.add_argument("--test-dir", help="a separate labelled folder (or label file), evaluated at the end")
     t.add_argument("--out", help="run folder (default runs/<date-time>)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
+    t.add_argument("--log-dir", help="write TensorBoard logs of the head and the fine-tuning here "
+                                     "(tensorboard --logdir DIR)")
+    add_label_file_flags(t)
     _ray_flag(t, "compute the features missing from the cache on a Ray cluster (transferkit[ray])")
     add_options(t, TrainOptions)
 
     i = command("inspect", "dataset health: counts, imbalance, unreadable files, duplicates, leakage")
     i.add_argument("data_dir")
     i.add_argument("--test-dir")
+    add_label_file_flags(i)
     i.add_argument("--out", default=os.path.join("runs", "inspect"), help="folder for health.json, samples.png")
     i.add_argument("--near-threshold", type=int, default=6, help="perceptual-hash bits for a near duplicate")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -88,6 +115,7 @@ def _model_commands(command) -> None:
     e = command("evaluate", "evaluate MODEL on TEST_DIR/<class>/<images>")
     e.add_argument("model")
     e.add_argument("test_dir")
+    add_label_file_flags(e)
     e.add_argument("--out", help="folder for metrics.json, report.html and the confusion matrices")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     e.add_argument("--unknown-dir", help="photos of none of the classes: how many the model rejects as unknown")
@@ -98,6 +126,7 @@ def _model_commands(command) -> None:
     r = command("predict", "predict image files, folders or globs")
     r.add_argument("model")
     r.add_argument("paths", nargs="+")
+    add_label_file_flags(r)
     r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
     r.add_argument("--show", metavar="OUT.png",
@@ -135,6 +164,31 @@ def _ray_flag(parser: argparse.ArgumentParser, help: str) -> None:
                              f"a local Ray instance with this machine's cores")
 
 
+def add_label_file_flags(parser: argparse.ArgumentParser) -> None:
+    """The columns of a label file given instead of a folder (labels.csv, a Hugging Face imagefolder)."""
+    g = parser.add_argument_group("label files", "DATA may be a CSV/TSV of image paths (relative to the file) and "
+                                  "labels, or a folder with a Hugging Face metadata.csv")
+    g.add_argument("--path-col", help="the column of image paths (default: 'path', else 'file_name')")
+    g.add_argument("--label-col", help="the column of labels (default: label)")
+    g.add_argument("--split-col", help="the column of train / valid / test, honoured instead of the random split "
+                                       "where present (default: split)")
+
+
+def label_source(args, item, strict: bool = True):
+    """``item`` as a LabelFile with the command's columns where it is a label file (else unchanged; ``strict``:
+    a column flag given for a class folder is an error)."""
+    from transferkit.data.labelfile import LabelFile, is_label_source
+
+    if item is None or not is_label_source(item):
+        given = [f for f in ("path_col", "label_col", "split_col") if getattr(args, f) is not None]
+        if item is not None and strict and given:
+            raise TransferkitError(f"{item}: --{given[0].replace('_', '-')} is for a label file (.csv, .tsv, or a "
+                                   f"folder with metadata.csv), not a class folder")
+        return item
+    return LabelFile(str(item), path_col=args.path_col, label_col=args.label_col or "label",
+                     split_col=args.split_col or "split")
+
+
 def _print_rows(rows: list[dict], fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(rows, ensure_ascii=False, indent=2))
@@ -149,7 +203,8 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
                 print(f"{r['path']}\tunknown\tnovelty {r['novelty']:.2f}\t(nearest: {nearest})")
             else:
                 others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"][1:])
-                print(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({others})" if others else ""))
+                print(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({others})" if others else "")
+                      + (f"\tgiven {r['given']}" if "given" in r else ""))
 
 
 def _csv_rows(rows: list[dict]) -> str:
@@ -157,29 +212,32 @@ def _csv_rows(rows: list[dict]) -> str:
     writer = csv.writer(buf)
     k = max((len(r["top_k"]) for r in rows), default=0)
     tops_header = [f"top{i + 1}_{c}" for i in range(k) for c in ("label", "probability")]
-    writer.writerow(["path", "label", "probability", "novelty"] + tops_header + ["error"])
+    given = any("given" in r for r in rows)  # predicting a label file: its labels, to compare
+    writer.writerow(["path", "label", "probability", "novelty"] + tops_header + ["error"] + ["given"] * given)
     for r in rows:
         tops = [x for t in r["top_k"] for x in (t["label"], f"{t['probability']:.6f}")]
         tops += [""] * (2 * k - len(tops))
         prob = "" if r["probability"] is None else f"{r['probability']:.6f}"
         label = "unknown" if r.get("unknown") and r["label"] is None else r["label"] or ""
         novelty = "" if r.get("novelty") is None else f"{r['novelty']:.4f}"
-        writer.writerow([r["path"], label, prob, novelty] + tops + [r.get("error", "")])
+        writer.writerow([r["path"], label, prob, novelty] + tops + [r.get("error", "")]
+                        + [r.get("given", "")] * given)
     return buf.getvalue()
 
 
 def _train(args) -> None:
     from transferkit.api import train
 
-    train(args.data_dir, test_dir=args.test_dir, out=args.out, resume=args.resume, ray=args.ray,
-          **record_values(args, TrainOptions))
+    train(label_source(args, args.data_dir), test_dir=label_source(args, args.test_dir, strict=False), out=args.out,
+          resume=args.resume, log_dir=args.log_dir, ray=args.ray, **record_values(args, TrainOptions))
 
 
 def _evaluate(args) -> None:
     from transferkit.api import evaluate
     from transferkit.reports.metrics import text_report
 
-    metrics = evaluate(args.model, args.test_dir, out=args.out, unknown_dir=args.unknown_dir, explain=args.explain,
+    metrics = evaluate(args.model, label_source(args, args.test_dir), out=args.out, unknown_dir=args.unknown_dir,
+                       explain=args.explain,
                        **record_values(args, EngineOptions))
     if args.json:
         keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
@@ -197,7 +255,8 @@ def _predict(args) -> None:
     if args.ray is not None or args.out:
         return _predict_on_ray(args)
     model = load_predictor(args.model, **record_values(args, EngineOptions))
-    rows = predict(model, args.paths, top_k=args.top_k, reject=args.reject, batch_size=args.batch_size)
+    items = [label_source(args, p, strict=False) for p in args.paths]  # a label file: its files, given labels
+    rows = predict(model, items, top_k=args.top_k, reject=args.reject, batch_size=args.batch_size)
     explainer = None
     if args.explain or args.show:
         from transferkit.reports.explain import Explainer, write_explanations
@@ -224,7 +283,8 @@ def _predict_on_ray(args) -> None:
         raise TransferkitError("--ray and --out go together: predict --ray [ADDRESS] --out preds.parquet")
     if args.show or args.explain:
         raise TransferkitError("--show and --explain draw pictures on this machine: not with --ray")
-    done = predict_on_ray(args.model, args.paths, args.out, address=args.ray, top_k=args.top_k,
+    items = [label_source(args, p, strict=False) for p in args.paths]
+    done = predict_on_ray(args.model, items, args.out, address=args.ray, top_k=args.top_k,
                           batch_size=args.batch_size, reject=args.reject, **record_values(args, EngineOptions))
     rate = f", {done['images_per_second']:.1f} img/s" if done["images_per_second"] else ""
     print(f"transferkit: predicted {done['new']} image(s) in {done['seconds']:.1f} s{rate}; "
@@ -237,14 +297,15 @@ def _inspect(args) -> None:
 
     if args.move_to:
         return _move_marked(args)
-    report = inspect_dataset(args.data_dir, args.test_dir, near_threshold=args.near_threshold,
+    report = inspect_dataset(label_source(args, args.data_dir), label_source(args, args.test_dir, strict=False),
+                             near_threshold=args.near_threshold,
                              progress=not args.json and args.verbosity >= 0)
     written = write_inspection(report, args.out)
     if args.labels:
         from transferkit.reports.html import write_label_report
         from transferkit.training import audit
 
-        found = audit.audit_folder(args.data_dir, args.backbone, args.image_size)
+        found = audit.audit_folder(label_source(args, args.data_dir), args.backbone, args.image_size)
         report |= found.to_json()
         written["csv"] = audit.write_csv(found, os.path.join(args.out, audit.CSV_NAME))
         written["labels"] = write_label_report(found, os.path.join(args.out, "labels.html"), written["csv"])
@@ -254,23 +315,31 @@ def _inspect(args) -> None:
         return
     print(text_summary(report))
     if args.labels:
-        print(_audit_table(report))
+        from transferkit.data.labelfile import is_label_source
+
+        print(_audit_table(report, label_file=is_label_source(args.data_dir)))
     print("\nwrote " + ", ".join(written.values()))
 
 
-def _audit_table(report: dict, limit: int = 20) -> str:
+def _audit_table(report: dict, limit: int = 20, label_file: bool = False) -> str:
     issues, outliers = report["label_issues"], report["outliers"]
     lines = [f"\nlabel audit: {len(issues)} photo(s) probably in the wrong folder, {len(outliers)} outlier(s)"]
     lines += [f"  {r['score']:.3f}  {r['given']} -> {r['suggested']}\t{r['path']}" for r in issues[:limit]]
     lines += [f"  outlier {r['score']:.3f}  {r['given']}\t{r['path']}" for r in outliers[:limit]]
-    if issues or outliers:
+    if (issues or outliers) and label_file:
+        lines.append("  correct these rows' labels in the label file (label_issues.csv lists them)")
+    elif issues or outliers:
         lines.append("  mark 'yes' in the 'move' column of the CSV, then: transferkit inspect DATA --move-to DIR")
     return "\n".join(lines)
 
 
 def _move_marked(args) -> None:
+    from transferkit.data.labelfile import is_label_source
     from transferkit.training.audit import CSV_NAME, move_marked
 
+    if is_label_source(args.data_dir):
+        raise TransferkitError(f"{args.data_dir}: --move-to moves photos between class folders; with a label file, "
+                               f"correct the label column instead")
     moved = move_marked(args.csv or os.path.join(args.out, CSV_NAME), args.data_dir, args.move_to)
     if args.json:
         print(json.dumps({"moved": moved}, ensure_ascii=False))
@@ -311,7 +380,31 @@ def _demo(args) -> None:
     run_demo(args.data, args.out)
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "inspect": _inspect, "serve": _serve,
+def _compare(args) -> None:
+    from transferkit.api import compare
+    from transferkit.training.compare import text_table
+
+    names = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    found = compare(args.data_dir, backbones=names, test_dir=args.test_dir, out=args.out,
+                    **record_values(args, TrainOptions))
+    if args.json:
+        print(json.dumps(found, ensure_ascii=False))
+        return
+    print(text_table(found))
+    print(f"\nwrote {found['json']}, {found['plot']}")
+
+
+def _card(args) -> None:
+    from transferkit.api import model_card
+
+    text = model_card(args.model, out=args.out)
+    if args.out:
+        print(f"transferkit: wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+
+
+COMMANDS = {"compare": _compare, "card": _card, "train": _train, "evaluate": _evaluate, "predict": _predict, "inspect": _inspect, "serve": _serve,
             "export": _export, "backbones": _backbones, "demo": _demo}
 
 

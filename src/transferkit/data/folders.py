@@ -81,7 +81,12 @@ def walk_files(folder: str, skipped: list[dict]):
 
 def scan_folder(root: str, class_names: list[str] | None = None, min_classes: int = 2) -> ImageFolder:
     """Every usable image below ``root/<class>/`` (sub-folders included). ``class_names`` fixes the class order
-    (a test folder must use the training classes); a class folder it does not know is an error."""
+    (a test folder must use the training classes); a class folder it does not know is an error. A label file
+    (``labels.csv``, a Hugging Face imagefolder: ``transferkit.data.labelfile``) gives the images it lists."""
+    from transferkit.data import labelfile
+
+    if labelfile.is_label_source(root):
+        return labelfile.scan_label_file(root, class_names, min_classes)
     root = str(root)
     found = list_class_folders(root)
     if class_names is None:
@@ -152,6 +157,7 @@ class TrainingData:
     skipped: list[dict]
     fingerprint: str
     digests: dict[str, str] = field(default_factory=dict)  # path -> content hash (the feature cache's key too)
+    test_source: object = None  # a label file's test rows (a LabelFile), evaluated at the end like --test-dir
 
     def relative(self, paths: list[str]) -> list[str]:
         return [nfc(os.path.relpath(p, self.root)) for p in paths]
@@ -166,7 +172,12 @@ def fingerprint(root: str, digests: dict[str, str]) -> str:
 
 
 def split_training_folder(root: str, val_split: float, seed: int) -> TrainingData:
-    """Scan ``root/<class>/``, check every class has images, and split it (seeded, stratified)."""
+    """Scan ``root/<class>/``, check every class has images, and split it (seeded, stratified); a label file:
+    its own split where it has a split column (``labelfile.split_label_file``)."""
+    from transferkit.data import labelfile
+
+    if labelfile.is_label_source(root):
+        return labelfile.split_label_file(root, val_split, seed)
     data = scan_folder(root)
     check_trainable(data)
     train_idx, val_idx = stratified_split(data.labels, val_split, seed)
@@ -182,9 +193,15 @@ def nfc(text: str) -> str:
 
 
 def expand_paths(items: list[str]) -> list[str]:
-    """Files, folders (recursively, sorted) and glob patterns -> a list of file paths, in the order given."""
+    """Files, folders (recursively, sorted), glob patterns and label files (the files they list) -> a list of
+    file paths, in the order given."""
+    from transferkit.data import labelfile
+
     paths = []
     for item in items:
+        if labelfile.is_label_source(item):
+            paths.extend(labelfile.listed_files(item)[0])
+            continue
         item = str(item)
         if os.path.isdir(item):
             paths.extend(walk_files(item, []))

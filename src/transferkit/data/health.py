@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import imagehash
 import numpy as np
-from tqdm.auto import tqdm
 
 from transferkit.data.folders import scan_folder
 from transferkit.files import file_digest, write_json_atomic
 from transferkit.data.images import UnreadableImage, open_rgb
+from transferkit.log import progress_bar
 
 NEAR_THRESHOLD = 6  # max differing bits of the 64-bit perceptual hash for "near duplicate"
 MAX_PAIRS = 1000  # listed; all are counted
@@ -59,7 +59,7 @@ def _examine_all(splits: list, progress: bool) -> tuple[list[dict], list[dict]]:
     unreadable = [dict(s, split=split) for split, data in splits for s in data.skipped]
     records = []
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        bar = tqdm(total=len(items), desc="inspect", unit="img", disable=not progress)
+        bar = progress_bar(len(items), "inspect", disable=not progress)
         for (split, label, _), rec in zip(items, pool.map(_examine, [p for _, _, p in items])):
             bar.update(1)
             if "error" in rec:
@@ -113,11 +113,19 @@ def _sizes(records: list[dict]) -> dict:
 
 def inspect_dataset(data_dir: str, test_dir: str | None = None, near_threshold: int = NEAR_THRESHOLD,
                     progress: bool = True) -> dict:
-    """The health report of a dataset as a JSON-ready dict."""
-    train = scan_folder(data_dir, min_classes=1)
-    splits = [("train", train)]
+    """The health report of a dataset as a JSON-ready dict. A label file's splits are its own (train, valid,
+    test: duplicates across them are leaks), and its bad rows are listed (``bad_rows``) instead of refused."""
+    from transferkit.data import labelfile
+
+    bad_rows = []
+    if labelfile.is_label_source(data_dir):
+        splits, bad_rows = labelfile.health_splits(data_dir)
+    else:
+        splits = [("train", scan_folder(data_dir, min_classes=1))]
+    train = splits[0][1]
     if test_dir:
-        splits.append(("test", scan_folder(test_dir, class_names=train.class_names, min_classes=1)))
+        name = "test_dir" if any(split == "test" for split, _ in splits) else "test"  # a label file's test rows
+        splits.append((name, scan_folder(test_dir, class_names=train.class_names, min_classes=1)))
     records, unreadable = _examine_all(splits, progress)
     counts = {split: {name: 0 for name in train.class_names} for split, _ in splits}
     for r in records:
@@ -138,6 +146,7 @@ def inspect_dataset(data_dir: str, test_dir: str | None = None, near_threshold: 
         "modes": distribution("mode"),
         "sizes": _sizes(records),
         "unreadable": unreadable,
+        "bad_rows": bad_rows,
         "exact_duplicates": _exact_duplicates(records),
         "near_duplicates": _near_duplicates(records, near_threshold),
         "samples": {name: [r["path"] for r in records if r["label"] == name and r["split"] == "train"][:5]
@@ -162,6 +171,9 @@ def text_summary(report: dict) -> str:
     if s["min"]:
         lines.append(f"sizes (w x h): min {s['min'][0]}x{s['min'][1]}, median {s['median'][0]:.0f}x{s['median'][1]:.0f}, "
                      f"max {s['max'][0]}x{s['max'][1]} ({s['distinct']} distinct)")
+    if report.get("bad_rows"):
+        lines.append(f"bad rows of the label file: {len(report['bad_rows'])}")
+        lines.extend(f"  line {b['line']}: {b['path']!r}: {b['reason']}" for b in report["bad_rows"][:20])
     lines.append(f"unreadable files: {len(report['unreadable'])}")
     lines.extend(f"  {u['path']}: {u['reason']}" for u in report["unreadable"][:20])
     ex, ne = report["exact_duplicates"], report["near_duplicates"]
@@ -184,3 +196,45 @@ def write_inspection(report: dict, out: str) -> dict:
     write_json_atomic(paths["json"], report)
     plot_samples(report["samples"], paths["samples"])
     return paths
+
+
+def run_duplicates(data, test=None, limit: int = 10) -> dict:
+    """What ``train`` records about duplicates (the model card reads it): exact copies by the content hashes the
+    split already computed (no image is decoded again, so it costs nothing), within a class, across classes (a
+    likely label error) and between training and validation or the test folder (leakage: that score would lie).
+    Near duplicates need every image decoded and hashed perceptually: ``transferkit inspect``."""
+    rows = [("train", data.class_names[y], p) for p, y in zip(data.train_paths, data.y_train)]
+    rows += [("validation", data.class_names[y], p) for p, y in zip(data.val_paths, data.y_val)]
+    digests = dict(data.digests)
+    if test is not None:
+        rows += [("test", test.class_names[y], p) for p, y in zip(test.paths, test.labels)]
+        digests |= {p: file_digest(p) for p in test.paths if p not in digests}
+    by_digest = collections.defaultdict(list)
+    for split, label, path in rows:
+        by_digest[digests[path]].append({"split": split, "label": label, "path": path})
+    groups, counts = [], collections.Counter()
+    for members in by_digest.values():
+        if len(members) < 2:
+            continue
+        kinds = sorted({_run_kind(a, b) for i, a in enumerate(members) for b in members[i + 1:]})
+        counts.update(kinds)
+        if len(groups) < limit:
+            groups.append({"kinds": kinds, "files": [dict(m, path=_relative(m["path"], data, test)) for m in members]})
+    return {"method": "exact copies by content hash", "checked": ["train", "validation"] + (["test"] if test else []),
+            "n_groups": sum(len(m) > 1 for m in by_digest.values()), "counts": dict(counts), "groups": groups}
+
+
+def _run_kind(a: dict, b: dict) -> str:
+    splits = {a["split"], b["split"]}
+    if "test" in splits and len(splits) > 1:
+        return "train-test leak"
+    if splits == {"train", "validation"}:
+        return "train-validation leak"
+    return "same class" if a["label"] == b["label"] else "across classes"
+
+
+def _relative(path: str, data, test) -> str:
+    for root in (data.root, test.root if test is not None else None):
+        if root and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
+            return os.path.relpath(path, root)
+    return os.path.basename(path)

@@ -69,13 +69,25 @@ def rows_from_probs(paths: list[str], outputs: np.ndarray, class_names: list[str
 
 def predict_rows(predictor: Predictor, items, top_k: int = 3, batch_size: int = 32, reject: bool = True) -> list[dict]:
     """A row for every image in ``items`` (files, folders, globs), in order; an unreadable file's row has
-    ``error`` instead of a label; a photo of none of the classes is ``unknown`` (see ``rows_from_probs``)."""
+    ``error`` instead of a label; a photo of none of the classes is ``unknown`` (see ``rows_from_probs``). A
+    label file's rows also get ``given``: the label it gives the photo, to compare."""
+    from transferkit.data import labelfile
+
     if isinstance(items, (str, os.PathLike)):
         items = [items]
-    files = expand_paths([str(i) for i in items])
+    items = [i if isinstance(i, labelfile.LabelFile) else str(i) for i in items]
+    files = expand_paths(items)
+    given = {}
+    for item in items:
+        if labelfile.is_label_source(item):
+            given |= labelfile.listed_files(item)[1]
     outputs, kept, skipped = files_to_probs(predictor, files, batch_size)
     rows = dict(zip(kept, rows_from_probs([files[i] for i in kept], outputs, predictor.class_names, top_k,
                                           predictor.metadata.get("novelty"), reject)))
     errors = {s["path"]: s["reason"] for s in skipped}
-    return [rows.get(i) or {"path": f, "label": None, "probability": None, "top_k": [], "error": errors[f]}
-            for i, f in enumerate(files)]
+    found = [rows.get(i) or {"path": f, "label": None, "probability": None, "top_k": [], "error": errors[f]}
+             for i, f in enumerate(files)]
+    for row in found:
+        if row["path"] in given:
+            row["given"] = given[row["path"]]
+    return found

@@ -28,7 +28,12 @@ def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None =
     confusion_matrix.png, confusion_matrix_normalised.png, reliability.png) there. Class folders are matched to
     the model's classes by name, never by order. ``unknown_dir``: photos of none of the classes, to measure how
     many the novelty score rejects (metrics["unknown"], novelty.png, confusion_unknown.png). ``explain``: the
-    report's galleries show each photo's heat map (a ``.keras`` model: its Keras model is loaded for them)."""
+    report's galleries show each photo's heat map (a ``.keras`` model: its Keras model is loaded for them).
+    ``test_dir`` may be a label file: its test rows where it has a split column, else every row."""
+    from transferkit.data import labelfile
+
+    if labelfile.is_label_source(test_dir):
+        test_dir = labelfile.for_evaluation(test_dir)
     data = scan_folder(test_dir, class_names=predictor.class_names)
     outputs, kept, skipped = files_to_probs(predictor, data.paths, batch_size)
     probs, scores = split_outputs(outputs, len(predictor.class_names))

@@ -6,6 +6,16 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, f1_score
 
 
+class Metrics(dict):
+    """A metrics dict, as JSON as before (``json.dumps``, ``metrics["accuracy"]``), that a notebook shows as the
+    per-class table, accuracy and confusion matrix (``_repr_html_``)."""
+
+    def _repr_html_(self) -> str:
+        from transferkit.reports.notebook import metrics_html
+
+        return metrics_html(self)
+
+
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], paths: list[str] | None = None,
                     skipped: list[dict] | None = None, n_wrong: int = 20, n_unsure: int = 12) -> dict:
     """Accuracy, per-class precision/recall/F1/support, confusion matrix (rows = truth), the most confidently
@@ -23,7 +33,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
     for stats in per_class.values():
         stats["f1"] = stats.pop("f1-score")
     cm = confusion_matrix(y_true, y_pred, labels=labels)
-    result = {
+    result = Metrics({
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
@@ -32,7 +42,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str
         "confusion_matrix": cm.astype(int).tolist(),
         "n_images": int(len(y_true)),
         "skipped": list(skipped or []),
-    }
+    })
     if paths is not None:
         def entries(index):
             return [{"path": paths[i], "true": class_names[y_true[i]], "predicted": class_names[y_pred[i]],

@@ -186,3 +186,35 @@ def show_predictions(rows: list[dict], out: str, explainer=None) -> list[str]:
             photo = np.asarray(Image.fromarray(photo).resize(overlay.shape[1::-1]))
         written.append(plot_prediction(photo, title, row["top_k"], target, overlay))
     return written
+
+
+def plot_comparison(results: list[dict], chosen: str, path: str) -> str:
+    """``transferkit compare``'s picture: validation accuracy and macro F1 of each backbone (and test accuracy,
+    when measured) against its images/s on this machine (up and to the right is better), the chosen one ringed."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    speed = [r["images_per_second"] for r in results]
+    ax.errorbar(speed, [r["val_accuracy"] for r in results], yerr=[r["val_accuracy_se"] for r in results],
+                fmt="o", color="tab:blue", capsize=3, label="validation accuracy (± 1 s.e.)")
+    ax.plot(speed, [r["val_macro_f1"] for r in results], "s", color="tab:orange", label="validation macro F1")
+    tested = [r for r in results if "test_accuracy" in r]
+    if tested:
+        ax.plot([r["images_per_second"] for r in tested], [r["test_accuracy"] for r in tested], "^",
+                color="tab:purple", markerfacecolor="none", label="test accuracy (not used to pick)")
+    for r in results:
+        ax.annotate(r["backbone"] + (" (chosen)" if r["backbone"] == chosen else ""),
+                    (r["images_per_second"], r["val_accuracy"]), textcoords="offset points",
+                    xytext=(6, 6 + 10 * results.index(r)),
+                    fontsize=8, fontweight="bold" if r["backbone"] == chosen else "normal")
+        if r["backbone"] == chosen:
+            ax.plot([r["images_per_second"]], [r["val_accuracy"]], "o", markersize=16, markerfacecolor="none",
+                    markeredgecolor="tab:green", markeredgewidth=2)
+    low = min([r["val_accuracy"] - r["val_accuracy_se"] for r in results] + [r["val_macro_f1"] for r in results]
+              + [r["test_accuracy"] for r in tested])
+    ax.set_ylim(max(0.0, low - 0.05), 1.02 + 0.015 * len(results))  # room for the names above 100 %
+    ax.set_xlim(0, max(speed + [1]) * 1.3)
+    ax.set_xlabel("backbone images/s on this machine")
+    ax.set_ylabel("score")
+    ax.set_title("backbones compared (same split, same head)")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

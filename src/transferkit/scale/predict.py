@@ -68,6 +68,7 @@ def walk(batch: dict, cwd: str, chunk: int):
     ``chunk`` paths written as the user wrote them (relative to the driver's folder ``cwd`` stays relative)."""
     from transferkit.data.folders import walk_files
 
+    paths = []
     for item in batch["item"]:
         item = str(item)
         full = os.path.join(cwd, item)
@@ -78,14 +79,13 @@ def walk(batch: dict, cwd: str, chunk: int):
         else:
             found = (m[len(cwd) + 1:] if not os.path.isabs(item) else m for m in
                      sorted(glob.iglob(full, recursive=True)) if os.path.isfile(m))
-        paths = []
         for path in found:
             paths.append(path)
             if len(paths) == chunk:
                 yield {"path": np.array(paths, dtype=object)}
                 paths = []
-        if paths:
-            yield {"path": np.array(paths, dtype=object)}
+    if paths:
+        yield {"path": np.array(paths, dtype=object)}
 
 
 class Predict:
@@ -139,7 +139,7 @@ def predict_on_ray(model: str, items, out: str, *, address: str | None = LOCAL, 
     cluster at ``address`` (None or "local": a local instance) into the folder ``out`` (``*.parquet`` or
     ``*.csv``); files already predicted there (same path, same content) are skipped. Returns the summary."""
     fmt = output_format(out)
-    items = [str(i) for i in ([items] if isinstance(items, (str, os.PathLike)) else items)]
+    items = _listed([items] if isinstance(items, (str, os.PathLike)) else items)
     _check_items(items)
     if not os.path.isfile(model):
         raise TransferkitError(f"{model}: model file not found")
@@ -148,13 +148,13 @@ def predict_on_ray(model: str, items, out: str, *, address: str | None = LOCAL, 
     done = read_done(out, fmt)
     started = time.perf_counter()
     actors = max(1, cluster_cpus() // cpus_per_actor)
-    ds = ray.data.from_items([{"item": i} for i in items], override_num_blocks=max(1, len(items)))
     # blocks of ``chunk`` paths, however many files a folder holds: the units spread over the actors (each
     # yield of the walk is over the block size, so it is a block; a repartition would do it too, but its task
     # waits for a CPU that the actors hold: a deadlock, seen here)
     chunk = batch_size * BLOCK_BATCHES
+    ds = ray.data.from_items([{"item": i} for i in items], override_num_blocks=-(-len(items) // chunk))
     ds.context.target_max_block_size = chunk * 16  # bytes: a path is longer than 16
-    ds = ds.map_batches(walk, batch_size=1, fn_kwargs={"cwd": cwd, "chunk": chunk}, num_cpus=0)  # I/O: no CPU
+    ds = ds.map_batches(walk, batch_size=chunk, fn_kwargs={"cwd": cwd, "chunk": chunk}, num_cpus=0)  # I/O
     ds = ds.map_batches(Predict, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs=dict(model=str(model), engine=engine.to_dict(), top_k=int(top_k),
@@ -164,6 +164,20 @@ def predict_on_ray(model: str, items, out: str, *, address: str | None = LOCAL, 
     getattr(ds, f"write_{fmt}")(os.path.abspath(out), min_rows_per_file=chunk,
                                 ray_remote_args={"num_cpus": 0})
     return summarize(out, fmt, len(done), time.perf_counter() - started)
+
+
+def _listed(items) -> list[str]:
+    """The items as strings, a label file (labels.csv, a Hugging Face imagefolder) replaced by the files it
+    lists: its rows are read into memory anyway."""
+    from transferkit.data import labelfile
+
+    found = []
+    for item in items:
+        if labelfile.is_label_source(item):
+            found.extend(labelfile.listed_files(item)[0])
+        else:
+            found.append(str(item))
+    return found
 
 
 def _check_items(items: list[str]) -> None:

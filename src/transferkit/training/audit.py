@@ -131,10 +131,14 @@ def audit_folder(data_dir: str, backbone: str = "efficientnet_lite0", image_size
                  batch_size: int = 32, folds: int = FOLDS) -> LabelAudit:
     """Scan ``data_dir/<class>/``, take the frozen backbone's (cached) features of every readable image, and
     audit their labels."""
+    from transferkit.data import labelfile
     from transferkit.data.folders import scan_folder
     from transferkit.training.features import FeatureExtractor
 
-    data = scan_folder(data_dir)
+    if labelfile.is_label_source(data_dir):  # as inspect's report: a label file's bad rows listed, not refused
+        data = labelfile.scan_label_file(data_dir, strict=False)
+    else:
+        data = scan_folder(data_dir)
     extractor = FeatureExtractor(backbone, image_size, batch_size=batch_size)
     features, kept, _ = extractor.extract(data.paths, 0, desc="audit features")
     return audit_labels(features[:, 0], data.labels[kept], [data.paths[i] for i in kept], data.class_names, folds)

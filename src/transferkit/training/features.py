@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from transferkit.training import augment
 
@@ -25,7 +24,7 @@ from transferkit.files import cache_dir, file_digest, read_checked
 from transferkit.training.cache import cache_file, store_feature
 from transferkit.data.images import decode_batch
 from transferkit.engines.keras_step import without_resize
-from transferkit.log import logger, show_progress
+from transferkit.log import logger, progress_bar, show_progress
 from transferkit.models.heads import head_pooling
 from transferkit.options import DEFAULT_ENGINE, TrainOptions
 
@@ -163,8 +162,7 @@ class FeatureExtractor:
                 todo.append(i)
         failed: dict[int, str] = {}
         n_passes = sum(1 for i in todo for v in range(views + 1) if (i, v) not in table)
-        bar = tqdm(total=n_passes, desc=desc, unit="img", disable=not show_progress() or n_passes == 0,
-                   dynamic_ncols=True)
+        bar = progress_bar(n_passes, desc, disable=not show_progress() or n_passes == 0)
         with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]

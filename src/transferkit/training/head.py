@@ -14,6 +14,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from transferkit.models.heads import build_head
 from transferkit.options import TrainOptions
 from transferkit.training.callbacks import MONITOR, KeepBestEpoch, ProgressLine
+from transferkit.training.tensorboard import epoch_board
 
 
 def flatten_views(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,15 +47,17 @@ def fit_head(head_model: keras.Model, x_train, y_train, x_val, y_val, epochs: in
 
 
 def train_head(options: TrainOptions, x_train, y_train, x_val, y_val, n_classes: int,
-               weights: dict | None, keep: int | None = None) -> tuple[keras.Model, dict, int]:
+               weights: dict | None, keep: int | None = None,
+               log_dir: str | None = None) -> tuple[keras.Model, dict, int]:
     """Build and fit the head of ``options`` (seeded; ``keep``: on the first ``keep`` features) with the
-    best-epoch keeper; returns (head with the best epoch's weights, history as plain lists, best epoch from 1)."""
+    best-epoch keeper; returns (head with the best epoch's weights, history as plain lists, best epoch from 1).
+    ``log_dir``: Keras's TensorBoard callback writes the epochs' curves there."""
     keras.utils.set_random_seed(options.seed)
     head = build_head(options.head, x_train.shape[1:], n_classes, dropout=options.dropout, keep=keep)
     keeper = KeepBestEpoch(MONITOR, "val_loss", options.patience)
     fit = fit_head(head, x_train, y_train, x_val, y_val, epochs=options.epochs, batch_size=options.batch_size,
                    learning_rate=options.learning_rate, class_weight=weights, seed=options.seed,
-                   callbacks=[keeper, ProgressLine()])
+                   callbacks=[keeper, ProgressLine()] + (epoch_board(log_dir) if log_dir else []))
     history = {k: [float(x) for x in v] for k, v in fit.history.items()}
     return head, history, keeper.best_epoch
 

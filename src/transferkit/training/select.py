@@ -12,6 +12,7 @@ The candidates: the old default (softmax, Keras, on the final features), and log
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -103,8 +104,9 @@ def _one_point_history(predict, data: tuple, rows: slice) -> dict:
 
 
 def fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims: list[int], n_classes: int,
-                  class_weight: dict | None) -> Candidate:
-    """Fit ``candidate`` on the training rows (all views, or the images alone) and score it on validation."""
+                  class_weight: dict | None, log_dir: str | None = None) -> Candidate:
+    """Fit ``candidate`` on the training rows (all views, or the images alone) and score it on validation;
+    ``log_dir``: a Keras head's curves go to its ``head/`` (TensorBoard)."""
     from transferkit.training.head import train_head
 
     x_train, y_train, x_val, y_val, views = data
@@ -117,9 +119,11 @@ def fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims
         candidate.history, candidate.best_epoch = _one_point_history(candidate.predict, data, rows), 1
     else:
         from transferkit.engines.keras_step import run_model
+        from transferkit.training.tensorboard import HEAD
 
         head, candidate.history, candidate.best_epoch = train_head(
-            options, x_train[rows], y_train[rows], x_val, y_val, n_classes, class_weight, keep=keep)
+            options, x_train[rows], y_train[rows], x_val, y_val, n_classes, class_weight, keep=keep,
+            log_dir=log_dir and os.path.join(log_dir, HEAD))
         candidate._model, candidate.predict = head, lambda x: run_model(head, x)
     candidate.seconds = time.perf_counter() - start
     _score(candidate, x_val, y_val)
@@ -154,10 +158,14 @@ def table(found: list[Candidate], chosen: Candidate) -> str:
 
 
 def select_head(options: TrainOptions, data: tuple, dims: list[int], n_classes: int,
-                class_weight: dict | None) -> tuple[Candidate, list[Candidate]]:
-    """Fit every candidate and keep the best on validation; logs the table."""
-    found = [fit_candidate(c, options, data, dims, n_classes, class_weight)
+                class_weight: dict | None, log_dir: str | None = None) -> tuple[Candidate, list[Candidate]]:
+    """Fit every candidate and keep the best on validation; logs the table (``log_dir``: to TensorBoard too)."""
+    found = [fit_candidate(c, options, data, dims, n_classes, class_weight, log_dir)
              for c in candidates(options, len(dims) - 1)]
     chosen = choose(found)
     logger.info("head chosen on the validation split (--head auto):\n" + table(found, chosen))
+    if log_dir:
+        from transferkit.training.tensorboard import write_candidates
+
+        write_candidates(log_dir, found, chosen)
     return chosen, found
