@@ -92,11 +92,21 @@ def test_predict_on_ray_gives_local_rows_and_skips_what_is_done(trained, archive
     assert (done["rows"], done["new"], done["errors"]) == (241, 241, 1)
     _assert_same_as_local(_table(out), local_rows)
     assert len(os.listdir(out)) > 1  # one file per block of 8 batches: the unit a resumed job skips
-    again = transferkit.predict_on_ray(model, [archive], out, batch_size=8)
-    assert (again["rows"], again["new"], again["skipped_done"]) == (241, 0, 241)
-    csv_out = str(tmp_path / "preds.csv")
-    transferkit.predict_on_ray(model, [os.path.join(archive, "camera-1")], csv_out)
-    _assert_same_as_local(_table(csv_out), {p: r for p, r in local_rows.items() if "camera-1" in p})
+    first = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".parquet"))[0]
+    with open(first, "rb") as f, open(os.path.join(out, "zz-cut-short.parquet"), "wb") as cut:
+        cut.write(f.read()[:-100])  # what a killed writer leaves: no footer
+    again = transferkit.predict_on_ray(model, [archive], out, batch_size=8)  # the unreadable one is tried again
+    assert (again["rows"], again["new"], again["skipped_done"], again["errors"]) == (241, 1, 240, 1)
+    assert not os.path.exists(os.path.join(out, "zz-cut-short.parquet"))
+    _assert_same_as_local(_table(out), local_rows)  # its new row replaced the old one: one row a file
+    with pytest.raises(transferkit.TransferkitError, match="top_k"):
+        transferkit.predict_on_ray(model, [archive], out, top_k=2)  # other options: not mixed into these rows
+    csv_out, camera0 = str(tmp_path / "preds.csv"), os.path.join(archive, "camera-0")
+    done = transferkit.predict_on_ray(model, [camera0], csv_out)
+    assert (done["new"], done["errors"]) == (81, 1)
+    again = transferkit.predict_on_ray(model, [camera0], csv_out)
+    assert (again["new"], again["skipped_done"], again["rows"]) == (1, 80, 81)
+    _assert_same_as_local(_table(csv_out), {p: r for p, r in local_rows.items() if p.startswith(camera0)})
 
 
 def _actor_pids(marker: str = PREDICT_ACTOR) -> set[int]:
@@ -153,11 +163,14 @@ def test_a_killed_driver_resumes_without_duplicates(trained, archive, local_rows
     assert proc.poll() is None, "the job ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = len(_table(out)) if os.listdir(out) else 0
-    assert partial < len(local_rows)
+    from transferkit.scale.predict import compact
+
+    answered = len(compact(out, "parquet")[1])  # the rows the killed run finished (a file it was writing: removed)
+    assert answered < len(local_rows) - 1
     again = subprocess.run(command[:-1], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     _assert_same_as_local(_table(out), local_rows)
+    assert f"{answered} already in {out} skipped" in again.stdout  # what the killed run wrote was kept
     assert f"{len(local_rows)} rows in {out}" in again.stdout
 
 
@@ -213,7 +226,7 @@ def test_two_nodes_started_with_ray_start_answer_like_one_machine(trained, archi
             node.wait(timeout=60)
 
 
-def test_train_on_ray_fills_the_cache_a_local_run_reads(ray_local, tmp_path):
+def test_train_on_ray_fills_the_cache_a_local_run_reads(ray_local, tmp_path, caplog):
     import json
 
     from transferkit.files import file_digest
@@ -226,6 +239,9 @@ def test_train_on_ray_fills_the_cache_a_local_run_reads(ray_local, tmp_path):
     assert result["validation"]["accuracy"] >= 0.8
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     train, val = ([os.path.join(data, p) for p in split[k]] for k in ("train", "validation"))
+    computed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ray computed")]
+    assert computed == [f"Ray computed {2 * len(train)} of {2 * len(train)} missing feature(s)",
+                        f"Ray computed {len(val)} of {len(val)} missing feature(s)"]  # the cluster did the work
     digests = {p: file_digest(p) for p in train + val}
     extractor = FeatureExtractor("efficientnet_lite0", IMAGE_SIZE, depths=4)  # what --head auto extracts
     assert not missing(extractor, train, 1, digests) and not missing(extractor, val, 0, digests)

@@ -283,6 +283,9 @@ def _predict_on_ray(args) -> None:
         raise TransferkitError("--ray and --out go together: predict --ray [ADDRESS] --out preds.parquet")
     if args.show or args.explain:
         raise TransferkitError("--show and --explain draw pictures on this machine: not with --ray")
+    if args.ray != "local" and os.path.exists(args.ray):  # `predict M a b --ray c`: c taken as the address
+        raise TransferkitError(f"--ray {args.ray}: that is a path, not a cluster address (write --ray=ADDRESS, "
+                               f"or --ray local before more paths)")
     items = [label_source(args, p, strict=False) for p in args.paths]
     done = predict_on_ray(args.model, items, args.out, address=args.ray, top_k=args.top_k,
                           batch_size=args.batch_size, reject=args.reject, **record_values(args, EngineOptions))

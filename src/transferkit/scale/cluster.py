@@ -9,7 +9,6 @@ Starting Ray takes about 5 s here (2 cores); that is the fixed cost of ``--ray``
 from __future__ import annotations
 
 import logging
-import os
 
 from transferkit.errors import TransferkitError
 from transferkit.log import logger, show_progress
@@ -36,12 +35,12 @@ def connect(address: str | None = LOCAL):
         quiet = not show_progress()
         kwargs = dict(log_to_driver=not quiet, logging_level=logging.WARNING, configure_logging=True)
         if address in (None, "", LOCAL):  # a new instance, even where `ray start` left one (that is "auto")
-            kwargs |= dict(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False)
+            kwargs |= dict(address="local", include_dashboard=False)  # Ray counts the cores (cgroup limits too)
         else:
             kwargs["address"] = address
         try:
             ray.init(**kwargs)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
+        except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as exc:
             raise TransferkitError(f"--ray {address}: cannot reach a Ray cluster there ({_first_line(exc)})") \
                 from None
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))

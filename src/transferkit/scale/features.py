@@ -92,7 +92,7 @@ def missing(extractor, paths: list[str], views: int, digests: dict[str, str]) ->
     """The (path, digest, view) whose feature is not in ``extractor``'s cache, view by view."""
     from transferkit.training.cache import cache_file
 
-    return [{"path": p, "digest": digests[p], "view": v} for v in range(views + 1) for p in paths
+    return [{"path": os.path.abspath(p), "digest": digests[p], "view": v} for v in range(views + 1) for p in paths
             if not cache_file(extractor.cache_root, digests[p], v).is_file()]
 
 
