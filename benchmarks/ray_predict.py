@@ -4,7 +4,7 @@
 
 Without --folder it writes --images JPEG crops (320x240) of the scikit-image photographs. Rows:
 - local: `transferkit.predict` in this process (model loaded beforehand), img/s of the prediction alone;
-- the parts of one image's cost on one core: decode + resize, content hash, the engine (batch 32);
+- the parts of one image's cost: decode + resize and content hash (one thread), the engine (every core, batch 32);
 - `predict --ray` (a local Ray instance with every core), and on a cluster of two `ray start` nodes of
   cores/2 CPUs each: wall of the command, and img/s of the job as the command reports it (Ray's start excluded);
 - Ray's overhead per image: 1/ray - 1/local at the same CPU count, in ms.
@@ -136,13 +136,15 @@ def main() -> None:
     rate, n = local_rate(args.model, folder)
     print(f"{n} images; local predict (this process, every core): {rate:.1f} img/s")
     cost = parts(args.model, folder)
-    print("one image on one thread: " + ", ".join(f"{k} {v:.2f} ms" for k, v in cost.items()))
+    print("per image: " + ", ".join(f"{k} {v:.2f} ms" for k, v in cost.items())
+          + " (decode and hash on one thread; the engine on every core, batch 32)")
     out = os.path.join(work, "one.parquet")
     wall, ray_rate, _ = run_ray([args.model, folder, "--ray", "--out", out, "-q"], env)
     print(f"--ray, 1 node x {cores} CPUs: wall {wall:.1f} s, job {ray_rate:.1f} img/s, overhead "
           f"{1e3 * (1 / ray_rate - 1 / rate):.2f} ms/image vs local")
     wall, skip_rate, _ = run_ray([args.model, folder, "--ray", "--out", out, "-q"], env)
     print(f"--ray again on the same --out (all skipped: hash only): wall {wall:.1f} s")
+    env = dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())  # as the README says
     address, nodes = two_nodes(env, max(1, cores // 2))
     try:
         wall, two_rate, err = run_ray([args.model, folder, "--ray", address, "--out",
