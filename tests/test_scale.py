@@ -4,6 +4,7 @@ killed mid-job resumes without duplicates; a cluster of two nodes started with `
 like one machine; ``train --ray`` fills the same feature cache a local run reads."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -170,7 +171,9 @@ def test_a_killed_driver_resumes_without_duplicates(trained, archive, local_rows
     again = subprocess.run(command[:-1], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     _assert_same_as_local(_table(out), local_rows)
-    assert f"{answered} already in {out} skipped" in again.stdout  # what the killed run wrote was kept
+    skipped = int(re.search(r"(\d+) already in", again.stdout).group(1))
+    # what the killed run had written was kept (its Ray workers may finish a block or two after its driver died)
+    assert answered <= skipped < len(local_rows) - 1
     assert f"{len(local_rows)} rows in {out}" in again.stdout
 
 
