@@ -2,7 +2,8 @@
 
 ``--ray`` alone starts a new local Ray instance with this machine's cores; ``--ray ADDRESS`` connects to a running
 cluster (``ray start --head`` on one machine, ``ray start --address HEAD:6379`` on the others), as
-``ray.init(address=...)`` does (``--ray auto``: the cluster ``ray start`` runs on this machine). A process that has already called ``ray.init`` keeps its cluster.
+``ray.init(address=...)`` does (``--ray auto``: the cluster ``ray start`` runs on this machine). A process that
+has already called ``ray.init`` keeps its cluster.
 Starting Ray takes about 5 s here (2 cores); that is the fixed cost of ``--ray`` on one machine.
 """
 

@@ -116,7 +116,8 @@ def prefill(extractor, paths: list[str], views: int, digests: dict[str, str], ad
         stored = _run(ray, extractor, todo, spec | {"token": token}, onnx)
     finally:
         (extractor.cache_root / token).unlink(missing_ok=True)
-    unreadable = f" ({len(todo) - stored} of unreadable files: reported with the skipped)" if stored < len(todo) else ""
+    lost = len(todo) - stored
+    unreadable = f" ({lost} of unreadable files: reported with the skipped)" if lost else ""
     logger.info(f"Ray computed {stored} of {len(todo)} missing feature(s){unreadable}")
     return stored
 

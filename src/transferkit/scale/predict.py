@@ -4,8 +4,9 @@ large for one machine, on a Ray cluster, resumable.
 The pipeline is one Ray Dataset: the paths given (folders are walked inside Ray tasks, so a million file names
 never sit in the driver's memory) in blocks of 8 batches -> an actor pool whose actors each load
 the model once (``load_predictor``: the same engine choice and checks as local ``predict``) and answer a batch
-with the rows local ``predict`` gives (the path made absolute), plus the file's content hash -> Ray's Parquet or CSV writer, a file per
-block, into the folder ``--out``. An unreadable file is a row with its reason, never a failed job.
+with the rows local ``predict`` gives (the path made absolute), plus the file's content hash -> Ray's Parquet
+or CSV writer, a file per block, into the folder ``--out``. An unreadable file is a row with its reason, never
+a failed job.
 
 Resume: the rows already in ``--out`` are read first; an actor skips a file whose path and content hash are
 there with an answer. A file the killed run was writing when it died (a Parquet file without its footer, a CSV
@@ -155,6 +156,7 @@ def predict_on_ray(model: str, items, out: str, *, address: str | None = LOCAL, 
     _check_manifest(out, model, predictor, top_k, reject, engine)
     ray = connect(address)
     before, done = compact(out, fmt)
+    before = set(before)
     started = time.perf_counter()
     # blocks of ``chunk`` paths, however many files a folder holds: the units spread over the actors (each
     # yield of the walk is over the block size, so it is a block; a repartition would do it too, but its task
@@ -273,11 +275,11 @@ def _write_table(table, path: str, fmt: str) -> None:
         (pq.write_table if fmt == "parquet" else pacsv.write_csv)(table, str(tmp))
 
 
-def compact(out: str, fmt: str) -> tuple[set[str], dict[str, str]]:
+def compact(out: str, fmt: str) -> tuple[dict, dict[str, str]]:
     """Make ``out`` hold one row per file: incomplete files (a killed run was writing them) are removed, and a
     path with rows in several files keeps the newest file's (a file changed since, or one that could not be
-    read before and is tried again). Returns (the output files, ``{path: content hash}`` of the rows that
-    answered: the files a run skips)."""
+    read before and is tried again). Returns (``{output file: its table}`` as left, ``{path: content hash}``
+    of the rows that answered: the files a run skips)."""
     import pyarrow.compute as pc
 
     tables = {}
@@ -292,15 +294,17 @@ def compact(out: str, fmt: str) -> tuple[set[str], dict[str, str]]:
     newest = {}
     for path, table in tables.items():  # oldest file first: a later file's row of a path wins
         newest.update(dict.fromkeys(table.column("path").to_pylist(), path))
-    done = {}
+    kept, done = {}, {}
     for path, table in tables.items():
         keep = [newest[p] == path for p in table.column("path").to_pylist()]
         if not all(keep):
             table = table.filter(keep)
             _write_table(table, path, fmt) if table.num_rows else os.unlink(path)
+        if table.num_rows:
+            kept[path] = table
         answered = table.filter(pc.is_null(table.column("error")))
         done.update(zip(answered.column("path").to_pylist(), answered.column("sha").to_pylist()))
-    return set(output_files(out, fmt)), done
+    return kept, done
 
 
 def summarize(out: str, fmt: str, before: set[str], skipped: int, seconds: float) -> dict:
@@ -308,8 +312,7 @@ def summarize(out: str, fmt: str, before: set[str], skipped: int, seconds: float
     among them, and the rows in ``out`` (one per file, after :func:`compact`)."""
     import pyarrow.compute as pc
 
-    files, _ = compact(out, fmt)
-    tables = {f: _read_table(f, fmt) for f in files}
+    tables, _ = compact(out, fmt)  # the files as left, read once
     fresh = [t for f, t in tables.items() if f not in before]
     new = sum(t.num_rows for t in fresh)
     errors = sum(int(pc.sum(pc.is_valid(t.column("error"))).as_py() or 0) for t in fresh)
