@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# test files run on this many pytest-xdist workers, each a whole file (its module fixtures built once)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test clean
 
@@ -18,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/transferkit demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs demo_data .pytest_cache

@@ -129,8 +129,8 @@ class TrainOptions(EngineOptions):
                                 low=0, high=64)
     class_weight: str = option("balanced", "weight classes by inverse frequency, or not", choices=CLASS_WEIGHTS)
     head: str = option("auto", "auto: the best on the validation split of gap and logistic on 0, 2 or 4 depths (and "
-                               "with or without the augmented views), the table printed; gap: dropout + softmax on "
-                               "pooled features (Keras); logistic: L2 logistic regression on standardised features "
+                               "with or without the augmented views), the table printed; gap: softmax on pooled "
+                               "features (Adam epochs, fitted by scikit-learn); logistic: L2 logistic regression on standardised features "
                                "(scikit-learn, saved as Keras layers); flatten-256-128: the seed's dense head",
                        choices=HEADS)
     depths: int = option(None, "intermediate blocks whose pooled outputs join the final features (Head2Toe): "
@@ -140,7 +140,9 @@ class TrainOptions(EngineOptions):
                                 "validation metrics then no longer measure the final head)")
     learning_rate: float = option(1e-3, "head learning rate (Adam)", low=0.0, low_open=True, high=10.0)
     patience: int = option(8, "epochs without a better val_accuracy before stopping", low=1)
-    dropout: float = option(0.2, "dropout before the head's classifier", low=0.0, high=1.0, high_open=True)
+    dropout: float = option(0.2, "dropout before the head's classifier (in the flatten head's fit and in "
+                                  "fine-tuning; the gap head's own fit uses L2 instead)",
+                            low=0.0, high=1.0, high_open=True)
     keep_known: float = option(0.95, "share of known validation images the novelty threshold keeps (above it a "
                                      "photo is answered 'unknown')", low=0.5, high=1.0)
     feature_precision: str = option("auto", "numerics of the training views' features only (validation, test and "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from transferkit.engines import runtimes
-from transferkit.files import file_digest
+from transferkit.files import known_digest
 from transferkit.log import logger
 from transferkit.models import modelfile
 from transferkit.options import DEFAULT_ENGINE, EngineOptions
@@ -24,7 +24,7 @@ from transferkit.runs import check_model_metadata
 
 def classifier_key(path: str, image_size: int) -> str:
     """The cache name of a model file's conversion: its content hash and input size."""
-    return f"classifier-{file_digest(path)[:16]}-{int(image_size)}px"
+    return f"classifier-{known_digest(path)[:16]}-{int(image_size)}px"
 
 
 class CachedPredictor:

@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ import numpy as np
 from transferkit.errors import OptionError, TransferkitError
 from transferkit.log import logger
 from transferkit.options import DEFAULT_ENGINE, EngineOptions
-from transferkit.files import atomic_path, bytes_digest, cache_dir, file_digest, read_checked, write_checked
+from transferkit.files import (atomic_path, bytes_digest, cache_dir, file_digest, known_digest, read_checked,
+                              write_checked)
 
 MIN_COSINE = 0.995  # a lower precision (bf16) vs Keras fp32
 INT8_COSINE = 0.98  # int8 vs Keras fp32 (EfficientNet-Lite0 features of photos, calibrated on 64: 0.985)
@@ -79,13 +81,38 @@ def cpu_has(*flags: str) -> bool:
     return bool(set(flags) & (_cpu_flags() or set()))
 
 
+def import_openvino():
+    """``import openvino`` without loading its model-conversion tools (``openvino.tools.ovc``, which OpenVINO's own
+    ``__init__`` imports when it can, and its telemetry): nothing here converts through them (ONNX files are read
+    by ``compile_model``), and they were most of OpenVINO's import, 0.39 s -> 0.2 s of the 0.55 s that one cached
+    prediction took. ``openvino.convert_model`` stays available: it loads them at its first call."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    blocked = sys.modules.setdefault("openvino.tools.ovc", None) is None
+    try:
+        import openvino as ov
+    except ImportError:  # an OpenVINO that needs them at import: as it comes
+        sys.modules.pop("openvino.tools.ovc", None)
+        import openvino as ov
+    finally:
+        if blocked and sys.modules.get("openvino.tools.ovc", False) is None:
+            del sys.modules["openvino.tools.ovc"]
+    if not hasattr(ov, "convert_model"):
+        def convert_model(*args, **kwargs):
+            from openvino.tools.ovc import convert_model as convert
+
+            return convert(*args, **kwargs)
+
+        ov.convert_model = convert_model
+    return ov
+
+
 def native_bf16() -> bool:
     """True where the CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
     if _cpu_flags() is not None:
         return cpu_has("avx512_bf16", "amx_bf16")
     if installed("openvino"):
-        import openvino as ov
-
+        ov = import_openvino()
         return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return False
 
@@ -164,7 +191,7 @@ def onnx_file(model: keras.Model, key: str | None, rebuild: bool = False):
 
 def _digest_or_none(path) -> bytes | None:
     try:
-        return file_digest(path).encode()
+        return known_digest(path).encode()
     except OSError:
         return None
 
@@ -195,8 +222,7 @@ def openvino_run(model, precision: str, cache_compiled: bool = True) -> Callable
     """OpenVINO on ``model`` (an ONNX path, or an ``openvino.Model`` such as an int8 one). Compiled models of
     cached conversions are cached by OpenVINO itself (CACHE_DIR): a second process loads Lite0's in 0.08 s instead
     of 0.2 s."""
-    import openvino as ov
-
+    ov = import_openvino()
     core = ov.Core()
     if cache_compiled:
         core.set_property({"CACHE_DIR": str(cache_dir("runtimes", "openvino"))})

@@ -6,7 +6,7 @@ standardised features 0.860, and the same on the final features plus the pooled 
 0.882 (the Head2Toe result: intermediate representations transfer better when the domain is far from ImageNet).
 Which wins depends on the data, and every candidate trains in a second or two on cached features, so they are all
 fitted and scored on the validation split (accuracy, then log loss), and ``train`` prints the table it chose from.
-The candidates: the old default (softmax, Keras, on the final features), and logistic regression
+The candidates: the old default (softmax on the final features, Adam epochs; training.head), and logistic regression
 (scikit-learn) on {0, 2, 4 depths} x {with, without the augmented views}. ``benchmarks/quality.py`` measures the choice on the test folders of four real-photo sets.
 """
 
@@ -82,6 +82,11 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, keep: int, n_classes: int, class_
     return predict, lambda: logistic_head(n_features, keep, scaler.mean_, scaler.scale_ ** 2, coef, intercept)
 
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def _score(candidate: Candidate, x_val: np.ndarray, y_val: np.ndarray) -> None:
     from transferkit.training.head import mean_log_loss
 
@@ -107,7 +112,7 @@ def fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims
                   class_weight: dict | None, log_dir: str | None = None) -> Candidate:
     """Fit ``candidate`` on the training rows (all views, or the images alone) and score it on validation;
     ``log_dir``: a Keras head's curves go to its ``head/`` (TensorBoard)."""
-    from transferkit.training.head import train_head
+    from transferkit.training.head import train_head, train_softmax
 
     x_train, y_train, x_val, y_val, views = data
     rows = slice(None) if candidate.views else slice(None, None, views)
@@ -117,6 +122,13 @@ def fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims
         candidate.predict, candidate.build = fit_logistic(x_train[rows], y_train[rows], keep, n_classes,
                                                           class_weight, options.seed, x_train.shape[1])
         candidate.history, candidate.best_epoch = _one_point_history(candidate.predict, data, rows), 1
+    elif candidate.head == "gap":  # softmax, fitted by scikit-learn (training.head)
+        head, candidate.history, candidate.best_epoch = train_softmax(
+            options, x_train[rows], y_train[rows], x_val, y_val, n_classes, class_weight, keep=keep,
+            log_dir=log_dir)
+        dense = [w for w in head.get_layer("probabilities").get_weights()]
+        candidate._model = head
+        candidate.predict = lambda x: _softmax(x[:, :keep] @ dense[0] + dense[1])
     else:
         from transferkit.engines.keras_step import run_model
         from transferkit.training.tensorboard import HEAD
@@ -132,8 +144,8 @@ def fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims
 
 def candidates(options: TrainOptions, n_depths: int) -> list[Candidate]:
     """What ``--head auto`` compares: the old default first (softmax on the final features, with the views), then
-    logistic regression on each depth set, with and without the views (a Keras fit takes 4-6 s, a logistic one
-    0.5-2 s: the softmax head is not repeated on every depth set)."""
+    logistic regression on each depth set, with and without the views (the softmax head is not repeated on every
+    depth set: it is the old default, kept as it was)."""
     depths = sorted({d for d in DEPTH_CANDIDATES if d <= n_depths} | {n_depths})
     view_choices = (True, False) if options.augment_views else (True,)
     return [Candidate("gap", 0, True)] + [Candidate("logistic", d, v) for v in view_choices for d in depths]

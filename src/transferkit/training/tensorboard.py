@@ -1,14 +1,16 @@
-"""``--log-dir DIR``: the training curves for TensorBoard, written by Keras's own ``TensorBoard`` callback so they
-read as any Keras run's do (``tensorboard --logdir DIR``).
+"""``--log-dir DIR``: the training curves for TensorBoard, with the names and layout of Keras's own ``TensorBoard``
+callback so they read as any Keras run's do (``tensorboard --logdir DIR``).
 
-    DIR/head/train, DIR/head/validation            the Keras head's epochs: epoch_loss, epoch_accuracy,
-                                                   epoch_learning_rate (train only, as Keras logs it)
+    DIR/head/train, DIR/head/validation            the softmax head's epochs: epoch_loss, epoch_accuracy,
+                                                   epoch_learning_rate (train only, as Keras logs it); written
+                                                   here for the scikit-learn-fitted softmax head (training.head),
+                                                   by Keras's callback for the flatten head
     DIR/fine_tune/train, DIR/fine_tune/validation  the second stage's epochs (a resumed stage continues the steps)
     DIR/head_choice                                every head candidate's validation accuracy and loss, the chosen
                                                    one's, and the table (text)
 
 One step per epoch. ``--head auto`` also fits scikit-learn logistic heads, which have no epochs: they appear only
-in ``head_choice`` (a single point each), beside the Keras softmax candidate whose curves are in ``head``. A
+in ``head_choice`` (a single point each), beside the softmax candidate whose curves are in ``head``. A
 refitted head (``--refit``) is not logged. Nor is the graph (``write_graph=False``: Keras 3 documents it as not
 supported, and the fine-tuning graph would be the whole backbone's). Cost: the tests' tiny run (12 photos, 4 head
 epochs) took 9.9 s in its head stage with ``--log-dir``, 9.4 s without (one run each, on 2 busy cores).
@@ -47,6 +49,22 @@ class EpochBoard(keras.callbacks.TensorBoard):
 
 def epoch_board(log_dir: str, first_epoch: int = 0) -> list:
     return [EpochBoard(log_dir, first_epoch)]
+
+
+def write_epochs(log_dir: str, history: dict, learning_rate: float) -> None:
+    """A head fitted outside Keras: its per-epoch ``history`` (loss, accuracy, val_loss, val_accuracy) as the
+    callback would have written it into ``DIR/head/train`` and ``DIR/head/validation``."""
+    import tensorflow as tf
+
+    for split, prefix in (("train", ""), ("validation", "val_")):
+        writer = tf.summary.create_file_writer(os.path.join(log_dir, HEAD, split))
+        with writer.as_default():
+            for step in range(len(history["loss"])):
+                for name in ("loss", "accuracy"):
+                    tf.summary.scalar(f"epoch_{name}", history[prefix + name][step], step=step)
+                if not prefix:
+                    tf.summary.scalar("epoch_learning_rate", learning_rate, step=step)
+        writer.close()
 
 
 def fine_tune_callback(log_dir: str, epochs_done: int = 0) -> EpochBoard:
