@@ -79,7 +79,7 @@ def test_the_checks_above_catch_a_preprocessing_bug(photos, reference, imagenet)
 def test_auto_resolution_and_clear_errors():
     runtime, precision = runtimes.resolve("auto", "auto")
     assert runtime in ("openvino", "onnxruntime", "keras")
-    assert precision == ("bf16" if runtime == "openvino" and runtimes.native_bf16() else "fp32")
+    assert precision == ("bf16" if runtime == "openvino" and runtimes.fast_bf16() else "fp32")
     with pytest.raises(TransferkitError, match="precision bf16 needs runtime openvino"):
         runtimes.resolve("onnxruntime", "bf16")
     with pytest.raises(TransferkitError, match="runtime must be one of"):
@@ -194,3 +194,20 @@ def test_adapted_normalization_exports_as_constants(photos, tmp_path):
     save_onnx(extractor, tmp_path / "effb0.onnx")
     session = ort.InferenceSession(str(tmp_path / "effb0.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
+
+
+def test_a_cap_on_onednn_instructions_changes_what_auto_chooses(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA (obeyed by OpenVINO's kernels) below AMX: auto no longer takes bf16, which is then
+    slower than fp32 (benchmarks/precision.py: 132 vs 154 img/s), but int8 on VNNI for long runs."""
+    if not runtimes.cpu_has("amx_bf16") or not runtimes.installed("openvino"):
+        pytest.skip("needs a CPU with AMX and openvino")
+    assert runtimes.fast_bf16() and runtimes.resolve("auto", "auto") == ("openvino", "bf16")
+    assert runtimes.training_precision("auto", "openvino", 5000) == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert not runtimes.fast_bf16() and runtimes.native_bf16()
+    assert runtimes.resolve("auto", "auto") == ("openvino", "fp32")
+    expected = "int8" if runtimes.installed("nncf") and runtimes.cpu_has("avx512_vnni") else "fp32"
+    assert runtimes.training_precision("auto", "openvino", 5000) == expected
+    assert runtimes.training_precision("auto", "openvino", 500) == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert not runtimes.native_bf16() and not runtimes.cpu_has("avx512_vnni")

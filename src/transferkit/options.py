@@ -101,7 +101,7 @@ class EngineOptions(Options):
                                   "images, else keras", choices=RUNTIMES)
     precision: str = option("fp32", "fp32 (the same answer as the model file's exports and the server), or a speed "
                                     "choice checked against fp32 on your images, its label agreement printed: bf16 "
-                                    "(openvino), int8 (openvino + NNCF), auto (bf16 where the CPU has it natively)",
+                                    "(openvino), int8 (openvino + NNCF), auto (bf16 where AMX makes it the fast one)",
                             choices=PRECISIONS)
 
     def __post_init__(self):
@@ -147,8 +147,8 @@ class TrainOptions(EngineOptions):
                                      "photo is answered 'unknown')", low=0.5, high=1.0)
     feature_precision: str = option("auto", "numerics of the training views' features only (validation, test and "
                                     "every metric train reports use --precision, so evaluate reproduces them): auto "
-                                    "= bf16 for runs of >= 1,000 backbone passes where the CPU has it natively, int8 "
-                                    "from 2,000 on a CPU with int8 (VNNI) but no bf16, else fp32; each checked "
+                                    "= bf16 for runs of >= 1,000 backbone passes on a CPU with AMX, int8 from 2,000 "
+                                    "on a CPU with int8 dot products (VNNI) but no AMX, else fp32; each checked "
                                     "against fp32", choices=FEATURE_PRECISIONS)
     cache: bool = option(True, "read and write the feature cache", flag="--no-cache")
     fine_tune_epochs: int = option(0, "second stage: epochs of end-to-end training (0: none)", low=0, high=10_000)

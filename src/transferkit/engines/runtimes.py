@@ -39,7 +39,7 @@ FP32_COSINE = 0.9999  # a converted fp32 model vs Keras fp32: the same computati
 MAX_CALIBRATION = 64  # images an int8 model is calibrated on (engines.quantize)
 BF16_MIN_PASSES = 1000  # feature_precision auto: bf16 from this many backbone passes (a second engine, built and
 # checked in 0.8 s, saves 1.9 ms a pass at 258 vs 172 img/s here: below ~420 passes fp32 alone is faster)
-INT8_MIN_PASSES = 2000  # and, on a CPU without bf16 arithmetic, int8 from this many (its calibration, 3.5 s once
+INT8_MIN_PASSES = 2000  # and, on a CPU without AMX, int8 from this many (its calibration, 3.5 s once
 # per image set, must be earned back)
 CONVERSION = "c2"  # part of the cached files' names: a fixed converter (c2: Normalization constants) redoes them
 
@@ -67,13 +67,30 @@ def installed(runtime: str) -> bool:
     return name is None or importlib.util.find_spec(name) is not None
 
 
+# oneDNN's instruction-set levels (ONEDNN_MAX_CPU_ISA), lowest first, with the /proc/cpuinfo flags chosen on here
+# that each level adds: a cap below a level means its instructions go unused, whatever the CPU has
+ISA_LEVELS = (("SSE41", ()), ("AVX", ()), ("AVX2", ()), ("AVX2_VNNI", ("avx_vnni",)), ("AVX2_VNNI_2", ()),
+              ("AVX512_CORE", ()), ("AVX512_CORE_VNNI", ("avx512_vnni",)), ("AVX512_CORE_BF16", ("avx512_bf16",)),
+              ("AVX512_CORE_FP16", ()), ("AVX10_1_512", ()), ("AVX512_CORE_AMX", ("amx_bf16", "amx_int8", "amx_tile")))
+
+
 def _cpu_flags() -> set[str] | None:
-    """The CPU's flags from /proc/cpuinfo (None where it cannot be read)."""
+    """The CPU's flags from /proc/cpuinfo (None where it cannot be read), less those of the instruction sets that
+    ``ONEDNN_MAX_CPU_ISA`` (oneDNN's cap, which OpenVINO's and TensorFlow's CPU kernels obey) rules out: with
+    ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` this AMX machine computes, and chooses, as one without AMX does."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            return set(f.read().split())
+            flags = set(f.read().split())
     except OSError:
         return None
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    names = [name for name, _ in ISA_LEVELS]
+    if cap.startswith("AVX512_CORE_AMX") or cap.startswith("AVX10_1_512_AMX"):
+        cap = "AVX512_CORE_AMX"
+    if cap in names:
+        for name, gated in ISA_LEVELS[names.index(cap) + 1:]:
+            flags -= set(gated)
+    return flags
 
 
 def cpu_has(*flags: str) -> bool:
@@ -107,8 +124,15 @@ def import_openvino():
     return ov
 
 
+def fast_bf16() -> bool:
+    """True where bf16 is the fast precision: AMX-BF16 tiles. With AVX512-BF16 alone (AMX ruled out by
+    ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` here; benchmarks/precision.py, Lite0, batch 32) OpenVINO's bf16 ran at
+    132 img/s against 154 for fp32 and 256 for int8; with AMX, 430 against 178 and 232."""
+    return cpu_has("amx_bf16")
+
+
 def native_bf16() -> bool:
-    """True where the CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    """True where the CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16): bf16 can be asked for."""
     if _cpu_flags() is not None:
         return cpu_has("avx512_bf16", "amx_bf16")
     if installed("openvino"):
@@ -126,7 +150,7 @@ def resolve(runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGI
         extra = "'transferkit[fast]'" if runtime == "onnxruntime" else runtime
         raise TransferkitError(f"runtime {runtime} is not installed: pip install {extra}")
     if precision == "auto":
-        precision = "bf16" if runtime == "openvino" and native_bf16() else "fp32"
+        precision = "bf16" if runtime == "openvino" and fast_bf16() else "fp32"
     if precision in ("bf16", "int8") and runtime != "openvino":
         raise OptionError("precision", f"{precision} needs runtime openvino (runtime is {runtime!r})", precision)
     if precision == "int8" and not installed("nncf"):
@@ -135,19 +159,19 @@ def resolve(runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGI
 
 
 def training_precision(choice: str, runtime: str, n_passes: int) -> str:
-    """The precision of a run's training-view features: ``choice``, or for ``auto``: bf16 where the CPU computes it
-    natively and the run's passes earn a second engine; on a CPU without bf16 but with int8 dot products, int8
-    where the passes earn its calibration; else fp32 (the reported numerics' own extractor). Only
+    """The precision of a run's training-view features: ``choice``, or for ``auto``: bf16 where it is the fast
+    precision (AMX, ``fast_bf16``) and the run's passes earn a second engine; elsewhere, with int8 dot products
+    (VNNI), int8 where the passes earn its calibration; else fp32 (the reported numerics' own extractor). Only
     OpenVINO computes bf16 and int8: with another runtime it is fp32. ``n_passes`` counts every view, cached or
     not, so a second run picks the same precision (and finds its features)."""
     if resolve(runtime, "fp32")[0] != "openvino":
         return "fp32"
     if choice != "auto":
         return choice
-    if native_bf16():  # measured here (AMX): bf16 395 img/s, int8 270 (Lite0), 195 vs 101 (Lite1, cosine 0.96)
+    if fast_bf16():  # measured here (AMX): bf16 395 img/s, int8 270 (Lite0), 195 vs 101 (Lite1, cosine 0.96)
         return "bf16" if n_passes >= BF16_MIN_PASSES else "fp32"
     if n_passes >= INT8_MIN_PASSES and installed("nncf") and cpu_has("avx512_vnni", "avx_vnni"):
-        return "int8"  # no bf16 arithmetic: int8 dot products (VNNI) are the fast path
+        return "int8"  # without AMX, int8 dot products (VNNI) are the fast path (Lite0: 256 vs 154 img/s fp32)
     return "fp32"
 
 
