@@ -70,9 +70,11 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _stamp(path: str | os.PathLike) -> str:
+def _stamp(path: str | os.PathLike) -> tuple[str, int]:
+    """(the stat stamp, the mtime in ns)."""
     st = os.stat(path)
-    return f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    text = f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    return text, st.st_mtime_ns
 
 
 def known_digest(path: str | os.PathLike) -> str:
@@ -82,13 +84,13 @@ def known_digest(path: str | os.PathLike) -> str:
     Any write to the file (a new save, a torn or damaged copy, even one that restores the mtime) changes its
     ctime or size, so it is hashed again. A file modified in the last two seconds is not remembered (a timestamp
     too coarse to tell two writes apart)."""
-    before = _stamp(path)
+    before, mtime_ns = _stamp(path)
     memo = cache_dir("digests") / f"{bytes_digest(before.encode('utf-8', 'surrogateescape'))[:32]}.sum"
     found = read_checked(memo)
     if found is not None and len(found) == 40:
         return found.decode("ascii")
     digest = file_digest(path)
-    if _stamp(path) == before and time.time() - os.stat(path).st_mtime > 2.0:
+    if _stamp(path)[0] == before and time.time_ns() - mtime_ns > 2_000_000_000:
         with contextlib.suppress(OSError):
             write_checked(memo, digest.encode("ascii"))
     return digest

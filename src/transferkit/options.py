@@ -130,8 +130,9 @@ class TrainOptions(EngineOptions):
     class_weight: str = option("balanced", "weight classes by inverse frequency, or not", choices=CLASS_WEIGHTS)
     head: str = option("auto", "auto: the best on the validation split of gap and logistic on 0, 2 or 4 depths (and "
                                "with or without the augmented views), the table printed; gap: softmax on pooled "
-                               "features (Adam epochs, fitted by scikit-learn); logistic: L2 logistic regression on standardised features "
-                               "(scikit-learn, saved as Keras layers); flatten-256-128: the seed's dense head",
+                               "features (Adam epochs, fitted by scikit-learn); logistic: L2 logistic regression "
+                               "on standardised features (scikit-learn, saved as Keras layers); flatten-256-128: "
+                               "the seed's dense head",
                        choices=HEADS)
     depths: int = option(None, "intermediate blocks whose pooled outputs join the final features (Head2Toe): "
                                "default 0, and for head auto the most it compares (0, 2, 4)", low=0, high=8,

@@ -77,7 +77,7 @@ class GradCam:
     its own softmax top. ``heatmaps(images)`` takes RGB 0-255 batches at the model's input size."""
 
     def __init__(self, model: keras.Model):
-        self._split = None  # (image -> [map, head features], head features -> logits): see _tail_batch
+        self._split = None  # (image -> [map, head features], head features -> logits): see _tail
         try:
             model.get_layer("head")
             self.model, linear, self._split = _head_parts(model)
@@ -100,44 +100,38 @@ class GradCam:
             return np.zeros((0,) + self.map_shape, np.float32), np.zeros(0, np.int64)
         return np.concatenate(maps), np.concatenate(chosen)
 
-    def _tail_batch(self, x):
-        """(feature map, its gradient's score, chosen) with only the head on the tape: the backbone runs forward
-        outside it, and the head's input is rebuilt from the map (its first columns are the map's average pool;
-        the other blocks' pools, which the map does not change, are taken as computed). With the whole forward
-        pass on the tape, the gradient walked back through the backbone too: 12 photos at 224 px took 1.03 s,
-        against 0.35 s for the forward pass alone. None where the head's input is not laid out so."""
+    def _tail(self, x, tape):
+        """(feature map, logits) with only the head recorded on ``tape``: the backbone runs forward outside it,
+        and the head's input is rebuilt from the map (its first columns are the map's average pool; the other
+        blocks' pools, which the map does not change, are taken as computed). With the whole forward pass on the
+        tape, the gradient walked back through the backbone too: 12 photos at 224 px took 1.03 s, against 0.35 s
+        for the forward pass alone. None where the head's input is not laid out so."""
         import tensorflow as tf
 
         forward, to_logits = self._split
-        feature_map, features = forward(x, training=False)
-        channels = int(feature_map.shape[-1])
-        if len(features.shape) == 2:
-            pooled = tf.reduce_mean(feature_map, axis=(1, 2))
-            if not np.allclose(pooled.numpy(), features[:, :channels].numpy(), rtol=1e-4, atol=1e-4):
-                self._split = None  # not the layout assumed: differentiate the whole model instead
-                return None
-        with tf.GradientTape() as tape:
+        with tape.stop_recording():
+            feature_map, features = forward(x, training=False)
+        if len(features.shape) == 4:  # the flatten head reads the map itself
             tape.watch(feature_map)
-            rebuilt = feature_map if len(features.shape) == 4 else \
-                tf.concat([tf.reduce_mean(feature_map, axis=(1, 2)), features[:, channels:]], axis=1)
-            logits = to_logits(rebuilt, training=False)
-        return feature_map, logits, tape
+            return feature_map, to_logits(feature_map, training=False)
+        channels = int(feature_map.shape[-1])
+        pooled = tf.reduce_mean(feature_map, axis=(1, 2))
+        if not np.allclose(pooled.numpy(), features[:, :channels].numpy(), rtol=1e-4, atol=1e-4):
+            self._split = None  # not the layout assumed: differentiate the whole model instead
+            return None
+        tape.watch(feature_map)
+        rebuilt = tf.concat([tf.reduce_mean(feature_map, axis=(1, 2)), features[:, channels:]], axis=1)
+        return feature_map, to_logits(rebuilt, training=False)
 
     def _batch(self, images: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         import tensorflow as tf
 
         x = tf.convert_to_tensor(images)
-        found = self._tail_batch(x) if self._split is not None else None
-        if found is not None:
-            feature_map, logits, tape = found
+        with tf.GradientTape() as tape:
+            found = self._tail(x, tape) if self._split is not None else None
+            feature_map, logits = found if found is not None else self.model(x, training=False)
             chosen = tf.argmax(logits, axis=1) if classes is None else tf.constant(classes)
-            with tape:
-                score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
-        else:
-            with tf.GradientTape() as tape:
-                feature_map, logits = self.model(x, training=False)
-                chosen = tf.argmax(logits, axis=1) if classes is None else tf.constant(classes)
-                score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
+            score = tf.reduce_sum(tf.gather(logits, chosen, axis=1, batch_dims=1))
         grads = tape.gradient(score, feature_map)  # each image's score depends on its own map only
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1)).numpy().astype(np.float64)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import softmax
 
 NOVELTY = "novelty"  # the name of the score layer; metadata["novelty"] describes it
 
@@ -177,8 +178,8 @@ def fit_trust(head: keras.Model, train: tuple, val: tuple, n_classes: int, keep_
     known = np.concatenate([scores, _out_of_fold(pool(x_train), y_train, n_classes, groups)])
     threshold = float(np.quantile(known, keep_known, method="higher"))
     set_trust(head, temperature, whitening, centers, threshold)
-    before = expected_calibration_error(_softmax(val_logits), y_val)
-    after = expected_calibration_error(_softmax(val_logits / temperature), y_val)
+    before = expected_calibration_error(softmax(val_logits, axis=1), y_val)
+    after = expected_calibration_error(softmax(val_logits / temperature, axis=1), y_val)
     return {"method": "mahalanobis", "covariance": "shared, Ledoit-Wolf", "threshold": threshold,
             "keep_known": keep_known, "validation_kept": float((scores <= threshold).mean()),
             "temperature": round(temperature, 4), "ece_before": round(before, 4), "ece_after": round(after, 4),
@@ -201,11 +202,6 @@ def _out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, groups: np.ndarra
         if len(np.unique(y[fit_rows])) == n_classes:
             out.append(_held_out_scores(x[fit_rows], y[fit_rows], x[held], n_classes))
     return np.concatenate(out) if out else np.zeros(0)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _distance_layers(x, dim: int, n_classes: int):

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import softmax
 
 from transferkit.log import logger
 from transferkit.options import TrainOptions
@@ -75,16 +76,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, keep: int, n_classes: int, class_
         coef[model.classes_], intercept[model.classes_] = model.coef_, model.intercept_  # every class has rows
 
     def predict(features: np.ndarray) -> np.ndarray:  # what the Keras head computes
-        z = scaler.transform(features[:, :keep]) @ coef.T + intercept
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(scaler.transform(features[:, :keep]) @ coef.T + intercept, axis=1)
 
     return predict, lambda: logistic_head(n_features, keep, scaler.mean_, scaler.scale_ ** 2, coef, intercept)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _score(candidate: Candidate, x_val: np.ndarray, y_val: np.ndarray) -> None:
@@ -126,9 +120,9 @@ def fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims
         head, candidate.history, candidate.best_epoch = train_softmax(
             options, x_train[rows], y_train[rows], x_val, y_val, n_classes, class_weight, keep=keep,
             log_dir=log_dir)
-        dense = [w for w in head.get_layer("probabilities").get_weights()]
+        kernel, bias = head.get_layer("probabilities").get_weights()
         candidate._model = head
-        candidate.predict = lambda x: _softmax(x[:, :keep] @ dense[0] + dense[1])
+        candidate.predict = lambda x: softmax(x[:, :keep] @ kernel + bias, axis=1)
     else:
         from transferkit.engines.keras_step import run_model
         from transferkit.training.tensorboard import HEAD
