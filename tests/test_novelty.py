@@ -60,3 +60,24 @@ def test_the_score_travels_into_onnx(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "head.onnx"), providers=["CPUExecutionProvider"])
     onnx_out = session.run(None, {session.get_inputs()[0].name: x})[0]
     np.testing.assert_allclose(onnx_out, np.asarray(head(x)), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("n_per_class, dim", [(5, 1280), (100, 1280), (400, 64)])
+def test_the_gram_form_of_the_shared_covariance_is_scikit_learns_ledoit_wolf(n_per_class, dim):
+    """Fewer rows than dimensions (a small set), more, and many more: the shrinkage, the covariance, its inverse
+    and its inverse square root all equal scikit-learn's d x d computation."""
+    from sklearn.covariance import ledoit_wolf
+
+    x, y, _ = _clusters(per_class=n_per_class, dim=dim)
+    x = x.astype(np.float64) * np.random.default_rng(3).uniform(0.1, 3, dim)  # unequal variances
+    shared = novelty.SharedCovariance(x, y, 3)
+    means = np.stack([x[y == c].mean(axis=0) for c in range(3)])
+    covariance, shrinkage = ledoit_wolf(x - means[y])
+    assert shared.shrinkage == pytest.approx(shrinkage, abs=1e-12)
+    np.testing.assert_allclose(shared.covariance(), covariance, atol=1e-12 * np.abs(covariance).max())
+    z = np.random.default_rng(4).normal(size=(4, dim))
+    expected = np.linalg.solve(covariance, z.T).T
+    np.testing.assert_allclose(shared.solve(z), expected, atol=1e-10 * np.abs(expected).max())
+    values, vectors = np.linalg.eigh(covariance)
+    root = (vectors / np.sqrt(values)) @ vectors.T
+    np.testing.assert_allclose(shared.inverse_sqrt(), root, atol=1e-10 * np.abs(root).max())

@@ -50,41 +50,78 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(best.x))
 
 
-def _shrunk_covariance(x: np.ndarray, labels: np.ndarray, n_classes: int,
-                       shrinkage: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """(class means, the within-class covariance shared by all classes and shrunk by Ledoit-Wolf so that a few
-    photos per class still give a well-conditioned estimate, the shrinkage); ``shrinkage`` given: that one."""
-    from sklearn.covariance import empirical_covariance, ledoit_wolf, shrunk_covariance
+class SharedCovariance:
+    """The within-class covariance shared by all classes, shrunk by Ledoit-Wolf so that a few photos per class
+    still give a well-conditioned estimate: S = (1 - shrinkage) C + shrinkage mu I, with C the empirical
+    covariance of the class-centred rows and mu its mean variance.
 
-    means = np.stack([x[labels == c].mean(axis=0) for c in range(n_classes)])
-    centered = x - means[labels]
-    if shrinkage is None:
-        covariance, shrinkage = ledoit_wolf(centered)
-        return means, covariance, float(shrinkage)
-    return means, shrunk_covariance(empirical_covariance(centered), shrinkage), shrinkage
+    S is never formed. C has rank at most n (rows), far below the d = 1280 feature dimensions of a small set, so
+    S = a I + V diag(b lambda) V' with V, lambda from the eigendecomposition of the smaller Gram matrix (n x n or
+    d x d), and S's inverse and inverse square root are the same sums with a and lambda mapped. The shrinkage is
+    Ledoit-Wolf's, computed as scikit-learn's ``ledoit_wolf_shrinkage`` does but from that Gram matrix (equal
+    to 1e-12; tested). Measured (400 photos, Lite0, 2 cores): ``fit_trust`` took 1.6 s through scikit-learn's
+    d x d covariance, a d x d Cholesky solve per out-of-fold fit and one d x d eigh; 0.3 s this way."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray, n_classes: int):
+        x = np.asarray(x, np.float64).reshape(len(x), -1)
+        self.means = np.stack([x[labels == c].mean(axis=0) for c in range(n_classes)])
+        centered = x - self.means[labels]
+        centered = centered - centered.mean(axis=0)  # ~0 already; as ledoit_wolf centres
+        n, d = centered.shape
+        gram = centered @ centered.T if n <= d else centered.T @ centered
+        squares = centered ** 2
+        trace = squares.sum() / n
+        mu = trace / d
+        beta_ = float((squares.sum(axis=1) ** 2).sum())  # the sum of <X2', X2>
+        delta_ = float((gram ** 2).sum()) / n ** 2  # the sum of <X', X> squared, /n^2
+        beta = (beta_ / n - delta_) / (d * n)
+        delta = (delta_ - 2.0 * mu * trace + d * mu ** 2) / d
+        beta = min(beta, delta)
+        self.shrinkage = 0.0 if beta == 0 else float(beta / delta)
+        values, vectors = np.linalg.eigh(gram)
+        keep = values > max(values.max(initial=0.0), 0.0) * 1e-10
+        values, vectors = values[keep], vectors[:, keep]
+        if n <= d:  # right singular vectors from the left ones
+            vectors = centered.T @ vectors / np.sqrt(values)
+        self.vectors = vectors  # (d, r), orthonormal columns
+        self.spectrum = (1.0 - self.shrinkage) * values / n  # C's nonzero eigenvalues, shrunk
+        self.floor = max(self.shrinkage * mu, 1e-12)  # S's eigenvalue off V's span
+
+    def _apply(self, power: float, rows: np.ndarray) -> np.ndarray:
+        """``rows`` (m, d) times S ** power."""
+        scale = (self.floor + self.spectrum) ** power - self.floor ** power
+        return self.floor ** power * rows + ((rows @ self.vectors) * scale) @ self.vectors.T
+
+    def solve(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` times S's inverse."""
+        return self._apply(-1.0, np.asarray(rows, np.float64))
+
+    def inverse_sqrt(self) -> np.ndarray:
+        """S ** -1/2 (d, d), symmetric."""
+        return self._apply(-0.5, np.eye(self.vectors.shape[0]))
+
+    def covariance(self) -> np.ndarray:
+        """S itself (d, d), for tests."""
+        return self._apply(1.0, np.eye(self.vectors.shape[0]))
 
 
 def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(whitening W, whitened class means M) from the *training* features: the squared Mahalanobis distance of x
-    to class c is ||W x - M_c||^2. W is the symmetric inverse square root of the shrunk covariance (one
-    eigendecomposition): the model computes W x in float32, and a triangular W (Cholesky) has entries large
-    enough that its float32 novelty scores moved by 70 % against float64."""
-    x = np.asarray(features, np.float64).reshape(len(features), -1)
-    means, covariance, _ = _shrunk_covariance(x, labels, n_classes)
-    values, vectors = np.linalg.eigh(covariance)
-    whitening = (vectors / np.sqrt(np.clip(values, 1e-12, None))) @ vectors.T
-    return whitening.astype(np.float32), (means @ whitening.T).astype(np.float32)
+    to class c is ||W x - M_c||^2. W is the symmetric inverse square root of the shrunk covariance: the model
+    computes W x in float32, and a triangular W (Cholesky) has entries large enough that its float32 novelty
+    scores moved by 70 % against float64."""
+    shared = SharedCovariance(features, labels, n_classes)
+    whitening = shared.inverse_sqrt()
+    return whitening.astype(np.float32), (shared.means @ whitening.T).astype(np.float32)
 
 
 def _held_out_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray, n_classes: int) -> np.ndarray:
     """The novelty score of ``x_held`` under statistics fitted on the other rows (their own Ledoit-Wolf
     shrinkage: a fold has fewer rows, hence more shrinkage; the whole set's made the held-out scores too large on
-    5 photos per class, and the threshold with them), in float64 through one Cholesky solve: never stored in a
-    model, so no eigendecomposition."""
-    from scipy.linalg import cho_factor, cho_solve
-
-    means, covariance, _ = _shrunk_covariance(x_fit, y_fit, n_classes)
-    solved = cho_solve(cho_factor(covariance, lower=True), np.concatenate([x_held, means]).T).T
+    5 photos per class, and the threshold with them), in float64: never stored in a model."""
+    shared = SharedCovariance(x_fit, y_fit, n_classes)
+    means = shared.means
+    solved = shared.solve(np.concatenate([x_held, means]))
     sx, sm = solved[: len(x_held)], solved[len(x_held):]
     # (x - m)' S^-1 (x - m) = x'S^-1 x - 2 m'S^-1 x + m'S^-1 m, in float64 (no cancellation at these magnitudes)
     distances = (x_held * sx).sum(1, keepdims=True) - 2 * x_held @ sm.T + (means * sm).sum(1)
