@@ -157,3 +157,54 @@ def test_keras_novelty_of_a_batch_equals_numpy(trained, many_photos):
     got = run_model(loaded.keras_model, images)[:, -1]
     np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
     assert np.std(expected) > 0.05  # distinct photos, distinct scores: a broadcast first row would fail this
+
+
+def test_an_engine_on_one_thread_computes_the_same_features(many_photos):
+    """train computes the test photos' features ahead on one thread (training.features.Prefetch) and evaluate
+    reads them from the cache: they must be the very numbers the engine gives on every core."""
+    from transferkit.data.images import load_image
+    from transferkit.training.features import FeatureExtractor
+
+    extractor = FeatureExtractor("efficientnet_lite0", IMAGE_SIZE)
+    batch = np.stack([load_image(p, IMAGE_SIZE) for p in many_photos[::10]]).astype(np.float32)
+    every = extractor.forward(batch)
+    if extractor.engine.respawn is None:
+        pytest.skip(f"{extractor.engine.label}: no converted engine to run on fewer threads")
+    one = extractor.engine.on_threads(1)
+    assert one is not extractor.engine
+    np.testing.assert_array_equal(one(batch), every)
+
+
+def test_train_computes_test_features_ahead_and_reports_what_evaluate_reproduces(dataset, tmp_path,
+                                                                                  monkeypatch):
+    from transferkit.training import features
+
+    ran = []
+    original = features.Prefetch._run
+
+    def spy(self, extractor, paths):
+        original(self, extractor, paths)
+        ran.append(len(paths))
+
+    monkeypatch.setattr(features.Prefetch, "_run", spy)
+    result = transferkit.train(dataset[0], test_dir=dataset[1], image_size=IMAGE_SIZE, epochs=10,
+                               out=str(tmp_path / "ahead"))
+    assert ran == [18]  # the 3 x 6 test photos
+    again = transferkit.evaluate(result["model_path"], dataset[1])
+    assert again["confusion_matrix"] == result["test"]["confusion_matrix"]
+    assert again["per_class"] == result["test"]["per_class"]
+
+
+def test_a_stopped_prefetch_leaves_only_right_features_in_the_cache(many_photos):
+    from transferkit.training.features import FeatureExtractor, Prefetch
+
+    extractor = FeatureExtractor("efficientnet_lite0", IMAGE_SIZE, batch_size=8)
+    paths = many_photos[1::4]  # 80 photos none of the other tests extracted here
+    extractor.extract(many_photos[:8:2])  # the engine, built and checked on photos
+    ahead = Prefetch(extractor, paths)
+    time.sleep(0.3)
+    ahead.stop()  # part way through (or done: either way what is cached must be right)
+    cached, kept, _ = extractor.extract(paths)
+    fresh, _, _ = FeatureExtractor("efficientnet_lite0", IMAGE_SIZE, cache=False).extract(paths)
+    assert len(kept) == len(paths)
+    np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-5)

