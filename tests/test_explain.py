@@ -139,3 +139,25 @@ def test_every_kind_of_registry_backbone_gets_a_heat_map(name):
     maps, classes = GradCam(model).heatmaps(photos.astype("float32"))
     assert maps.shape[0] == 2 and maps.ndim == 3 and np.isfinite(maps).all() and len(classes) == 2
     assert maps.max() > 0 and not np.allclose(maps[0], maps[1])
+
+
+@pytest.mark.parametrize("head", ["auto", "gap"])
+def test_heat_maps_from_the_converted_backbone_equal_keras(dataset, tmp_path, head):
+    """train's report takes the frozen backbone's map from its converted engine (FeatureExtractor.map_forward)
+    and runs only the head in Keras: the maps and classes are those of the whole Keras model (a multi-depth
+    head with auto, the final features alone with gap)."""
+    from transferkit import ImageClassifier
+    from transferkit.data.images import load_image
+
+    clf = ImageClassifier(image_size=IMAGE_SIZE, epochs=3, head=head).fit(dataset[0], out=str(tmp_path / head))
+    forward = clf.map_forward()
+    if forward is None:
+        pytest.skip("no converting runtime here: the report's heat maps run on Keras")
+    paths = [os.path.join(dataset[1], c, f"photo_{i:03d}.jpg") for c in clf.classes_ for i in range(3)]
+    images = np.stack([load_image(p, IMAGE_SIZE) for p in paths]).astype("float32")
+    fast, slow = GradCam(clf.model_, forward), GradCam(clf.model_)
+    maps, classes = fast.heatmaps(images)
+    assert fast._forward is not None, "the converted map's layout check passed"
+    expected, expected_classes = slow.heatmaps(images)
+    assert (classes == expected_classes).all()
+    np.testing.assert_allclose(maps, expected, atol=2e-3)

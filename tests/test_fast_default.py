@@ -177,8 +177,12 @@ def test_an_engine_on_one_thread_computes_the_same_features(many_photos):
 
 def test_train_computes_test_features_ahead_and_reports_what_evaluate_reproduces(dataset, tmp_path,
                                                                                   monkeypatch):
+    import shutil
+
+    from transferkit.files import cache_dir
     from transferkit.training import features
 
+    shutil.rmtree(cache_dir("features"), ignore_errors=True)  # a cold run (this process's private cache)
     ran = []
     original = features.Prefetch._run
 

@@ -137,6 +137,13 @@ class ImageClassifier:
 
         return predict_files(self, list(paths), batch_size=batch_size)
 
+    def map_forward(self):
+        """NumPy images -> (the backbone's last feature map, the head's input) on the extractor's converted engines,
+        for heat maps (``FeatureExtractor.map_forward``); None once the backbone is no longer the frozen one."""
+        if not self._features_current or self.extractor_ is None:
+            return None
+        return self.extractor_.map_forward()
+
     # ----- using a fitted classifier -----
     def predict(self, paths, *, top_k: int = 3, reject: bool = True) -> list[dict]:
         """A row per image file (files, folders, globs): path, label, probability, top_k, novelty, unknown; or

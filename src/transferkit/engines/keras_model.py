@@ -43,7 +43,7 @@ class KerasPredictor:
                 return run_model(self.keras_model, images)
             # a model without a file has no stable identity: its conversion is not cached
             key = classifier_key(self.path, self.image_size) if self.path else None
-            fixed = without_resize(self.keras_model, self.image_size)
+            fixed = without_resize(self.keras_model, self.image_size, call=False)
             self._engine = runtimes.build_engine(fixed, key, self.runtime, self.precision,
                                                  check_images=np.asarray(sample, np.float32),
                                                  n_classes=len(self.class_names))

@@ -34,13 +34,16 @@ def run_model(model: keras.Model, images: np.ndarray) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(images)))[:n]
 
 
-def without_resize(model: keras.Model, size: int) -> keras.Model:
+def without_resize(model: keras.Model, size: int, call: bool = True) -> keras.Model:
     """``model`` minus its leading resize layer: input (batch, size, size, 3) RGB 0-255. Exports and the fast
     runtimes take this fixed shape; callers resize first, as every transferkit pipeline does. The graph is
-    replayed from a fixed-size input with the resize as identity (a multi-depth extractor is no chain)."""
+    replayed from a fixed-size input with the resize as identity (a multi-depth extractor is no chain), in
+    4 ms; ``call``: then run once on zeros, as the exporters need (0.16-0.26 s for Lite0: an engine whose
+    conversion is cached skips it; ``save_onnx`` makes the call itself)."""
     inputs = keras.Input((size, size, 3), name="image")
     outputs = model._run_through_graph(  # Keras's functional replay; the one private call, pinned by the tests
         inputs, operation_fn=lambda op: (lambda x, **_: x) if op.name == "resize" else op)
     fixed = keras.Model(inputs, outputs, name=f"{model.name}_fixed")
-    fixed(np.zeros((1, size, size, 3), "float32"))  # built and called once (Keras's ONNX export needs that)
+    if call:
+        fixed(np.zeros((1, size, size, 3), "float32"))
     return fixed

@@ -74,13 +74,17 @@ def _top_parts(model: keras.Model):
 
 class GradCam:
     """Heat maps of a Keras classifier: a transferkit model (``.keras`` file, fine-tuned or not) or a network with
-    its own softmax top. ``heatmaps(images)`` takes RGB 0-255 batches at the model's input size."""
+    its own softmax top. ``heatmaps(images)`` takes RGB 0-255 batches at the model's input size. ``forward``
+    (a transferkit model whose backbone is frozen): NumPy images -> (its last feature map, the head's input), on
+    a faster engine than TensorFlow (``FeatureExtractor.map_forward``); only the head is then run in Keras."""
 
-    def __init__(self, model: keras.Model):
+    def __init__(self, model: keras.Model, forward=None):
         self._split = None  # (image -> [map, head features], head features -> logits): see _tail
+        self._forward = None  # NumPy images -> (map, head features) on a faster engine (see _tail)
         try:
             model.get_layer("head")
             self.model, linear, self._split = _head_parts(model)
+            self._forward = forward
         except ValueError:
             self.model, linear = _top_parts(model)
         self.method = "cam" if linear else "grad-cam"
@@ -110,14 +114,17 @@ class GradCam:
 
         forward, to_logits = self._split
         with tape.stop_recording():
-            feature_map, features = forward(x, training=False)
+            if self._forward is not None:  # the frozen backbone's engines (FeatureExtractor.map_forward)
+                feature_map, features = (tf.convert_to_tensor(a) for a in self._forward(x.numpy()))
+            else:
+                feature_map, features = forward(x, training=False)
         if len(features.shape) == 4:  # the flatten head reads the map itself
             tape.watch(feature_map)
             return feature_map, to_logits(feature_map, training=False)
         channels = int(feature_map.shape[-1])
         pooled = tf.reduce_mean(feature_map, axis=(1, 2))
         if not np.allclose(pooled.numpy(), features[:, :channels].numpy(), rtol=1e-4, atol=1e-4):
-            self._split = None  # not the layout assumed: differentiate the whole model instead
+            self._split = self._forward = None  # not the layout assumed: differentiate the whole model instead
             return None
         tape.watch(feature_map)
         rebuilt = tf.concat([tf.reduce_mean(feature_map, axis=(1, 2)), features[:, channels:]], axis=1)

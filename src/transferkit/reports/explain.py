@@ -71,9 +71,10 @@ def explained_class(row: dict, class_names: list[str]) -> int:
 class Explainer:
     """Heat maps for a model's predictions, from its Keras model (loaded lazily, once, under a lock)."""
 
-    def __init__(self, class_names: list[str], image_size: int, keras_model=None, path: str = ""):
+    def __init__(self, class_names: list[str], image_size: int, keras_model=None, path: str = "", forward=None):
         self.class_names, self.image_size, self.path = list(class_names), int(image_size), str(path or "")
         self._keras_model, self._cam, self._lock = keras_model, None, threading.Lock()
+        self._forward = forward  # the frozen backbone on its converted engines (see GradCam)
 
     @classmethod
     def for_predictor(cls, predictor) -> "Explainer | None":
@@ -86,7 +87,8 @@ class Explainer:
         path = getattr(predictor, "path", "") or ""
         if model is None and not path.lower().endswith(".keras"):
             return None
-        return cls(predictor.class_names, predictor.image_size, model, path)
+        forward = getattr(predictor, "map_forward", None)
+        return cls(predictor.class_names, predictor.image_size, model, path, forward() if forward else None)
 
     @property
     def method(self) -> str:
@@ -103,7 +105,7 @@ class Explainer:
 
                     logger.info(f"loading the Keras model of {self.path} for heat maps")
                     self._keras_model = modelfile.load(self.path).keras_model
-                self._cam = GradCam(self._keras_model)
+                self._cam = GradCam(self._keras_model, self._forward)
             return self._cam
 
     def heatmaps(self, images: np.ndarray, classes) -> np.ndarray:
