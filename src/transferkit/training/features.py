@@ -225,9 +225,9 @@ class Prefetch:
     label audit and the novelty statistics are fitted). ``stop()`` when the features are wanted: the batch under
     way finishes, the rest is left to the caller's own extraction on every core. The engine here is the
     extractor's on one thread (the same numbers: ``Engine.on_threads``), and the caller's BLAS on one thread
-    meanwhile. ``train`` on 400 photos with 120 test photos, no AMX, medians of 5: 10.35 s without, 9.94 s with
-    the caller's BLAS on one thread only, 9.24 s with both; on two engine threads the engine and the Python work
-    took turns and it gained nothing. A failure here only leaves features uncomputed: the caller's extraction
+    meanwhile (``ImageClassifier.fit_head``). ``train`` on 400 photos with 120 test photos, no AMX, medians of 5:
+    10.35 s without either, 9.94 s with the head's BLAS on one thread only, 9.24 s with both; on two engine
+    threads the engine and the Python work took turns and it gained nothing. A failure here only leaves features uncomputed: the caller's extraction
     computes them and reports its own errors."""
 
     def __init__(self, extractor: "FeatureExtractor", paths: list[str]):

@@ -105,7 +105,16 @@ def _one_point_history(predict, data: tuple, rows: slice) -> dict:
 def fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims: list[int], n_classes: int,
                   class_weight: dict | None, log_dir: str | None = None) -> Candidate:
     """Fit ``candidate`` on the training rows (all views, or the images alone) and score it on validation;
-    ``log_dir``: a Keras head's curves go to its ``head/`` (TensorBoard)."""
+    ``log_dir``: a Keras head's curves go to its ``head/`` (TensorBoard). On one BLAS thread, where the logistic
+    regression fits in half the time (see ``ImageClassifier.fit_head``)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _fit_candidate(candidate, options, data, dims, n_classes, class_weight, log_dir)
+
+
+def _fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims: list[int], n_classes: int,
+                   class_weight: dict | None, log_dir: str | None) -> Candidate:
     from transferkit.training.head import train_head, train_softmax
 
     x_train, y_train, x_val, y_val, views = data
