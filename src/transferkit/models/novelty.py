@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import softmax
 
 NOVELTY = "novelty"  # the name of the score layer; metadata["novelty"] describes it
 
@@ -204,6 +203,8 @@ def fit_trust(head: keras.Model, train: tuple, val: tuple, n_classes: int, keep_
     so that a small validation split still gives a steady quantile, out-of-fold scores of the training images
     (``groups``: the image of each row, so augmented views of one image stay in one fold). Returns
     metadata["novelty"]."""
+    from scipy.special import softmax  # here: the cached predict path reads outputs without SciPy (18 MB)
+
     from transferkit.engines.keras_step import run_model
 
     (x_train, y_train), (x_val, y_val) = train, val
