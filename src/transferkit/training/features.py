@@ -56,9 +56,9 @@ class FeatureExtractor:
         self.depths = int(depths) if pooling == "avg" else 0
         self.model = build_feature_extractor(backbone, self.image_size, weights, pooling, self.depths)
         # random weights (weights=None, for tests) differ in every process: nothing of them is cached
-        weights_id = "imagenet" if weights == "imagenet" else None if weights is None else file_digest(weights)[:16]
-        self.model_key = weights_id and f"{backbone}-{weights_id}-{self.image_size}px-{pooling or 'map'}" \
-            + (f"+d{self.depths}" if self.depths else "")
+        self.weights_id = "imagenet" if weights == "imagenet" else None if weights is None else \
+            file_digest(weights)[:16]
+        self.model_key = _model_key(backbone, self.weights_id, self.image_size, pooling, self.depths)
         self.runtime, self.precision = runtimes.resolve(runtime, precision)
         self.engine: runtimes.Engine | None = None
         self.calibration: np.ndarray | None = None  # int8: the images it is calibrated on
@@ -82,7 +82,7 @@ class FeatureExtractor:
         maps = copy.copy(self)
         maps.model = keras.Model(self.model.input, self.model.get_layer("avg_pool").input, name=f"{self.model.name}_map")
         maps.pooling, maps.depths, maps.engine, maps.cache_root = None, 0, None, None
-        maps.model_key = self.model_key.split("px-")[0] + "px-map"
+        maps.model_key = _model_key(self.backbone, self.weights_id, self.image_size, None, 0)
         return lambda images: (maps.forward(images), self.forward(images))
 
     def uncached(self) -> "FeatureExtractor":
@@ -248,6 +248,14 @@ class Prefetch:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _model_key(backbone: str, weights_id: str | None, size: int, pooling: str | None, depths: int) -> str | None:
+    """The name of an extractor's conversions and features in the cache (None for weights without a stable
+    identity: random ones)."""
+    if weights_id is None:
+        return None
+    return f"{backbone}-{weights_id}-{size}px-{pooling or 'map'}" + (f"+d{depths}" if depths else "")
 
 
 def _decoded(paths: list[str], size: int, pool) -> np.ndarray | None:
