@@ -158,6 +158,23 @@ def test_heat_maps_from_the_converted_backbone_equal_keras(dataset, tmp_path, he
     fast, slow = GradCam(clf.model_, forward), GradCam(clf.model_)
     maps, classes = fast.heatmaps(images)
     assert fast._forward is not None, "the converted map's layout check passed"
+    assert forward(images[:1])[0].shape[1:] == tuple(fast.model.outputs[0].shape[1:]), "a map, not pooled"
     expected, expected_classes = slow.heatmaps(images)
     assert (classes == expected_classes).all()
     np.testing.assert_allclose(maps, expected, atol=2e-3)
+    # a map that does not pool to the head's input is not used: the Keras forward pass answers instead
+    wrong = GradCam(clf.model_, lambda x: (forward(x)[0] * 1.5, forward(x)[1]))
+    again, _ = wrong.heatmaps(images)
+    assert wrong._forward is None and wrong._split is not None
+    np.testing.assert_allclose(again, expected, atol=1e-5)
+
+
+def test_no_converted_feature_map_once_the_backbone_moves(dataset, tmp_path):
+    """Fine-tuning trains the backbone in place: the converted extractor no longer computes its map."""
+    from transferkit import ImageClassifier
+
+    clf = ImageClassifier(image_size=IMAGE_SIZE, epochs=2, fine_tune_epochs=1).fit(dataset[0],
+                                                                                   out=str(tmp_path / "ft"))
+    assert clf.map_forward() is None
+    assert ImageClassifier(image_size=IMAGE_SIZE, epochs=2, runtime="keras").fit(
+        dataset[0], out=str(tmp_path / "keras")).map_forward() is None

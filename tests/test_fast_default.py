@@ -184,20 +184,25 @@ def test_train_computes_test_features_ahead_and_reports_what_evaluate_reproduces
     from transferkit.training import features
 
     shutil.rmtree(cache_dir("features"), ignore_errors=True)  # a cold run (this process's private cache)
-    ran = []
-    original = features.Prefetch._run
+    done, stop = [], features.Prefetch.stop
 
-    def spy(self, extractor, paths):
-        original(self, extractor, paths)
-        ran.append(len(paths))
+    def finish_then_stop(self):  # the whole window, however slow this machine: every test photo ahead
+        self._thread.join()
+        stop(self)
+        done.append((self.computed, self.error))
 
-    monkeypatch.setattr(features.Prefetch, "_run", spy)
+    monkeypatch.setattr(features.Prefetch, "stop", finish_then_stop)
     result = transferkit.train(dataset[0], test_dir=dataset[1], image_size=IMAGE_SIZE, epochs=10,
                                out=str(tmp_path / "ahead"))
-    assert ran == [18]  # the 3 x 6 test photos
-    again = transferkit.evaluate(result["model_path"], dataset[1])
+    assert done == [(18, None)]  # the 3 x 6 test photos, computed on the one-thread engine, without error
+    again = transferkit.evaluate(result["model_path"], dataset[1])  # the model file on its own engine
     assert again["confusion_matrix"] == result["test"]["confusion_matrix"]
     assert again["per_class"] == result["test"]["per_class"]
+    for key in ("least_confident_correct", "most_confident_errors"):
+        assert [(e["path"], e["predicted"]) for e in again[key]] == [(e["path"], e["predicted"])
+                                                                      for e in result["test"][key]]
+        assert [e["probability"] for e in again[key]] == pytest.approx(
+            [e["probability"] for e in result["test"][key]], abs=1e-4)
 
 
 def test_a_stopped_prefetch_leaves_only_right_features_in_the_cache(many_photos):
@@ -207,8 +212,11 @@ def test_a_stopped_prefetch_leaves_only_right_features_in_the_cache(many_photos)
     paths = many_photos[1::4]  # 80 photos none of the other tests extracted here
     extractor.extract(many_photos[:8:2])  # the engine, built and checked on photos
     ahead = Prefetch(extractor, paths)
-    time.sleep(0.3)
-    ahead.stop()  # part way through (or done: either way what is cached must be right)
+    deadline = time.monotonic() + 120
+    while ahead.computed < 8 and ahead.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ahead.stop()  # after its first batch of 8 at least (or done: either way what is cached must be right)
+    assert ahead.error is None and ahead.computed >= 8
     cached, kept, _ = extractor.extract(paths)
     fresh, _, _ = FeatureExtractor("efficientnet_lite0", IMAGE_SIZE, cache=False).extract(paths)
     assert len(kept) == len(paths)

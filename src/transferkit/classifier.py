@@ -138,8 +138,9 @@ class ImageClassifier:
         return predict_files(self, list(paths), batch_size=batch_size)
 
     def map_forward(self):
-        """NumPy images -> (the backbone's last feature map, the head's input) on the extractor's converted engines,
-        for heat maps (``FeatureExtractor.map_forward``); None once the backbone is no longer the frozen one."""
+        """A function NumPy images -> (the backbone's last feature map, the head's input) on the extractor's
+        converted fp32 engines, for heat maps (``FeatureExtractor.map_forward``); None once the backbone is no
+        longer the frozen one (fine-tuning started), and where the extractor has no such engine."""
         if not self._features_current or self.extractor_ is None:
             return None
         return self.extractor_.map_forward()
@@ -324,8 +325,8 @@ class ImageClassifier:
     def _test_features_ahead(self, test_dir: str | None):
         """The test photos' features computed on one core while the head is fitted on the other
         (``training.features.Prefetch``), where the evaluation will read them from the feature cache: a cached
-        run, no fine-tuning (it moves the backbone), an engine other than Keras (TensorFlow stays on one
-        thread). None where it does not apply."""
+        run, no fine-tuning (it moves the backbone), a converted engine (Keras's predict is not run from a
+        second thread). None where it does not apply."""
         from transferkit.training.features import Prefetch
 
         extractor = self.extractor_
@@ -470,6 +471,9 @@ class ImageClassifier:
             from transferkit.training.tensorboard import fine_tune_callback
 
             callbacks = [*callbacks, fine_tune_callback(self._log_dir, state["epochs_done"])]
+        # from here the backbone's weights move (in place, shared with extractor_.model): the cached features,
+        # the converted extractor and its feature map (map_forward) no longer describe it, even if this stops
+        self._set_model(self.model_, features_current=False)
         self.fine_tune_ = finetune.fine_tune(
             probability_view(self.model_, len(self.classes_)), self._spec(), images, state,
             save=self._checkpoint, out=self.out_, batch_size=options.batch_size, seed=options.seed,

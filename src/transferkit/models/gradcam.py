@@ -124,7 +124,10 @@ class GradCam:
         channels = int(feature_map.shape[-1])
         pooled = tf.reduce_mean(feature_map, axis=(1, 2))
         if not np.allclose(pooled.numpy(), features[:, :channels].numpy(), rtol=1e-4, atol=1e-4):
-            self._split = self._forward = None  # not the layout assumed: differentiate the whole model instead
+            if self._forward is not None:  # the engines disagree with each other: the Keras forward pass instead
+                self._forward = None
+                return self._tail(x, tape)
+            self._split = None  # not the layout assumed: differentiate the whole model instead
             return None
         tape.watch(feature_map)
         rebuilt = tf.concat([tf.reduce_mean(feature_map, axis=(1, 2)), features[:, channels:]], axis=1)

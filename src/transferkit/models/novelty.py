@@ -55,8 +55,9 @@ class SharedCovariance:
     covariance of the class-centred rows and mu its mean variance.
 
     S is never formed. C has rank at most n (rows), far below the d = 1280 feature dimensions of a small set, so
-    S = a I + V diag(b lambda) V' with V, lambda from the eigendecomposition of the smaller Gram matrix (n x n or
-    d x d), and S's inverse and inverse square root are the same sums with a and lambda mapped. The shrinkage is
+    S = floor I + V diag(spectrum) V' (floor = shrinkage mu, spectrum = C's nonzero eigenvalues times
+    1 - shrinkage), with V from the eigendecomposition of the smaller Gram matrix (n x n or d x d); S's inverse
+    and inverse square root are the same sum with each eigenvalue raised to -1 or -1/2. The shrinkage is
     Ledoit-Wolf's, computed as scikit-learn's ``ledoit_wolf_shrinkage`` does but from that Gram matrix (equal
     to 1e-12; tested). Measured (400 photos, Lite0, 2 cores): ``fit_trust`` took 1.6 s through scikit-learn's
     d x d covariance, a d x d Cholesky solve per out-of-fold fit and one d x d eigh; 0.3 s this way."""
