@@ -60,13 +60,12 @@ def seed_recipe(data_dir: str, test_dir: str, epochs: int, seed: int = 42) -> tu
 
 def one_time_setup(data_dir: str) -> float:
     """Convert the backbone's weights and its runtime model (what the first run on a machine does once)."""
-    from transferkit.data.folders import scan_folder
-    from transferkit.options import TrainOptions
-    from transferkit.training.features import FeatureExtractor
-
     import numpy as np
 
+    from transferkit.data.folders import scan_folder
     from transferkit.data.images import load_image
+    from transferkit.options import TrainOptions
+    from transferkit.training.features import FeatureExtractor
 
     start = time.perf_counter()  # the extractor the defaults train with (multi-depth for --head auto)
     extractor = FeatureExtractor.from_options(TrainOptions())

@@ -80,6 +80,11 @@ class CachedPredictor:
         return cls(found, names, size, metadata, path, check)  # check: decoded only for int8 (else lazily)
 
 
+def _sample_digest(check: np.ndarray) -> str:
+    """The digest a verdict records of the check photos it was measured on (``runtimes.sample_id``)."""
+    return runtimes.sample_id(np.asarray(check[:8], np.float32))["digest"]
+
+
 def _check_digest(key: str, path: str, size: int) -> str | None:
     """The digest of the model file's check photos as a verdict records them (None: the file has none),
     remembered beside its conversion under the file's content hash: decoding the 8 photos took 35 ms of a cached
@@ -89,7 +94,7 @@ def _check_digest(key: str, path: str, size: int) -> str | None:
     if found is not None:
         return found.decode("ascii") or None
     check = modelfile.read_check_images(path, size)
-    digest = None if check is None else runtimes.sample_id(np.asarray(check[:8], np.float32))["digest"]
+    digest = None if check is None else _sample_digest(check)
     write_checked(memo, (digest or "").encode("ascii"))
     return digest
 
@@ -102,8 +107,7 @@ def _trusted_verdict(key: str, runtime: str, precision: str, path: str, size: in
     verdict = runtimes.read_verdict(runtimes.verdict_path(named, runtime, precision))
     if verdict is None or verdict["cosine"] < runtimes.min_cosine(precision):
         return None
-    digest = _check_digest(key, path, size) if check is None else \
-        runtimes.sample_id(np.asarray(check[:8], np.float32))["digest"]
+    digest = _check_digest(key, path, size) if check is None else _sample_digest(check)
     if digest is not None and verdict.get("sample", {}).get("digest") != digest:
         return None
     if auto and verdict["img_per_s"]["keras"] > verdict["img_per_s"]["engine"]:

@@ -240,8 +240,9 @@ def _onnxruntime(path: str, threads: int | None = None) -> Callable:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if threads or thread_limit():
-        options.intra_op_num_threads = threads or thread_limit()
+    threads = threads or thread_limit()
+    if threads:
+        options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     inputs = session.get_inputs()
@@ -261,8 +262,9 @@ def openvino_run(model, precision: str, cache_compiled: bool = True, threads: in
         core.set_property({"CACHE_DIR": str(cache_dir("runtimes", "openvino"))})
     hint = "bf16" if precision == "bf16" else "f32"  # int8: the layers NNCF keeps in float (novelty) stay f32
     config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
-    if threads or thread_limit():
-        config["INFERENCE_NUM_THREADS"] = threads or thread_limit()
+    threads = threads or thread_limit()
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
     compiled = core.compile_model(model, "CPU", config)
     if len(compiled.inputs) != 1:
         raise TransferkitError(f"{model}: the ONNX graph has {len(compiled.inputs)} inputs (constants exported "
