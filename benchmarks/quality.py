@@ -52,14 +52,15 @@ def candidates(train_dir: str, test_dir: str, views: int) -> list[tuple[str, flo
     from transferkit import ImageClassifier
     from transferkit.data.folders import scan_folder
     from transferkit.models.backbones import depth_dims
+    from transferkit.tasks import get_task
     from transferkit.training import select
 
     clf = ImageClassifier(augment_views=views).prepare(train_dir, out=tempfile.mkdtemp(prefix="tk-quality-c-"))
     features = clf.extract_features()
     dims = depth_dims(clf.extractor_.model)
+    weights = get_task().class_weights(clf.options_.class_weight, clf.data_.y_train, len(clf.classes_))
     chosen, found = select.select_head(clf.options_, (features.x_train, features.y_train, features.x_val,
-                                                      features.y_val, views + 1), dims, len(clf.classes_),
-                                       clf._class_weights())
+                                                      features.y_val, views + 1), dims, len(clf.classes_), weights)
     test = scan_folder(test_dir, class_names=clf.classes_)
     x_test, kept, _ = clf.extractor_.extract(test.paths, 0, desc="test features")
     y_test = np.asarray(test.labels)[kept]

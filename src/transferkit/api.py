@@ -12,7 +12,7 @@ import os
 
 from transferkit.engines.base import Predictor
 from transferkit.errors import OptionError
-from transferkit.options import DEFAULT_ENGINE, EngineOptions
+from transferkit.options import DEFAULT_ENGINE, DEFAULT_PREDICT, EngineOptions, PredictOptions
 
 
 def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
@@ -66,20 +66,21 @@ def _model(model, runtime: str, precision: str) -> Predictor:
     return model
 
 
-def predict(model, paths, *, top_k: int = 3, batch_size: int = 32, runtime: str = DEFAULT_ENGINE.runtime,
-            precision: str = DEFAULT_ENGINE.precision, reject: bool = True) -> list[dict]:
+def predict(model, paths, *, top_k: int = DEFAULT_PREDICT.top_k, batch_size: int = DEFAULT_PREDICT.batch_size,
+            runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
+            reject: bool = DEFAULT_PREDICT.reject) -> list[dict]:
     """Rows for every image in ``paths`` (files, folders, globs, label files: their rows get ``given``, the
     file's label); ``model`` is a path or a loaded predictor; ``reject=False`` labels unknown photos with their
     nearest class instead of None."""
     from transferkit.engines.predict import predict_rows
 
-    return predict_rows(_model(model, runtime, precision), paths, top_k=top_k, batch_size=batch_size,
-                        reject=reject)
+    options = PredictOptions(top_k=top_k, batch_size=batch_size, reject=reject)  # checked before the model is read
+    return predict_rows(_model(model, runtime, precision), paths, options)
 
 
-def predict_on_ray(model, paths, out: str, *, address: str | None = "local", top_k: int = 3, batch_size: int = 32,
-                   runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
-                   reject: bool = True) -> dict:
+def predict_on_ray(model, paths, out: str, *, address: str | None = "local", top_k: int = DEFAULT_PREDICT.top_k,
+                   batch_size: int = DEFAULT_PREDICT.batch_size, runtime: str = DEFAULT_ENGINE.runtime,
+                   precision: str = DEFAULT_ENGINE.precision, reject: bool = DEFAULT_PREDICT.reject) -> dict:
     """``predict``'s rows for every image in ``paths`` (files, folders, globs), computed on the Ray cluster at
     ``address`` ("local": a local Ray instance) and written to the folder ``out`` (``*.parquet`` or ``*.csv``);
     files already predicted there are skipped, so a killed job resumes. ``model``: the path of a model file
@@ -91,7 +92,7 @@ def predict_on_ray(model, paths, out: str, *, address: str | None = "local", top
                engine=engine)
 
 
-def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = 32,
+def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = DEFAULT_PREDICT.batch_size,
              runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
              unknown_dir: str | None = None, explain: bool = True) -> dict:
     """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/`` (or a label file: its test
@@ -104,8 +105,9 @@ def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = 
                               unknown_dir=unknown_dir, explain=explain)
 
 
-def explain(model, paths, *, out: str | None = None, top_k: int = 3, runtime: str = DEFAULT_ENGINE.runtime,
-            precision: str = DEFAULT_ENGINE.precision, reject: bool = True) -> list[dict]:
+def explain(model, paths, *, out: str | None = None, top_k: int = DEFAULT_PREDICT.top_k,
+            runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
+            reject: bool = DEFAULT_PREDICT.reject) -> list[dict]:
     """``predict``'s rows, each readable one with ``heatmap``: the Grad-CAM map (h, w; 0-1, the last feature
     map's cells) of its label (an unknown photo: of its nearest class); with ``out``, also ``explanation``, the
     PNG written there (the photo with its heat map, titled with the verdict). ``model``: a ``.keras`` path or

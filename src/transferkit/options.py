@@ -191,6 +191,20 @@ class TrainOptions(EngineOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PredictOptions(Options):
+    """How answers are given (``predict``, ``ImageClassifier.predict``, the server's default): the one place
+    where ``top_k``, ``batch_size`` and ``reject`` and their defaults are written."""
+
+    top_k: int = option(3, "classes listed per image", low=1)
+    batch_size: int = option(32, "images per engine call", low=1, high=4096)
+    reject: bool = option(True, "label photos unlike every class with their nearest class instead of 'unknown'",
+                          flag="--no-reject")
+
+
+DEFAULT_PREDICT = PredictOptions()
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServeOptions(EngineOptions):
     """The web server's options (``transferkit serve``)."""
 
@@ -202,7 +216,7 @@ class ServeOptions(EngineOptions):
     max_request_pixels: int = option(100_000_000, "pixels of all the images of one request (width x height, a JPEG "
                                      "at its reduced decode size), read from their headers before decoding (413 "
                                      "above)", low=1)
-    top_k: int = option(3, "classes listed per image", low=1)
+    top_k: int = option(DEFAULT_PREDICT.top_k, "classes listed per image", low=1)
 
 
 DEFAULT_ENGINE = EngineOptions()  # the one default engine of every entry point (CLI, Python, server)

@@ -15,7 +15,7 @@ import sys
 from transferkit._version import __version__
 from transferkit.errors import OptionError, TransferkitError
 from transferkit.log import configure, logger
-from transferkit.options import EngineOptions, Options, ServeOptions, TrainOptions
+from transferkit.options import EngineOptions, Options, PredictOptions, ServeOptions, TrainOptions
 
 
 def add_options(parser: argparse.ArgumentParser, record: type[Options], only: tuple | None = None) -> None:
@@ -127,15 +127,12 @@ def _model_commands(command) -> None:
     r.add_argument("model")
     r.add_argument("paths", nargs="+")
     add_label_file_flags(r)
-    r.add_argument("--top-k", type=int, default=3)
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
     r.add_argument("--show", metavar="OUT.png",
                    help="also draw the image(s) with label, probability, heat map and top-k bars")
     r.add_argument("--explain", metavar="OUT_DIR",
                    help="write OUT_DIR/<photo>.png per image: the photo with the heat map (Grad-CAM) of its class")
-    r.add_argument("--no-reject", dest="reject", action="store_false",
-                   help="label photos unlike every class with their nearest class instead of 'unknown'")
-    r.add_argument("--batch-size", type=int, default=32, help="images per engine call (default: 32)")
+    add_options(r, PredictOptions)
     _ray_flag(r, "predict on a Ray cluster (transferkit[ray]) into --out, resumable")
     r.add_argument("--out", help="with --ray: the output folder, OUT.parquet or OUT.csv (Ray writes one file per "
                                  "block); files already predicted there are skipped")
@@ -250,13 +247,12 @@ def _evaluate(args) -> None:
 def _predict(args) -> None:
     from transferkit.api import load_predictor, predict
 
-    if args.batch_size < 1:
-        raise OptionError("batch_size", "must be >= 1", args.batch_size)
+    options = PredictOptions(**record_values(args, PredictOptions))  # checked before the model is read
     if args.ray is not None or args.out:
-        return _predict_on_ray(args)
+        return _predict_on_ray(args, options)
     model = load_predictor(args.model, **record_values(args, EngineOptions))
     items = [label_source(args, p, strict=False) for p in args.paths]  # a label file: its files, given labels
-    rows = predict(model, items, top_k=args.top_k, reject=args.reject, batch_size=args.batch_size)
+    rows = predict(model, items, **options.to_dict())
     explainer = None
     if args.explain or args.show:
         from transferkit.reports.explain import Explainer, write_explanations
@@ -276,7 +272,7 @@ def _predict(args) -> None:
             logger.info(f"wrote {path}")
 
 
-def _predict_on_ray(args) -> None:
+def _predict_on_ray(args, options: PredictOptions) -> None:
     from transferkit.api import predict_on_ray
 
     if args.ray is None or not args.out:
@@ -287,8 +283,8 @@ def _predict_on_ray(args) -> None:
         raise TransferkitError(f"--ray {args.ray}: that is a path, not a cluster address (write --ray=ADDRESS, "
                                f"or --ray local before more paths)")
     items = [label_source(args, p, strict=False) for p in args.paths]
-    done = predict_on_ray(args.model, items, args.out, address=args.ray, top_k=args.top_k,
-                          batch_size=args.batch_size, reject=args.reject, **record_values(args, EngineOptions))
+    done = predict_on_ray(args.model, items, args.out, address=args.ray, **options.to_dict(),
+                          **record_values(args, EngineOptions))
     rate = f", {done['images_per_second']:.1f} img/s" if done["images_per_second"] else ""
     print(f"transferkit: predicted {done['new']} image(s) in {done['seconds']:.1f} s{rate}; "
           f"{done['skipped_done']} already in {done['out']} skipped; {done['errors']} unreadable; "

@@ -130,7 +130,7 @@ def _predict_uploads(model, lock: threading.Lock, files, top_k: int, max_pixels:
     decode them (in memory; the client's file name is echoed back, never used as a path) and make one batched
     prediction; an unreadable upload raises UnreadableImage naming it. With ``explainer``, each row gets its
     heat map as a PNG data URI (``explanation``)."""
-    from transferkit.engines.predict import rows_from_probs
+    from transferkit.engines.predict import decide
 
     uploads = [(os.path.basename(upload.filename or "upload")[:200], upload.read()) for upload in files]
     check_pixel_budget(uploads, model.image_size, max_pixels)
@@ -138,7 +138,7 @@ def _predict_uploads(model, lock: threading.Lock, files, top_k: int, max_pixels:
     names = [name for name, _ in uploads]
     with lock:
         probs = model.predict_images(np.stack(images))
-    rows = rows_from_probs(names, probs, model.class_names, top_k, model.metadata.get("novelty"))
+    rows = decide(model, names, probs, top_k)
     for row in rows:
         row["filename"] = row.pop("path")
     if explainer is not None:

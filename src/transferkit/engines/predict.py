@@ -12,6 +12,7 @@ from transferkit.data.folders import expand_paths
 from transferkit.data.images import decode_batch
 from transferkit.engines.base import Predictor
 from transferkit.log import logger
+from transferkit.options import DEFAULT_PREDICT, PredictOptions
 
 
 def predict_files(predictor: Predictor, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[int], list[dict]]:
@@ -41,36 +42,19 @@ def files_to_probs(predictor: Predictor, paths: list[str], batch_size: int = 32)
     return own(paths, batch_size) if own else predict_files(predictor, paths, batch_size=batch_size)
 
 
-def rows_from_probs(paths: list[str], outputs: np.ndarray, class_names: list[str], top_k: int,
-                    novelty: dict | None = None, reject: bool = True) -> list[dict]:
-    """One result dict per image: path, label, probability and the top-k (label, probability). For a model with
-    a novelty score (``novelty`` = metadata["novelty"]) also ``novelty`` (the score over the model's threshold,
-    as the model outputs it: above 1 is unknown) and ``unknown``; an unknown row's label and probability are
-    None (``reject=False`` keeps the nearest class), and its top-k still lists the nearest classes."""
-    from transferkit.models.novelty import split_outputs
+def decide(predictor: Predictor, paths: list[str], outputs: np.ndarray, top_k: int, reject: bool = True) -> list[dict]:
+    """Result rows of ``outputs`` by the predictor's task (``tasks.task_of`` its metadata; single-label:
+    ``SingleLabel.decide``)."""
+    from transferkit.tasks import task_of
 
-    probs, scores = split_outputs(outputs, len(class_names))
-    if not novelty:
-        scores = None  # a model file without the trust metadata: its extra output is not ours to read
-    k = max(1, min(int(top_k), len(class_names)))
-    rows = []
-    for i, (path, p) in enumerate(zip(paths, probs)):
-        order = np.argsort(-p, kind="stable")[:k]
-        row = {"path": path, "label": class_names[order[0]], "probability": float(p[order[0]]),
-               "top_k": [{"label": class_names[j], "probability": float(p[j])} for j in order]}
-        if scores is not None:
-            relative = float(scores[i])  # the score over the model's threshold
-            row |= {"novelty": round(relative, 4), "unknown": bool(relative > 1.0)}
-            if row["unknown"] and reject:
-                row |= {"label": None, "probability": None}
-        rows.append(row)
-    return rows
+    metadata = predictor.metadata
+    return task_of(metadata).decide(paths, outputs, predictor.class_names, top_k, metadata.get("novelty"), reject)
 
 
-def predict_rows(predictor: Predictor, items, top_k: int = 3, batch_size: int = 32, reject: bool = True) -> list[dict]:
+def predict_rows(predictor: Predictor, items, options: PredictOptions = DEFAULT_PREDICT) -> list[dict]:
     """A row for every image in ``items`` (files, folders, globs), in order; an unreadable file's row has
-    ``error`` instead of a label; a photo of none of the classes is ``unknown`` (see ``rows_from_probs``). A
-    label file's rows also get ``given``: the label it gives the photo, to compare."""
+    ``error`` instead of a label; a photo of none of the classes is ``unknown`` (see ``SingleLabel.decide``).
+    A label file's rows also get ``given``: the label it gives the photo, to compare."""
     from transferkit.data import labelfile
 
     if isinstance(items, (str, os.PathLike)):
@@ -81,9 +65,8 @@ def predict_rows(predictor: Predictor, items, top_k: int = 3, batch_size: int = 
     for item in items:
         if labelfile.is_label_source(item):
             given |= labelfile.listed_files(item)[1]
-    outputs, kept, skipped = files_to_probs(predictor, files, batch_size)
-    rows = dict(zip(kept, rows_from_probs([files[i] for i in kept], outputs, predictor.class_names, top_k,
-                                          predictor.metadata.get("novelty"), reject)))
+    outputs, kept, skipped = files_to_probs(predictor, files, options.batch_size)
+    rows = dict(zip(kept, decide(predictor, [files[i] for i in kept], outputs, options.top_k, options.reject)))
     errors = {s["path"]: s["reason"] for s in skipped}
     found = [rows.get(i) or {"path": f, "label": None, "probability": None, "top_k": [], "error": errors[f]}
              for i, f in enumerate(files)]

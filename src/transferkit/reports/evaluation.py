@@ -18,10 +18,12 @@ from transferkit.models.novelty import split_outputs
 from transferkit.reports.trust import trust_figures, trust_metrics
 from transferkit.reports.explain import report_overlays
 from transferkit.reports.html import model_summary, write_report
-from transferkit.reports.metrics import compute_metrics
+from transferkit.options import DEFAULT_PREDICT
+from transferkit.tasks import task_of
 
 
-def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None = None, batch_size: int = 32,
+def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None = None,
+                       batch_size: int = DEFAULT_PREDICT.batch_size,
                        title: str | None = None, history_png: str | None = None,
                        unknown_dir: str | None = None, explain: bool = True) -> dict:
     """Metrics of ``predictor`` on ``test_dir/<class>/``; with ``out``, writes metrics.json and report.html (with
@@ -38,8 +40,9 @@ def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None =
     outputs, kept, skipped = files_to_probs(predictor, data.paths, batch_size)
     probs, scores = split_outputs(outputs, len(predictor.class_names))
     labels = data.labels[kept]
-    metrics = compute_metrics(labels, probs, predictor.class_names, [data.paths[i] for i in kept],
-                              data.skipped + skipped)
+    task = task_of(predictor.metadata)
+    metrics = task.metrics(labels, probs, predictor.class_names, [data.paths[i] for i in kept],
+                           data.skipped + skipped)
     found, arrays = trust_metrics(predictor, labels, probs, scores, unknown_dir, batch_size)
     metrics |= found
     if out:
@@ -51,5 +54,5 @@ def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None =
         write_report(metrics, out, title=title or f"Evaluation of {name} on {test_dir}",
                      history_png=history_png, model_info=model_summary(predictor.metadata),
                      extra_figures=trust_figures(found, arrays, out),
-                     overlays=report_overlays(predictor, metrics) if explain else None)
+                     overlays=report_overlays(predictor, metrics) if explain else None, task=task)
     return metrics

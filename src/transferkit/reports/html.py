@@ -102,23 +102,13 @@ def _heat_note(overlays: dict | None) -> str:
             "</p>")
 
 
-def write_report(metrics: dict, out: str, title: str = "Evaluation report", history_png: str | None = None,
-                 model_info: dict | None = None, extra_figures: list | None = None,
-                 overlays: dict[str, str] | None = None, sections: str = "") -> str:
-    """Write confusion_matrix.png, confusion_matrix_normalised.png and report.html (embedding those and, when
-    given, the training curves ``history_png``) in ``out``. ``overlays``: {image path: data URI of its heat
-    map} for the galleries; ``sections``: more HTML at the end (the label audit)."""
-    os.makedirs(out, exist_ok=True)
-    names = metrics["class_names"]
-    e = html.escape
+def confusion_parts(metrics: dict, out: str) -> dict:
+    """The single-label task's part of the report (``tasks.SingleLabel.report_parts``): the accuracy and F1
+    cards, the per-class table, the most-confused pairs, and both confusion matrices (written to ``out``)."""
+    names, e = metrics["class_names"], html.escape
     cm_png = plot_confusion_matrix(metrics["confusion_matrix"], names, os.path.join(out, "confusion_matrix.png"))
     cmn_png = plot_confusion_matrix(metrics["confusion_matrix"], names,
                                     os.path.join(out, "confusion_matrix_normalised.png"), normalise=True)
-    figures = [("Confusion matrix (counts)", cm_png), ("Confusion matrix (row-normalised: recall)", cmn_png)]
-    figures += list(extra_figures or [])
-    if history_png and os.path.exists(history_png):
-        figures.append(("Training curves", history_png))
-
     rows = "".join(
         f"<tr class='per-class'><td>{e(n)}</td><td>{s['precision']:.3f}</td><td>{s['recall']:.3f}</td>"
         f"<td>{s['f1']:.3f}</td><td>{s['support']}</td></tr>"
@@ -127,6 +117,35 @@ def write_report(metrics: dict, out: str, title: str = "Evaluation report", hist
     pairs = most_confused(metrics["confusion_matrix"], names)
     pair_rows = "".join(f"<tr><td>{e(p['true'])}</td><td>{e(p['predicted'])}</td><td>{p['count']}</td></tr>"
                         for p in pairs) or "<tr><td colspan=3>no confusion</td></tr>"
+    cards = f"""<div class="card">accuracy<b id="accuracy">{metrics['accuracy']:.4f}</b></div>
+<div class="card">macro F1<b>{metrics['macro_f1']:.4f}</b></div>
+<div class="card">weighted F1<b>{metrics['weighted_f1']:.4f}</b></div>
+"""
+    tables = f"""<h2>Per class</h2>
+<table id="per-class"><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead>
+<tbody>{rows}</tbody></table>
+<h2>Most confused pairs</h2>
+<table id="confused"><thead><tr><th>true</th><th>predicted as</th><th>images</th></tr></thead><tbody>{pair_rows}</tbody></table>
+"""
+    figures = [("Confusion matrix (counts)", cm_png), ("Confusion matrix (row-normalised: recall)", cmn_png)]
+    return {"cards": cards, "tables": tables, "figures": figures}
+
+
+def write_report(metrics: dict, out: str, title: str = "Evaluation report", history_png: str | None = None,
+                 model_info: dict | None = None, extra_figures: list | None = None,
+                 overlays: dict[str, str] | None = None, sections: str = "", task=None) -> str:
+    """Write report.html in ``out``: the task's part (``Task.report_parts``; single-label: the cards, tables and
+    both confusion matrices), the trust cards, ``extra_figures``, the training curves ``history_png`` when given,
+    the galleries and the skipped files. ``overlays``: {image path: data URI of its heat map} for the galleries;
+    ``sections``: more HTML at the end (the label audit)."""
+    from transferkit.tasks import get_task
+
+    os.makedirs(out, exist_ok=True)
+    e = html.escape
+    parts = (task or get_task()).report_parts(metrics, out)
+    figures = list(parts["figures"]) + list(extra_figures or [])
+    if history_png and os.path.exists(history_png):
+        figures.append(("Training curves", history_png))
     gallery = _gallery(metrics.get("most_confident_errors", []), overlays or {}, 24)
     unsure = _gallery(metrics.get("least_confident_correct", []), overlays or {}, 12)
     skipped = "".join(f"<li>{e(s['path'])}: {e(s['reason'])}</li>" for s in metrics.get("skipped", []))
@@ -137,18 +156,10 @@ def write_report(metrics: dict, out: str, title: str = "Evaluation report", hist
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>{CSS}</style></head><body>
 <h1>{e(title)}</h1>{info}
 <div class="cards">
-<div class="card">accuracy<b id="accuracy">{metrics['accuracy']:.4f}</b></div>
-<div class="card">macro F1<b>{metrics['macro_f1']:.4f}</b></div>
-<div class="card">weighted F1<b>{metrics['weighted_f1']:.4f}</b></div>
-<div class="card">images<b>{metrics['n_images']}</b></div>
+{parts['cards']}<div class="card">images<b>{metrics['n_images']}</b></div>
 {_trust_cards(metrics)}
 </div>
-<h2>Per class</h2>
-<table id="per-class"><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr></thead>
-<tbody>{rows}</tbody></table>
-<h2>Most confused pairs</h2>
-<table id="confused"><thead><tr><th>true</th><th>predicted as</th><th>images</th></tr></thead><tbody>{pair_rows}</tbody></table>
-<div class="figs">{''.join(f'<h2>{e(t)}</h2><img src="{_png_data_uri(p)}" alt="{e(t)}">' for t, p in figures)}</div>
+{parts['tables']}<div class="figs">{''.join(f'<h2>{e(t)}</h2><img src="{_png_data_uri(p)}" alt="{e(t)}">' for t, p in figures)}</div>
 <h2>Most confidently wrong</h2>{_heat_note(overlays)}
 <div class="gallery" id="wrong">{''.join(gallery) or '<p>No errors.</p>'}</div>
 <h2>Least confident right</h2>

@@ -115,7 +115,7 @@ class Predict:
     def __call__(self, batch: dict):
         import pyarrow as pa
 
-        from transferkit.engines.predict import files_to_probs, rows_from_probs
+        from transferkit.engines.predict import decide, files_to_probs
         from transferkit.files import file_digest
 
         todo, shas, rows = [], {}, []
@@ -130,9 +130,7 @@ class Predict:
                 todo.append(path)
                 shas[path] = sha
         outputs, kept, skipped = files_to_probs(self.predictor, todo, self.batch_size)
-        p = self.predictor
-        answered = rows_from_probs([todo[i] for i in kept], outputs, p.class_names, self.top_k,
-                                   p.metadata.get("novelty"), self.reject)
+        answered = decide(self.predictor, [todo[i] for i in kept], outputs, self.top_k, self.reject)
         rows += [flat_row(r, shas[r["path"]], self.top_k) for r in answered]
         rows += [flat_row({"path": s["path"], "top_k": [], "error": s["reason"]}, shas[s["path"]], self.top_k)
                  for s in skipped]

@@ -94,7 +94,8 @@ def compare_one(options: TrainOptions, data, test=None) -> dict:
     """One backbone's row: features (cached), the logistic head on the final features, its scores, its speed."""
     from transferkit.models.backbones import depth_dims
     from transferkit.training import select
-    from transferkit.training.head import class_weights, flatten_views
+    from transferkit.tasks import get_task
+    from transferkit.training.head import flatten_views
 
     t0 = time.perf_counter()
     extractor, (f_train, y_train), (x_val, y_val), tested = _features(options, data, test)
@@ -103,7 +104,7 @@ def compare_one(options: TrainOptions, data, test=None) -> dict:
     x_train, y_views = flatten_views(f_train, y_train)
     head = select.Candidate("logistic", 0, True)
     select.fit_candidate(head, options, (x_train, y_views, x_val, y_val, views), depth_dims(extractor.model),
-                         n_classes, class_weights(options.class_weight, y_views, n_classes))
+                         n_classes, get_task().class_weights(options.class_weight, y_views, n_classes))
     accuracy, macro_f1 = _scores(head.predict(x_val), y_val, n_classes)
     row = {"backbone": options.backbone, "image_size": options.size, "val_images": int(len(y_val)),
            "val_accuracy": accuracy, "val_macro_f1": macro_f1,

@@ -128,9 +128,10 @@ def new_state(epochs: int, unfreeze_top: int, learning_rate: float, initial_key:
 
 
 def fine_tune(model: keras.Model, spec: BackboneSpec, images: ImageSplit, state: dict, *, save, out: str,
-              batch_size: int, seed: int, patience: int, class_weights: dict | None, callbacks=()) -> dict:
-    """Run the epochs of ``state`` not yet done on ``model`` in place (left holding the best weights); returns
-    the finished state. ``save(state)`` writes a checkpoint whenever an epoch is better than all before it."""
+              batch_size: int, seed: int, patience: int, class_weights: dict | None, callbacks=(),
+              loss: str = "sparse_categorical_crossentropy") -> dict:
+    """Run the epochs of ``state`` not yet done on ``model`` in place (left holding the best weights), with the
+    task's Keras ``loss``; returns the finished state. ``save(state)`` writes a checkpoint whenever an epoch is better than all before it."""
     state["blocks"] = unfreeze_top_blocks(model, spec, state["unfreeze_top"])
     remaining = state["epochs"] - state["epochs_done"]
     logger.info(f"fine-tuning blocks {', '.join(state['blocks'])}: epochs {state['epochs_done'] + 1}-"
@@ -138,7 +139,7 @@ def fine_tune(model: keras.Model, spec: BackboneSpec, images: ImageSplit, state:
     if remaining > 0:
         keras.utils.set_random_seed(seed + state["epochs_done"])
         model.compile(optimizer=keras.optimizers.Adam(state["learning_rate"]),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                      loss=loss, metrics=["accuracy"])
         weights = np.ones(len(images.y_train), np.float32)
         if class_weights:
             weights = np.asarray([class_weights[int(c)] for c in images.y_train], np.float32)

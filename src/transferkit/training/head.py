@@ -20,13 +20,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 from scipy.special import softmax
-from sklearn.utils.class_weight import compute_class_weight
 
 from transferkit.log import logger
-from transferkit.models.heads import build_head
 from transferkit.options import TrainOptions
+from transferkit.tasks import Task, get_task
 from transferkit.training.callbacks import MONITOR, KeepBestEpoch, ProgressLine
-from transferkit.training.tensorboard import epoch_board
 
 
 def flatten_views(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,21 +33,15 @@ def flatten_views(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     return features.reshape((n * v,) + features.shape[2:]), np.repeat(labels, v)
 
 
-def class_weights(kind: str, labels: np.ndarray, n_classes: int) -> dict | None:
-    """``balanced``: each class weighted by inverse frequency (scikit-learn's formula); ``none``: None."""
-    if kind != "balanced":
-        return None
-    values = compute_class_weight("balanced", classes=np.arange(n_classes), y=labels)
-    return {i: float(w) for i, w in enumerate(values)}
-
-
 def fit_head(head_model: keras.Model, x_train, y_train, x_val, y_val, epochs: int, batch_size: int,
-             learning_rate: float, class_weight: dict | None, seed: int, callbacks: list):
-    """Fit ``head_model`` on in-memory features; returns Keras's History."""
+             learning_rate: float, class_weight: dict | None, seed: int, callbacks: list, loss: str | None = None):
+    """Fit ``head_model`` on in-memory features with the task's Keras ``loss`` (default: single-label's);
+    returns Keras's History."""
     import tensorflow as tf
 
+    loss = loss or get_task().loss
     steps = -(-len(x_train) // batch_size)
-    head_model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+    head_model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
                        metrics=["accuracy"], steps_per_execution=steps)
     train_ds = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
                 .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True).batch(batch_size).prefetch(2))
@@ -71,12 +63,12 @@ def _dense_weights(model, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_softmax(options: TrainOptions, x_train, y_train, x_val, y_val, n_classes: int, weights: dict | None,
-                  keep: int | None = None, log_dir: str | None = None) -> tuple[keras.Model, dict, int]:
+                  keep: int | None = None, task: Task | None = None) -> tuple[keras.Model, dict, int]:
     """The ``gap`` head fitted by scikit-learn (see the module docstring): (Keras head with the best epoch's
     weights, history as plain lists, best epoch from 1), as ``train_head`` returns them."""
     from sklearn.neural_network import MLPClassifier
 
-    keep = keep or x_train.shape[1]
+    keep, task = keep or x_train.shape[1], task or get_task()
     x, xv = np.asarray(x_train[:, :keep], np.float32), np.asarray(x_val[:, :keep], np.float32)
     model = MLPClassifier(hidden_layer_sizes=(), solver="adam", alpha=SOFTMAX_L2,
                           batch_size=min(options.batch_size, len(x)), learning_rate_init=options.learning_rate,
@@ -88,9 +80,9 @@ def train_softmax(options: TrainOptions, x_train, y_train, x_val, y_val, n_class
         model.partial_fit(x, y_train, sample_weight=sample_weight, classes=np.arange(n_classes))
         dense = _dense_weights(model, n_classes)
         for prefix, features, labels in (("", x, y_train), ("val_", xv, y_val)):
-            probs = softmax(features @ dense[0] + dense[1], axis=1)
-            history[prefix + "loss"].append(mean_log_loss(probs, labels))
-            history[prefix + "accuracy"].append(float(np.mean(probs.argmax(1) == labels)))
+            accuracy, loss = task.score(softmax(features @ dense[0] + dense[1], axis=1), labels)
+            history[prefix + "loss"].append(loss)
+            history[prefix + "accuracy"].append(accuracy)
         logger.info(f"epoch {epoch + 1}: " + " ".join(f"{k}={v[-1]:.4f}" for k, v in history.items()))
         score = (history["val_accuracy"][-1], -history["val_loss"][-1])
         if best is None or score > best[0]:
@@ -99,32 +91,21 @@ def train_softmax(options: TrainOptions, x_train, y_train, x_val, y_val, n_class
             wait += 1
             if wait >= options.patience:
                 break
-    head = build_head("gap", x_train.shape[1:], n_classes, dropout=options.dropout, keep=keep)
+    head = task.build_head("gap", x_train.shape[1:], n_classes, dropout=options.dropout, keep=keep)
     head.get_layer("probabilities").set_weights(list(best[2]))
-    if log_dir:
-        from transferkit.training.tensorboard import write_epochs
-
-        write_epochs(log_dir, history, options.learning_rate)
     return head, history, best[1]
 
 
 def train_head(options: TrainOptions, x_train, y_train, x_val, y_val, n_classes: int,
-               weights: dict | None, keep: int | None = None,
-               log_dir: str | None = None) -> tuple[keras.Model, dict, int]:
+               weights: dict | None, keep: int | None = None, task: Task | None = None) -> tuple[keras.Model, dict, int]:
     """Build and fit the head of ``options`` (seeded; ``keep``: on the first ``keep`` features) with the
-    best-epoch keeper; returns (head with the best epoch's weights, history as plain lists, best epoch from 1).
-    ``log_dir``: Keras's TensorBoard callback writes the epochs' curves there."""
+    best-epoch keeper; returns (head with the best epoch's weights, history as plain lists, best epoch from 1)."""
+    task = task or get_task()
     keras.utils.set_random_seed(options.seed)
-    head = build_head(options.head, x_train.shape[1:], n_classes, dropout=options.dropout, keep=keep)
+    head = task.build_head(options.head, x_train.shape[1:], n_classes, dropout=options.dropout, keep=keep)
     keeper = KeepBestEpoch(MONITOR, "val_loss", options.patience)
     fit = fit_head(head, x_train, y_train, x_val, y_val, epochs=options.epochs, batch_size=options.batch_size,
                    learning_rate=options.learning_rate, class_weight=weights, seed=options.seed,
-                   callbacks=[keeper, ProgressLine()] + (epoch_board(log_dir) if log_dir else []))
+                   callbacks=[keeper, ProgressLine()], loss=task.loss)
     history = {k: [float(x) for x in v] for k, v in fit.history.items()}
     return head, history, keeper.best_epoch
-
-
-def mean_log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean cross-entropy of predicted ``probs`` (the tie-breaker of the kept epoch)."""
-    probs = np.clip(probs, 1e-7, 1.0)
-    return float(-np.mean(np.log(probs[np.arange(len(labels)), labels])))

@@ -12,15 +12,12 @@ The candidates: the old default (softmax on the final features, Adam epochs; tra
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-from scipy.special import softmax
-
 from transferkit.log import logger
 from transferkit.options import TrainOptions
+from transferkit.tasks import Task, get_task
 
 DEPTH_CANDIDATES = (0, 2, 4)
 
@@ -57,91 +54,52 @@ class Candidate:
                 "val_loss": round(self.val_loss, 4), "seconds": round(self.seconds, 2)}
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, keep: int, n_classes: int, class_weight: dict | None, seed: int,
-                 n_features: int) -> tuple:
-    """An L2 logistic regression on standardised features (scikit-learn): (features -> probabilities in NumPy,
-    () -> the same as a Keras head on ``n_features``)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from transferkit.models.heads import logistic_head
-
-    scaler = StandardScaler().fit(x[:, :keep])
-    model = LogisticRegression(C=1.0, max_iter=2000, class_weight=class_weight, random_state=seed)
-    model.fit(scaler.transform(x[:, :keep]), y)
-    coef, intercept = np.zeros((n_classes, keep)), np.zeros(n_classes)
-    if n_classes == 2 and len(model.classes_) == 2:  # binary: sigmoid(w.x + b) = softmax([0, w.x + b])
-        coef[1], intercept[1] = model.coef_[0], model.intercept_[0]
-    else:
-        coef[model.classes_], intercept[model.classes_] = model.coef_, model.intercept_  # every class has rows
-
-    def predict(features: np.ndarray) -> np.ndarray:  # what the Keras head computes
-        return softmax(scaler.transform(features[:, :keep]) @ coef.T + intercept, axis=1)
-
-    return predict, lambda: logistic_head(n_features, keep, scaler.mean_, scaler.scale_ ** 2, coef, intercept)
-
-
-def _score(candidate: Candidate, x_val: np.ndarray, y_val: np.ndarray) -> None:
-    from transferkit.training.head import mean_log_loss
-
-    probs = candidate.predict(x_val)
-    candidate.val_accuracy = float(np.mean(probs.argmax(1) == y_val))
-    candidate.val_loss = mean_log_loss(probs, y_val)
-
-
-def _one_point_history(predict, data: tuple, rows: slice) -> dict:
+def _one_point_history(predict, data: tuple, rows: slice, task: Task) -> dict:
     """A fitted (not iterated) head's curves: one point each, so history.json and the plots read as for Keras's."""
-    from transferkit.training.head import mean_log_loss
-
     x_train, y_train, x_val, y_val, _ = data
     history = {}
     for prefix, x, y in (("", x_train[rows], y_train[rows]), ("val_", x_val, y_val)):
-        probs = predict(x)
-        history[prefix + "loss"] = [mean_log_loss(probs, y)]
-        history[prefix + "accuracy"] = [float(np.mean(probs.argmax(1) == y))]
+        accuracy, loss = task.score(predict(x), y)
+        history[prefix + "loss"], history[prefix + "accuracy"] = [loss], [accuracy]
     return history
 
 
 def fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims: list[int], n_classes: int,
-                  class_weight: dict | None, log_dir: str | None = None) -> Candidate:
-    """Fit ``candidate`` on the training rows (all views, or the images alone) and score it on validation;
-    ``log_dir``: a Keras head's curves go to its ``head/`` (TensorBoard). On one BLAS thread, where the logistic
-    regression fits in half the time (see ``ImageClassifier.fit_head``)."""
+                  class_weight: dict | None, task: Task | None = None) -> Candidate:
+    """Fit ``candidate`` on the training rows (all views, or the images alone) for ``task`` (default: single
+    label) and score it on validation. On one BLAS thread, where the logistic regression fits in half the time
+    (see ``ImageClassifier.fit_head``)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):
-        return _fit_candidate(candidate, options, data, dims, n_classes, class_weight, log_dir)
+        return _fit_candidate(candidate, options, data, dims, n_classes, class_weight, task or get_task())
 
 
 def _fit_candidate(candidate: Candidate, options: TrainOptions, data: tuple, dims: list[int], n_classes: int,
-                   class_weight: dict | None, log_dir: str | None) -> Candidate:
-    from transferkit.training.head import train_head, train_softmax
-
+                   class_weight: dict | None, task: Task) -> Candidate:
     x_train, y_train, x_val, y_val, views = data
     rows = slice(None) if candidate.views else slice(None, None, views)
     keep = dims[candidate.depths]
     start = time.perf_counter()
     if candidate.head == "logistic":
-        candidate.predict, candidate.build = fit_logistic(x_train[rows], y_train[rows], keep, n_classes,
-                                                          class_weight, options.seed, x_train.shape[1])
-        candidate.history, candidate.best_epoch = _one_point_history(candidate.predict, data, rows), 1
-    elif candidate.head == "gap":  # softmax, fitted by scikit-learn (training.head)
-        head, candidate.history, candidate.best_epoch = train_softmax(
-            options, x_train[rows], y_train[rows], x_val, y_val, n_classes, class_weight, keep=keep,
-            log_dir=log_dir)
+        candidate.predict, candidate.build = task.fit_linear(x_train[rows], y_train[rows], keep, n_classes,
+                                                             class_weight, options.seed, x_train.shape[1])
+        candidate.history, candidate.best_epoch = _one_point_history(candidate.predict, data, rows, task), 1
+    elif candidate.head == "gap":  # the task's output layer on pooled features, fitted epoch by epoch
+        head, candidate.history, candidate.best_epoch = task.fit_epochs(
+            options, x_train[rows], y_train[rows], x_val, y_val, n_classes, class_weight, keep=keep)
         kernel, bias = head.get_layer("probabilities").get_weights()
         candidate._model = head
-        candidate.predict = lambda x: softmax(x[:, :keep] @ kernel + bias, axis=1)
+        candidate.predict = lambda x: task.probabilities(x[:, :keep] @ kernel + bias)
     else:
         from transferkit.engines.keras_step import run_model
-        from transferkit.training.tensorboard import HEAD
+        from transferkit.training.head import train_head
 
         head, candidate.history, candidate.best_epoch = train_head(
-            options, x_train[rows], y_train[rows], x_val, y_val, n_classes, class_weight, keep=keep,
-            log_dir=log_dir and os.path.join(log_dir, HEAD))
+            options, x_train[rows], y_train[rows], x_val, y_val, n_classes, class_weight, keep=keep, task=task)
         candidate._model, candidate.predict = head, lambda x: run_model(head, x)
     candidate.seconds = time.perf_counter() - start
-    _score(candidate, x_val, y_val)
+    candidate.val_accuracy, candidate.val_loss = task.score(candidate.predict(x_val), y_val)
     return candidate
 
 
@@ -173,14 +131,10 @@ def table(found: list[Candidate], chosen: Candidate) -> str:
 
 
 def select_head(options: TrainOptions, data: tuple, dims: list[int], n_classes: int,
-                class_weight: dict | None, log_dir: str | None = None) -> tuple[Candidate, list[Candidate]]:
-    """Fit every candidate and keep the best on validation; logs the table (``log_dir``: to TensorBoard too)."""
-    found = [fit_candidate(c, options, data, dims, n_classes, class_weight, log_dir)
+                class_weight: dict | None, task: Task | None = None) -> tuple[Candidate, list[Candidate]]:
+    """Fit every candidate and keep the best on validation; logs the table."""
+    found = [fit_candidate(c, options, data, dims, n_classes, class_weight, task)
              for c in candidates(options, len(dims) - 1)]
     chosen = choose(found)
     logger.info("head chosen on the validation split (--head auto):\n" + table(found, chosen))
-    if log_dir:
-        from transferkit.training.tensorboard import write_candidates
-
-        write_candidates(log_dir, found, chosen)
     return chosen, found

@@ -12,7 +12,9 @@ callback so they read as any Keras run's do (``tensorboard --logdir DIR``).
 One step per epoch. ``--head auto`` also fits scikit-learn logistic heads, which have no epochs: they appear only
 in ``head_choice`` (a single point each), beside the softmax candidate whose curves are in ``head``. A
 refitted head (``--refit``) is not logged. Nor is the graph (``write_graph=False``: Keras 3 documents it as not
-supported, and the fine-tuning graph would be the whole backbone's). Cost: the tests' tiny run (12 photos, 4 head
+supported, and the fine-tuning graph would be the whole backbone's). ``TensorBoardLogs`` is the stage plug-in
+(``training.events``) that writes all of it: the head's curves and the table at the end of the head stage, the
+second stage's through Keras's callback. Cost: the tests' tiny run (12 photos, 4 head
 epochs) took 9.9 s in its head stage with ``--log-dir``, 9.4 s without (one run each, on 2 busy cores).
 """
 
@@ -24,6 +26,7 @@ import os
 import keras
 
 from transferkit.errors import TransferkitError
+from transferkit.training.events import StageCallback
 
 HEAD, FINE_TUNE, CHOICE = "head", "fine_tune", "head_choice"
 
@@ -47,13 +50,9 @@ class EpochBoard(keras.callbacks.TensorBoard):
         super().on_epoch_end(self.first_epoch + epoch, logs)
 
 
-def epoch_board(log_dir: str, first_epoch: int = 0) -> list:
-    return [EpochBoard(log_dir, first_epoch)]
-
-
 def write_epochs(log_dir: str, history: dict, learning_rate: float) -> None:
-    """A head fitted outside Keras: its per-epoch ``history`` (loss, accuracy, val_loss, val_accuracy) as the
-    callback would have written it into ``DIR/head/train`` and ``DIR/head/validation``."""
+    """A head's per-epoch ``history`` (loss, accuracy, val_loss, val_accuracy) as Keras's callback writes it,
+    into ``DIR/head/train`` and ``DIR/head/validation``."""
     import tensorflow as tf
 
     for split, prefix in (("train", ""), ("validation", "val_")):
@@ -90,3 +89,24 @@ def write_candidates(log_dir: str, found: list, chosen) -> str:
         tf.summary.text("head_choice", "\n".join(f"    {line}" for line in rows), step=0)  # markdown: code
     writer.close()
     return folder
+
+
+class TensorBoardLogs(StageCallback):
+    """``--log-dir DIR`` as a stage plug-in: after the head stage, the curves of the candidate fitted in epochs
+    (the softmax or flatten head; the logistic ones have none) and the candidates' table; during fine-tuning,
+    Keras's callback, its steps continuing a resumed stage's."""
+
+    def __init__(self, log_dir: str):
+        check_available()
+        self.log_dir = str(log_dir)
+
+    def on_stage_end(self, stage: str, state) -> None:
+        if stage != "head" or not state.candidates:
+            return
+        epochs = [c for c in state.candidates if c.head != "logistic" and c.history]
+        if epochs:
+            write_epochs(self.log_dir, epochs[0].history, state.options.learning_rate)
+        write_candidates(self.log_dir, state.candidates, state.chosen)
+
+    def keras_callbacks(self, stage: str, state, first_epoch: int = 0) -> list:
+        return [fine_tune_callback(self.log_dir, first_epoch)] if stage == "fine_tune" else []
