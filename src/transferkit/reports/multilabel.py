@@ -41,17 +41,20 @@ def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[
         "per_label": per_label, "co_occurrence": (y.T @ y).astype(int).tolist(),
         "skipped": list(skipped or [])})
     if paths is not None:
-        result["most_confident_errors"] = _errors(y, predicted, probs, class_names, paths, n_wrong)
-        result["least_confident_correct"] = []
+        result["most_confident_errors"] = _gallery(y, predicted, probs, thresholds, class_names, paths,
+                                                     n_wrong, wrong=True)
+        result["least_confident_correct"] = _gallery(y, predicted, probs, thresholds, class_names, paths,
+                                                       12, wrong=False)
     return result
 
 
-def _errors(y, predicted, probs, class_names, paths, limit: int) -> list[dict]:
-    """Photos whose label set is wrong, the most confident first (the largest probability among the wrong
-    cells)."""
-    wrong = np.flatnonzero((predicted != y).any(axis=1))
-    margin = [float(np.abs(probs[i] - 0.5)[predicted[i] != y[i]].max()) for i in wrong]
-    order = wrong[np.argsort(-np.asarray(margin), kind="stable")][:limit]
+def _gallery(y, predicted, probs, thresholds, class_names, paths, limit: int, wrong: bool) -> list[dict]:
+    """Photos whose label set is wrong, the most confident first (the label cell furthest from its threshold
+    among the wrong ones); or right, the least confident first (the cell nearest its threshold)."""
+    index = np.flatnonzero((predicted != y).any(axis=1) == wrong)
+    distance = np.abs(probs - thresholds)
+    key = [float(distance[i][predicted[i] != y[i]].max()) if wrong else float(distance[i].min()) for i in index]
+    order = index[np.argsort(-np.asarray(key) if wrong else np.asarray(key), kind="stable")][:limit]
 
     def names(row):
         return "|".join(class_names[j] for j in np.flatnonzero(row)) or "(none)"
