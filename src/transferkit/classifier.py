@@ -205,7 +205,8 @@ class ImageClassifier:
                 self.fit_head(features)
                 self.audit_labels(features)
                 if self.options_.fine_tune_epochs:  # the head-only model is safe on disk before the second stage
-                    self.save(self.model_path_)  # (without one, the final save below is the only one: -1.1 s)
+                    # (without one, the final save below is the only one: -1.1 s; and the only one converted)
+                    self.save(self.model_path_, warm=False)
                 self._write_records()
             finally:
                 if ahead is not None:
@@ -538,7 +539,7 @@ class ImageClassifier:
 
     def _checkpoint(self, state: dict) -> None:
         self.fine_tune_ = state
-        self.save(self.model_path_)
+        self.save(self.model_path_, warm=False)  # a checkpoint: the final save converts
 
     def _restore(self) -> None:
         """For ``resume``: adopt the run's saved model after checking it was made with the same options and the
@@ -554,14 +555,20 @@ class ImageClassifier:
         self.skipped_ = runs.read_split(self.out_).get("skipped", self.skipped_)
 
     # ----- the model file -----
-    def save(self, path: str) -> str:
+    def save(self, path: str, *, warm: bool = True) -> str:
         """Write the classifier (resize + preprocessing + backbone + head) and its metadata to ``path``
-        (``.keras``), atomically."""
+        (``.keras``), atomically; ``warm``: also leave the converted, checked engine of the default engine
+        (``DEFAULT_ENGINE``) in the cache, so that the first ``predict`` or ``serve`` of the file imports no
+        TensorFlow (``engines.convert.warm``); not for a classifier trained on ``runtime="keras"``."""
         from transferkit.models import modelfile
 
         metadata = self._metadata()
         modelfile.save(self._fitted().model_, path, metadata, self.check_images_)
         self._saved_to, self._predictor, self._file_metadata = str(path), None, metadata
+        if warm and self.options_.runtime != "keras":  # a run that ruled out converted engines converts none
+            from transferkit.engines.convert import warm as cache_engine
+
+            cache_engine(str(path), self.model_)
         return str(path)
 
     @classmethod
