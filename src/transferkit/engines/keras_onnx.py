@@ -11,7 +11,7 @@
   collection walks only the new ones: 1.27 GB and 11 s (the peak is then TensorFlow itself, 650 MB, and the frozen
   graph; ``benchmarks/conversion_memory.py``).
 - Keras's tf2onnx module tests ``hasattr(np, "object")``, which NumPy 2 answers with a FutureWarning at every
-  process's first conversion: that one warning, from that module, is filtered.
+  process's first conversion: that one warning, from that module, is filtered during the export.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ import numpy as np
 
 from transferkit.errors import TransferkitError
 
-warnings.filterwarnings("ignore", message=r"In the future `np\.object` will be defined", category=FutureWarning,
-                        module=r"keras\.src\.export\.tf2onnx_lib")
 _ONE_EXPORT = threading.Lock()
 
 
@@ -84,7 +82,10 @@ def _dead_copies_collected():
 def save_onnx(model: keras.Model, path: str | os.PathLike) -> None:
     """Write ``model`` (fixed input shape) to ``path`` as ONNX with exactly one graph input."""
     model(np.zeros((1,) + tuple(model.input.shape[1:]), "float32"))
-    with _normalization_reads_variables(model), _dead_copies_collected():
+    with _normalization_reads_variables(model), _dead_copies_collected(), warnings.catch_warnings():
+        # (inside the export lock: no other conversion's warnings filters to lose)
+        warnings.filterwarnings("ignore", message=r"In the future `np\.object` will be defined",
+                                category=FutureWarning, module=r"keras\.src\.export\.tf2onnx_lib")
         model.export(str(path), format="onnx", verbose=False)
     import onnx
 
