@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.propagate = False
     try:
         _convert(path, None, EngineOptions(runtime=runtime, precision=precision))
-    except TransferkitError as exc:
-        print(f"transferkit: error: {exc}", file=sys.stderr)
+    except TransferkitError as exc:  # the parent's own load of the file says it, once
+        logger.debug(f"the conversion's child: {exc}")
         return 2
     return 0
 
