@@ -1,6 +1,7 @@
 """Requests/second and latency of `transferkit serve` for single-image requests at 1, 4, 16 and 64 clients.
 
-    python benchmarks/serve.py MODEL [--image PHOTO] [--seconds 10] [--workers 1] [--threads 4]
+    python benchmarks/serve.py MODEL [--image PHOTO] [--seconds 10] [--workers 1] [--threads 4] [--first-use]
+                              [--runtime auto]
 
 Starts a real server process on 127.0.0.1 (a free port), waits for /healthz (its start time is printed: on a model
 file used before, the worker loads the cached engine without TensorFlow), then each client posts one image per
@@ -86,6 +87,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--runtime", default="auto", help="the server's --runtime (default: auto)")
     p.add_argument("--first-use", action="store_true", help="start on a model file never converted (an empty "
                    "cache) instead of after one `transferkit predict`")
     args = p.parse_args()
@@ -106,7 +108,8 @@ def main() -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", args.model, "--port", str(port),
-                             "--workers", str(args.workers), "--threads", str(args.threads)],
+                             "--workers", str(args.workers), "--threads", str(args.threads),
+                             "--runtime", args.runtime],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()

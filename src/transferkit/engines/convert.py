@@ -7,14 +7,15 @@ after ``train`` took 13.1 s and 2.9 GB, converting the model file inside that pr
 
 - ``warm``: ``train`` (``ImageClassifier.save``) converts the file it has just written while TensorFlow and the
   model are in memory anyway, through the very conversion a later use makes (``KerasPredictor.build_engine``:
-  the same cache key, the same check on the file's photos). The first predict after train, here (2 cores, no
-  AMX): 0.6 s and 148 MB, for 8.5 s more of ``train``.
+  the same cache key, the same check on the file's photos): about 10 s more of ``train`` here (2 cores, no AMX;
+  its peak 1.8 GB, 2.5 GB before the tf2onnx fix of ``keras_onnx``), and the first predict after it takes
+  0.6-0.9 s and 142 MB, as every later one.
 - ``in_child``: a model file from elsewhere (or a cache cleared) is converted by a child process that exits
   (``python -m transferkit.engines.convert MODEL RUNTIME PRECISION``): the process that predicts or serves stays
-  without TensorFlow, and its own peak is the cached path's; the child's, the conversion's, is 1.3 GB (2.9 GB
-  in-process before; ``benchmarks/predict_cli.py``). The server converts in its master, once, before gunicorn
-  forks the workers. A process that has TensorFlow already converts in itself, as before (a child would import
-  it a second time).
+  without TensorFlow, and the conversion's peak is the child's, 1.27 GB (3.0 GB in-process before). The server
+  converts in its master, once, before gunicorn forks: a worker on a fresh model peaked at 198 MB (2.9 GB when
+  each converted it itself; ``benchmarks/serve.py --first-use``). A process that has imported TensorFlow already
+  converts in itself, as before (a child would import it a second time).
 """
 
 from __future__ import annotations
