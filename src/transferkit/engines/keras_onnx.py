@@ -8,7 +8,7 @@
   each copy, a reference cycle, waited for Python's rare full collection: converting the Lite0 classifier peaked
   at 2.7 GB, 1.6 GB of it dead copies, and took 15 s. The previous copy is now collected before each pass, with
   the objects that existed before the conversion frozen out of the collector (``gc.freeze``), so that each
-  collection walks only the new ones: 1.27 GB and 11 s (the peak is then TensorFlow itself, 650 MB, and the frozen
+  collection walks only the new ones: 1.27 GB and 8.4 s (the peak is then TensorFlow itself, 650 MB, and the frozen
   graph; ``benchmarks/conversion_memory.py``).
 - Keras's tf2onnx module tests ``hasattr(np, "object")``, which NumPy 2 answers with a FutureWarning at every
   process's first conversion: that one warning, from that module, is filtered during the export.
