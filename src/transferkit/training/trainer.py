@@ -140,7 +140,8 @@ class Trainer:
         self.fit_head(features)
         self.audit_labels(features)
         if self.state.options.fine_tune_epochs:  # the head-only model is safe on disk before the second stage
-            self.owner.save(self.state.model_path)  # (without one, the final save is the only one: -1.1 s)
+            # (without one, the final save is the only one: -1.1 s; and the only one converted)
+            self.owner.save(self.state.model_path, warm=False)
         RunWriter(self.state).write_records()
 
     def evaluate(self, test_dir: str) -> dict:
@@ -411,7 +412,7 @@ class Trainer:
 
     def _checkpoint(self, state: dict) -> None:
         self.state.fine_tune = state
-        self.owner.save(self.state.model_path)
+        self.owner.save(self.state.model_path, warm=False)  # a checkpoint: the final save converts
 
     def _spec(self):
         from transferkit.models.backbones import get_spec
