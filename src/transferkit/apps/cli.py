@@ -26,7 +26,7 @@ def add_options(parser: argparse.ArgumentParser, record: type[Options], only: tu
             continue
         rule = f.metadata
         flag = rule["flag"] or "--" + f.name.replace("_", "-")
-        shown = "the backbone's" if f.default is None else f.default
+        shown = rule.get("shown") or ("the backbone's" if f.default is None else f.default)
         if rule["kind"] is bool:
             action = "store_false" if flag.startswith("--no-") else "store_true"
             parser.add_argument(flag, dest=f.name, action=action, default=argparse.SUPPRESS, help=rule["help"])
@@ -122,6 +122,7 @@ def _model_commands(command) -> None:
     e.add_argument("--no-explain", dest="explain", action="store_false",
                    help="no heat maps in report.html (they load the model's Keras model: TensorFlow)")
     add_options(e, EngineOptions)
+    add_options(e, PredictOptions, only=("max_error",))
 
     r = command("predict", "predict image files, folders or globs")
     r.add_argument("model")
@@ -234,7 +235,7 @@ def _evaluate(args) -> None:
     from transferkit.reports.metrics import text_report
 
     metrics = evaluate(args.model, label_source(args, args.test_dir), out=args.out, unknown_dir=args.unknown_dir,
-                       explain=args.explain,
+                       explain=args.explain, max_error=args.max_error,
                        **record_values(args, EngineOptions))
     if args.json:
         keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
@@ -282,8 +283,12 @@ def _predict_on_ray(args, options: PredictOptions) -> None:
     if args.ray != "local" and os.path.exists(args.ray):  # `predict M a b --ray c`: c taken as the address
         raise TransferkitError(f"--ray {args.ray}: that is a path, not a cluster address (write --ray=ADDRESS, "
                                f"or --ray local before more paths)")
+    if options.coverage is not None or options.max_error is not None:
+        raise TransferkitError("--coverage and --max-error: not with --ray yet (its Parquet columns are fixed); "
+                               "predict without --ray")
     items = [label_source(args, p, strict=False) for p in args.paths]
-    done = predict_on_ray(args.model, items, args.out, address=args.ray, **options.to_dict(),
+    ray_options = {k: v for k, v in options.to_dict().items() if k not in ("coverage", "max_error")}
+    done = predict_on_ray(args.model, items, args.out, address=args.ray, **ray_options,
                           **record_values(args, EngineOptions))
     rate = f", {done['images_per_second']:.1f} img/s" if done["images_per_second"] else ""
     print(f"transferkit: predicted {done['new']} image(s) in {done['seconds']:.1f} s{rate}; "
