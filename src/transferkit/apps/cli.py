@@ -198,11 +198,17 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
                 print(f"{r['path']}\tERROR: {r['error']}")
             elif r["label"] is None:  # unknown: none of the classes; the nearest ones in brackets
                 nearest = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
-                print(f"{r['path']}\tunknown\tnovelty {r['novelty']:.2f}\t(nearest: {nearest})")
+                print(f"{r['path']}\tunknown\tnovelty {r['novelty']:.2f}\t(nearest: {nearest})" + _guarantee_text(r))
             else:
                 others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"][1:])
                 print(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({others})" if others else "")
-                      + (f"\tgiven {r['given']}" if "given" in r else ""))
+                      + (f"\tgiven {r['given']}" if "given" in r else "") + _guarantee_text(r))
+
+
+def _guarantee_text(row: dict) -> str:
+    """A row's conformal set (``--coverage``) and 'not sure' (``--max-error``), for the table."""
+    text = f"\tset {{{', '.join(row['set'])}}}" if "set" in row else ""
+    return text + ("\tnot sure" if row.get("abstain") else "")
 
 
 def _csv_rows(rows: list[dict]) -> str:
@@ -211,7 +217,9 @@ def _csv_rows(rows: list[dict]) -> str:
     k = max((len(r["top_k"]) for r in rows), default=0)
     tops_header = [f"top{i + 1}_{c}" for i in range(k) for c in ("label", "probability")]
     given = any("given" in r for r in rows)  # predicting a label file: its labels, to compare
-    writer.writerow(["path", "label", "probability", "novelty"] + tops_header + ["error"] + ["given"] * given)
+    sets, abstains = any("set" in r for r in rows), any("abstain" in r for r in rows)
+    writer.writerow(["path", "label", "probability", "novelty"] + tops_header + ["error"] + ["given"] * given
+                    + ["set"] * sets + ["abstain"] * abstains)
     for r in rows:
         tops = [x for t in r["top_k"] for x in (t["label"], f"{t['probability']:.6f}")]
         tops += [""] * (2 * k - len(tops))
@@ -219,7 +227,8 @@ def _csv_rows(rows: list[dict]) -> str:
         label = "unknown" if r.get("unknown") and r["label"] is None else r["label"] or ""
         novelty = "" if r.get("novelty") is None else f"{r['novelty']:.4f}"
         writer.writerow([r["path"], label, prob, novelty] + tops + [r.get("error", "")]
-                        + [r.get("given", "")] * given)
+                        + [r.get("given", "")] * given + ["|".join(r.get("set", []))] * sets
+                        + [str(r.get("abstain", "")).lower()] * abstains)
     return buf.getvalue()
 
 

@@ -36,7 +36,8 @@ def conformal_section(metrics: dict) -> str:
     answers = "".join(f"<tr><td>{s['max_error']:.2f}</td><td>{_pct(s['answered_share'])}</td>"
                       f"<td>{_pct(s['error_answered'])}</td></tr>" for s in found["selective"])
     under = [c for c in found["coverage"] if c["under_covered"]]
-    note = (f"<p><b>Under-covered classes</b> (at {', '.join(f'{c['asked']:.2f}' for c in under)}): conformal "
+    levels = ", ".join(f"{c['asked']:.2f}" for c in under)
+    note = (f"<p><b>Under-covered classes</b> (at {levels}): conformal "
             f"sets promise coverage on average over photos, not per class; these classes get less.</p>"
             if under else "")
     return f"""<h2>Guarantees (conformal, {found['calibration_photos']} calibration photos)</h2>
