@@ -122,3 +122,21 @@ def test_command_line_sets_evaluation_and_card(trained, dataset, tmp_path):
     assert "Guarantees (conformal" in report and "conformal-coverage" in report
     card = transferkit.model_card(path)
     assert "## Guarantees" in card and "exchangeable" in card and "on average over photos" in card
+
+
+def test_sets_on_the_cached_engine_import_neither_tensorflow_nor_scipy(trained, dataset):
+    model_path = os.path.join(trained[1], "model.keras")
+    photo = _photos(dataset)[0]
+    expected = transferkit.predict(model_path, [photo], runtime="keras", coverage=0.9, max_error=0.3)
+    transferkit.predict(model_path, [photo])  # a first use leaves the converted engine in the cache
+    script = (
+        "import json, sys\n"
+        "from transferkit.apps.cli import main\n"
+        f"main(['predict', {model_path!r}, {photo!r}, '--format', 'json', '--coverage', '0.9', '--max-error', '0.3'])\n"
+        "print(json.dumps({m: m in sys.modules for m in ('tensorflow', 'keras', 'scipy')}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows_text, _, modules = proc.stdout.rpartition("\n{")
+    assert json.loads("{" + modules) == {"tensorflow": False, "keras": False, "scipy": False}
+    row = json.loads(rows_text)[0]
+    assert row["set"] == expected[0]["set"] and row["abstain"] == expected[0]["abstain"]

@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from transferkit.errors import TransferkitError
 from transferkit.log import logger
 from transferkit.options import ServeOptions
-from transferkit.data.images import OverPixelBudget, UnreadableImage, check_pixel_budget, load_image
+from transferkit.data.images import OverPixelBudget, check_pixel_budget, load_image
 
 MAX_FILES = 64
 
@@ -97,15 +97,12 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
         if explain and explainer is None:
             return error(400, f"explain=1 needs a .keras model file; {os.path.basename(model_path)} has no gradients")
         try:
-            asked = _guarantees(request.args)
             rows = _predict_uploads(model, lock, files, k, options.max_request_pixels, explainer if explain else None,
-                                    asked)
-        except TransferkitError as exc:  # a bad coverage / max_error, or a model without the calibration
-            return error(400, str(exc))
+                                    _guarantees(request.args))
         except OverPixelBudget as exc:
             return error(413, f"{exc.path}: {exc.reason}")
-        except UnreadableImage as exc:
-            return error(400, f"{exc.path}: {exc.reason}")
+        except TransferkitError as exc:  # an unreadable upload (path: reason), a bad coverage / max_error, a
+            return error(400, str(exc))  # model without the calibration
         return jsonify({"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}})
 
     return app
