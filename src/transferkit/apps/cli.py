@@ -244,7 +244,7 @@ def _evaluate(args) -> None:
     from transferkit.reports.metrics import text_report
 
     metrics = evaluate(args.model, label_source(args, args.test_dir), out=args.out, unknown_dir=args.unknown_dir,
-                       explain=args.explain, max_error=args.max_error,
+                       explain=args.explain, max_error=getattr(args, "max_error", None),
                        **record_values(args, EngineOptions))
     if args.json:
         keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
