@@ -51,16 +51,16 @@ def decide(predictor: Predictor, paths: list[str], outputs: np.ndarray, top_k: i
     from transferkit.models.conformal import check_record
     from transferkit.tasks import task_of
 
-    metadata = predictor.metadata
-    conformal = metadata.get("conformal")
-    if (coverage is not None or max_error is not None) and not isinstance(conformal, dict):
-        asked = "coverage" if coverage is not None else "max_error"
-        raise TransferkitError(f"{predictor.path or 'model'}: no conformal calibration in this model file (made "
-                               f"before transferkit stored one); train it again to ask for {asked}")
-    if coverage is not None or max_error is not None:
-        check_record(conformal, predictor.path or "model")
-    return task_of(metadata).decide(paths, outputs, predictor.class_names, top_k, metadata.get("novelty"), reject,
-                                    conformal=conformal, coverage=coverage, max_error=max_error)
+    metadata, task = predictor.metadata, task_of(predictor.metadata)
+    asked = {k: v for k, v in (("coverage", coverage), ("max_error", max_error)) if v is not None}
+    if asked:  # a multi-label model has no calibration (yet): a per-label one would be its task's record
+        conformal, name = metadata.get("conformal"), next(iter(asked))
+        if not isinstance(conformal, dict):
+            why = "a multi-label model" if task.multi_label else "made before transferkit stored one"
+            raise TransferkitError(f"{predictor.path or 'model'}: no conformal calibration in this model file "
+                                   f"({why}); {name} needs a single-label model trained by this version")
+        asked["conformal"] = check_record(conformal, predictor.path or "model")
+    return task.decide(paths, outputs, predictor.class_names, top_k, metadata.get("novelty"), reject, **asked)
 
 
 def predict_rows(predictor: Predictor, items, options: PredictOptions = DEFAULT_PREDICT) -> list[dict]:
