@@ -58,6 +58,10 @@ def test_a_model_file_without_the_calibration_says_so_in_one_line():
                                     class_names=["a", "b"], path="bad.keras")
     with pytest.raises(TransferkitError, match="bad.keras: damaged transferkit metadata"):
         decide(damaged, ["x.jpg"], np.array([[0.9, 0.1]]), 1, max_error=0.1)
+    multi = types.SimpleNamespace(metadata={"class_names": ["a", "b"], "task": "multi_label"},
+                                  class_names=["a", "b"], path="multi.keras")
+    with pytest.raises(TransferkitError, match=r"multi.keras: .*a multi-label model.*max_error needs"):
+        decide(multi, ["x.jpg"], np.array([[0.9, 0.1]]), 1, max_error=0.1)
     with pytest.raises(TransferkitError, match="coverage must be"):
         transferkit.predict(old, ["x.jpg"], coverage=1.5)
 
