@@ -11,7 +11,14 @@ give the same sets.
 
     python benchmarks/conformal.py [--work DIR] [--image-size 96] [--splits 20]
 
-Measured here (2 CPU cores; see the README's "Guarantees" section for the figures).
+Measured here (2 CPU cores, image size 96, test accuracy 0.947): over 20 halvings (574 / 575 photos, 0.5 s),
+mean coverage 0.803 / 0.904 / 0.956 at 0.80 / 0.90 / 0.95 (min 0.866 and 0.932 at 0.90 and 0.95), mean set sizes
+1.37 / 1.48 / 1.53; class-splits under-covered beyond binomial noise: 37 / 30 / 22 of 200 (digits 0 and 8 most:
+conditional coverage is not promised); error among answered photos under 0.02 / 0.05 / 0.10 in 100 % of splits,
+answering 14 % / 92 % / 100 %. The stored calibration (120 validation photos) on all 1,149 test photos: 0.823 /
+0.899 / 0.938; at 0.10 it answers 69 % with 0.6 % errors, and 120 photos certify neither 0.02 nor 0.05. With 480
+out-of-fold training photos added (the audit's logistic heads) it fell to 0.647 / 0.786 / 0.888, so those join
+only under 40 validation photos. Keras = ONNX = server: the same sets and abstentions for 1,149 / 1,149 photos.
 """
 
 from __future__ import annotations
