@@ -302,6 +302,18 @@ def min_cosine(precision: str) -> float:
     return {"fp32": FP32_COSINE, "int8": INT8_COSINE}.get(precision, MIN_COSINE)
 
 
+KERAS_MARGIN = 1.5  # auto keeps Keras only where it measured this much faster than the converted engine
+
+
+def keras_faster(speed: dict) -> bool:
+    """Whether ``auto`` keeps Keras for a verdict's speeds ({"engine", "keras"} img/s). The check is 3 calls on 8
+    photos, once per model: on a busy machine (4 processes on 2 cores) OpenVINO measured 28 % slower than Keras
+    for Lite0, which it runs 1.8x faster when the machine is idle (benchmarks/precision.py), and a model kept
+    on Keras then imports TensorFlow at every later use (0.9 s -> 16 s, 140 MB -> 825 MB for one photo). So a
+    margin: only a real difference (MobileNetV3 on OpenVINO) keeps Keras."""
+    return speed["keras"] > KERAS_MARGIN * speed["engine"]
+
+
 def _speed(engine: Engine, images: np.ndarray, repeats: int = 3) -> float:
     """Images per second of ``engine`` on ``images`` (best of ``repeats`` calls; the caller has warmed it up)."""
     best = float("inf")
@@ -434,7 +446,7 @@ def _checked_engine(path: str, key: str | None, runtime: str, precision: str, ke
         bound = min_cosine(candidate)
         if verdict["cosine"] >= bound:
             speed = verdict["img_per_s"]
-            if asked_auto and speed["keras"] > speed["engine"]:
+            if asked_auto and keras_faster(speed):
                 logger.info(f"keras fp32 is faster than {engine.label} for this model "
                             f"({speed['keras']:.0f} vs {speed['engine']:.0f} img/s); using keras fp32")
                 return keras_engine
