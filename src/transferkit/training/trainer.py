@@ -231,7 +231,8 @@ class Trainer:
         views = st.options.augment_views + 1  # flatten_views: an image's views are consecutive rows
         st.novelty = st.task.fit_trust(st.head, (features.x_train, features.y_train),
                                        (features.x_val, features.y_val), len(st.classes), st.options.keep_known,
-                                       groups=np.arange(len(features.y_train)) // views, novelty_dim=dims[0])
+                                       groups=np.arange(len(features.y_train)) // views, novelty_dim=dims[0],
+                                       held_out=self._held_out_logits(chosen, features, dims))
         st.timing["head_seconds"] = round(time.perf_counter() - t0, 2)
         # validation as the model answers (calibrated), or after a refit the head as chosen, before it saw them
         measured = chosen.model if st.options.refit else st.head
@@ -240,6 +241,14 @@ class Trainer:
         st.validation = st.task.metrics(features.y_val, probs, st.classes, features.val_paths, st.skipped)
         st.feature_check = self._check_view_features(features)
         st.set_model(modelfile.assemble(st.extractor.model, st.head), features_current=True)
+
+    def _held_out_logits(self, chosen, features: FeatureSplit, dims: list[int]):
+        """The temperature's held-out (logits, labels): out-of-fold training photos and validation."""
+        from transferkit.training import select
+
+        st = self.state
+        data = (features.x_train, features.y_train, features.x_val, features.y_val, st.options.augment_views + 1)
+        return select.held_out_logits(chosen, st.options, data, dims, len(st.classes), self.class_weights(), st.task)
 
     def _choose_head(self, features: FeatureSplit, dims: list[int]):
         """(the head to keep, every candidate compared): ``auto`` compares them on validation; an explicit head
