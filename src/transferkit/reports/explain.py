@@ -64,7 +64,9 @@ def annotated_overlay(photo: np.ndarray, heatmap: np.ndarray, side: int = 360) -
 
     bar = max(side // 12, 12)
     image = Image.fromarray(colorize(photo, heatmap))
-    image.thumbnail((side - bar - 6, side), Image.Resampling.LANCZOS)
+    scale = min((side - bar - 6) / image.width, side / image.height)  # up too: a small photo fills the square
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                         Image.Resampling.LANCZOS)
     canvas = Image.new("RGB", (side, side), "white")
     canvas.paste(image, (0, (side - image.height) // 2))
     ramp = (colormaps["jet"](np.linspace(1, 0, side - 2 * bar))[:, :3] * 255).astype(np.uint8)
