@@ -169,10 +169,19 @@ def _trust(meta: dict) -> list[str]:
     if not novelty:
         return []
     lines = ["## Calibration and unknowns", ""]
-    if novelty.get("temperature") is not None:
+    on_test = f"; on the test folder {test['ece']:.3f}" if "ece" in test else ""
+    if "temperature_reason" in novelty:  # the keep-or-not rule: which temperature, the held-out ECE, why
+        fitted = novelty.get("ece_fitted")
+        t = novelty.get("temperature")
+        lines.append(f"- Temperature {'per label' if t is None else f'{t:.4g}'}"
+                     f" ({'fitted and kept' if novelty.get('temperature_kept') else 'T = 1 kept'}): held-out expected "
+                     f"calibration error at T = 1 {novelty.get('ece_before', float('nan')):.3f}, with the fitted T "
+                     f"{'-' if fitted is None else f'{fitted:.3f}'}, as kept "
+                     f"{novelty.get('ece_after', float('nan')):.3f}{on_test}. {novelty['temperature_reason']}.")
+    elif novelty.get("temperature") is not None:
         lines.append(f"- Temperature {novelty['temperature']:.4g} (fitted on validation): expected calibration "
                      f"error {novelty.get('ece_before', float('nan')):.3f} → {novelty.get('ece_after', float('nan')):.3f}"
-                     + (f"; on the test folder {test['ece']:.3f}" if "ece" in test else ""))
+                     + on_test)
     lines.append(f"- Unknown threshold: novelty ({novelty.get('method')}, {novelty.get('covariance')}) above "
                  f"{novelty['threshold']:.6g}; keeps {novelty.get('validation_kept', 0):.1%} of validation photos"
                  + (f", {test['known_kept']:.1%} of test photos" if "known_kept" in test else ""))

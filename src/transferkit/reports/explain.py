@@ -38,6 +38,53 @@ def colorize(photo: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     return np.clip(photo * (1 - alpha) + colours * alpha, 0, 255).astype(np.uint8)
 
 
+FLAT = 0.05  # a heat map whose highest and lowest cells differ by less (of its 0-1 range) shows nothing
+
+
+def is_flat(heatmap: np.ndarray) -> bool:
+    """True for a map that points nowhere: every cell (nearly) equal, zero included (Grad-CAM's ReLU leaves all
+    zeros where no region raises the class). Laid over the photo such a map is invisible (alpha 0) or an even
+    tint, which read as "no map" in the report's galleries (issue 30); it is labelled "flat map" instead."""
+    heat = np.asarray(heatmap, np.float64)
+    return bool(heat.size == 0 or float(heat.max() - heat.min()) < FLAT)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def annotated_overlay(photo: np.ndarray, heatmap: np.ndarray, side: int = 360) -> Image.Image:
+    """The overlay fitted in a ``side`` x ``side`` square (the galleries show square thumbnails, cropping
+    anything else) with the colour scale beside it (the 'jet' map from low, blue, to high, red) and, for a flat
+    map, "flat map" written across it."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw
+
+    bar = max(side // 12, 12)
+    image = Image.fromarray(colorize(photo, heatmap))
+    scale = min((side - bar - 6) / image.width, side / image.height)  # up too: a small photo fills the square
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                         Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (side, side), "white")
+    canvas.paste(image, (0, (side - image.height) // 2))
+    ramp = (colormaps["jet"](np.linspace(1, 0, side - 2 * bar))[:, :3] * 255).astype(np.uint8)
+    strip = Image.fromarray(np.repeat(ramp[:, None], bar // 2, axis=1))
+    canvas.paste(strip, (side - bar // 2 - 2, bar))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(side // 24, 9))
+    draw.text((side - 2, bar - 2), "high", fill="black", font=font, anchor="rb")
+    draw.text((side - 2, side - bar + 2), "low", fill="black", font=font, anchor="rt")
+    if is_flat(heatmap):
+        big = _font(max(side // 9, 12))
+        x, y = (side - bar) // 2, side // 2
+        box = draw.textbbox((x, y), "flat map", font=big, anchor="mm")
+        draw.rectangle((box[0] - 6, box[1] - 4, box[2] + 6, box[3] + 4), fill="white", outline="#c33", width=2)
+        draw.text((x, y), "flat map", fill="#c33", font=big, anchor="mm")
+    return canvas
+
+
 def overlay_png(photo: np.ndarray, heatmap: np.ndarray, max_side: int = 480) -> bytes:
     """The overlay as PNG bytes, its longer side at most ``max_side`` (the server's data URI)."""
     image = Image.fromarray(colorize(photo, heatmap))
@@ -150,13 +197,13 @@ def write_explanations(rows: list[dict], explainer: Explainer, out_dir: str, pai
             name = f"{stem}-{n}.png"
         used.add(name)
         row["explanation"] = plot_explanation(photo, colorize(photo, heat), row_title(row),
-                                              os.path.join(out_dir, name))
+                                              os.path.join(out_dir, name), flat=is_flat(heat))
         written.append(row["explanation"])
     return written
 
 
 def gallery_overlays(explainer: Explainer | None, entries: list[dict], thumb: int = 180) -> dict[str, str]:
-    """{path: JPEG data URI of the overlay} for the report's galleries (``entries``: path and the ``predicted``
+    """{path: JPEG data URI of the overlay with its colour scale (``annotated_overlay``)} for the report's galleries (``entries``: path and the ``predicted``
     class name); empty without an explainer or images."""
     readable = [e for e in entries if os.path.isfile(e["path"])]
     if explainer is None or not readable:
@@ -165,8 +212,7 @@ def gallery_overlays(explainer: Explainer | None, entries: list[dict], thumb: in
                             [explainer.class_names.index(e["predicted"]) for e in readable])
     found = {}
     for entry, (photo, heat) in zip(readable, pairs):
-        image = Image.fromarray(colorize(photo, heat))
-        image.thumbnail((thumb * 2, thumb * 2))
+        image = annotated_overlay(photo, heat, side=thumb * 2)
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=85)
         found[entry["path"]] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -20,7 +20,7 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;
 h1{margin-bottom:.2rem} .muted{color:#666} table{border-collapse:collapse;margin:1rem 0}
 th,td{padding:.3rem .8rem;border-bottom:1px solid #ddd;text-align:right} th:first-child,td:first-child{text-align:left}
 .cards{display:flex;gap:1rem;flex-wrap:wrap} .card{background:#f4f6fa;border-radius:8px;padding:.8rem 1.2rem}
-.card b{display:block;font-size:1.6rem} .figs img{max-width:100%;margin:.5rem 0}
+.card b{display:block;font-size:1.6rem} .card{max-width:420px;font-size:.9rem} .figs img{max-width:100%;margin:.5rem 0}
 .gallery{display:flex;flex-wrap:wrap;gap:1rem} .gallery figure{margin:0;font-size:.85rem;max-width:300px}
 .gallery img{width:140px;height:140px;object-fit:cover;border-radius:6px;border:3px solid #c33;margin-right:4px}
 #least-sure img{border-color:#c90} .gallery img.heatmap{border-color:#557}
@@ -84,24 +84,45 @@ def _trust_cards(metrics: dict) -> str:
     if calibration.get("ece") is not None:
         cards.append(("calibration error (ECE)", f"{calibration['ece']:.3f}"))
     if calibration.get("validation_ece_before") is not None:
-        fitted = "a temperature per label" if calibration.get("temperature") is None else \
-            f"temperature {calibration['temperature']:g}"
-        cards.append((f"validation ECE, {fitted}",
-                      f"{calibration['validation_ece_before']:.3f} → {calibration['validation_ece_after']:.3f}"))
+        cards.append(_temperature_card(calibration))
     if "novelty" in metrics:
         cards.append(("known photos kept", f"{metrics['novelty']['known_kept']:.1%}"))
     if "unknown" in metrics:
         u = metrics["unknown"]
         cards += [("unknowns rejected", f"{u['rejected']:.1%}"), ("unknown AUROC", f"{u['auroc']:.3f}")]
-    return "".join(f"<div class='card'>{html.escape(k)}<b>{v}</b></div>" for k, v in cards)
+    return "".join(f"<div class='card'>{html.escape(k)}<b>{v}</b>{html.escape(note)}</div>"
+                   for k, v, note in ((c + ("",))[:3] for c in cards))
+
+
+def _temperature_card(calibration: dict) -> tuple[str, str, str]:
+    """(title, ECE before → after, why): which temperature the model kept. A model from before the keep-or-not
+    rule fitted T on validation and applied it whatever it did (issue 30: ECE 0.160 -> 0.184 was applied)."""
+    before = calibration["validation_ece_before"]
+    if "temperature_kept" not in calibration:
+        fitted = "a temperature per label" if calibration.get("temperature") is None else \
+            f"temperature {calibration['temperature']:g}"
+        return f"validation ECE, {fitted}", f"{before:.3f} → {calibration['validation_ece_after']:.3f}"
+    shown = calibration.get("ece_fitted")
+    shown = calibration["validation_ece_after"] if shown is None else shown
+    rows = f" ({calibration['held_out_rows']} held-out photos)" if calibration.get("held_out_rows") else ""
+    if calibration.get("temperature") is None:  # multi-label: one temperature per label
+        kept = calibration.get("temperatures_kept") or []
+        title = f"held-out ECE{rows}, fitted temperatures: {sum(kept)} of {len(kept)} labels keep theirs"
+    elif calibration["temperature_kept"]:
+        title = f"held-out ECE{rows}: T = {calibration['temperature']:g} kept"
+    else:
+        title = f"held-out ECE{rows}: fitted T = {calibration['temperature_fitted']:g} not kept, T = 1"
+    note = calibration.get("temperature_reason", "")
+    return title, f"{before:.3f} → {shown:.3f}", note
 
 
 def _heat_note(overlays: dict | None) -> str:
     if not overlays:
         return ""
-    return ("<p class='muted'>Beside each photo, its heat map (Grad-CAM of the predicted class): red where the "
-            "model looked. A map on the background rather than the object is a model that learnt the wrong cue."
-            "</p>")
+    return ("<p class='muted'>Beside each photo, its heat map (Grad-CAM of the predicted class, by the chosen "
+            "head), its colour scale on the right: red where the model looked, blue and bare photo where it did "
+            "not. A map on the background rather than the object is a model that learnt the wrong cue; a map "
+            "marked <b>flat map</b> points nowhere (no region raises the class more than another).</p>")
 
 
 def confusion_parts(metrics: dict, out: str) -> dict:
@@ -147,7 +168,7 @@ def write_report(metrics: dict, out: str, title: str = "Evaluation report", hist
     parts = (task or get_task()).report_parts(metrics, out)
     figures = list(parts["figures"]) + list(extra_figures or [])
     if history_png and os.path.exists(history_png):
-        figures.append(("Training curves", history_png))
+        figures.append(("Training curves (heads with epochs) and the heads compared", history_png))
     gallery = _gallery(metrics.get("most_confident_errors", []), overlays or {}, 24)
     unsure = _gallery(metrics.get("least_confident_correct", []), overlays or {}, 12)
     skipped = "".join(f"<li>{e(s['path'])}: {e(s['reason'])}</li>" for s in metrics.get("skipped", []))

@@ -23,16 +23,37 @@ def _save(fig, path: str) -> str:
     return str(path)
 
 
-def plot_history(history: dict, path: str, best_epoch: int | None = None, stage_boundary: int | None = None) -> str:
-    """Loss and accuracy per epoch, train vs validation, with the kept (best) epoch marked (and where the
-    fine-tuning stage began, if there was one)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+def plot_history(history: dict, path: str, best_epoch: int | None = None, stage_boundary: int | None = None,
+                 head_choice: dict | None = None) -> str:
+    """What was fitted: the loss and accuracy per epoch, train vs validation, with the kept (best) epoch marked
+    (and where the fine-tuning stage began), drawn only where there are epochs; and the heads compared on
+    validation (``head_choice``: metadata["fit"]["head_choice"]), the chosen one marked. A logistic head is
+    solved, not iterated: its history is one point, and the curves were two empty axes with a dashed "kept epoch
+    1" line (issue 30); such a fit shows the heads compared alone."""
+    epochs = len(history.get("loss", []))
+    candidates = (head_choice or {}).get("candidates") or []
+    curves = epochs >= 2 or not candidates
+    rows = int(curves) + int(bool(candidates))
+    heights = ([4.0] if curves else []) + ([max(2.2, 0.45 * len(candidates) + 1.2)] if candidates else [])
+    fig, axes = plt.subplots(rows, 2, figsize=(10, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    if curves:
+        _curves(axes[0], history, best_epoch, stage_boundary)
+    if candidates:
+        _head_bars(axes[-1], candidates, (head_choice or {}).get("chosen") or {})
+        if not curves:
+            fig.suptitle("no epochs: the chosen head is solved in one fit, not trained epoch by epoch", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _curves(axes, history: dict, best_epoch: int | None, stage_boundary: int | None) -> None:
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         if metric in history:
-            ax.plot(epochs, history[metric], label=f"train {metric}")
+            ax.plot(epochs, history[metric], marker="o", markersize=3, label=f"train {metric}")
         if f"val_{metric}" in history:
-            ax.plot(epochs, history[f"val_{metric}"], label=f"validation {metric}")
+            ax.plot(epochs, history[f"val_{metric}"], marker="o", markersize=3, label=f"validation {metric}")
         if best_epoch:
             ax.axvline(best_epoch, color="grey", linestyle="--", label=f"kept epoch {best_epoch}")
         if stage_boundary:
@@ -41,7 +62,29 @@ def plot_history(history: dict, path: str, best_epoch: int | None = None, stage_
         ax.set_title(metric)
         ax.legend()
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+
+
+def _candidate_name(row: dict) -> str:
+    return f"{row.get('head')} d{row.get('depths')}" + (" +views" if row.get("views") else "")
+
+
+def _head_bars(axes, candidates: list[dict], chosen: dict) -> None:
+    """Validation accuracy and log loss of each head candidate, one bar each, the chosen one in green."""
+    names = [_candidate_name(c) for c in candidates]
+    picked = [all(c.get(k) == chosen.get(k) for k in ("head", "depths", "views")) for c in candidates]
+    colours = ["tab:green" if p else "tab:blue" for p in picked]
+    labels = [n + ("  (chosen)" if p else "") for n, p in zip(names, picked)]
+    for ax, key, title in zip(axes, ("val_accuracy", "val_loss"), ("validation accuracy", "validation log loss")):
+        values = [float(c.get(key) or 0.0) for c in candidates]
+        ax.barh(range(len(values)), values, color=colours)
+        ax.set_yticks(range(len(values)), labels)
+        ax.invert_yaxis()
+        top = max(values + [1e-9])
+        ax.set_xlim(0, 1.0 if key == "val_accuracy" else top * 1.3)
+        for i, v in enumerate(values):
+            ax.text(v + (0.01 if key == "val_accuracy" else top * 0.02), i, f"{v:.4f}", va="center", fontsize=8)
+        ax.set_title(f"heads compared: {title}", fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
 
 
 def plot_confusion_matrix(cm, class_names: list[str], path: str, normalise: bool = False) -> str:
@@ -143,7 +186,7 @@ def plot_samples(samples: dict[str, list[str]], path: str, thumb: int = 160) -> 
 
 
 def plot_prediction(image: np.ndarray, title: str, top_k: list[dict], path: str,
-                    overlay: np.ndarray | None = None) -> str:
+                    overlay: np.ndarray | None = None, flat: bool = False) -> str:
     """The photo titled 'label (probability)' beside a bar chart of the top-k probabilities (and, given an
     ``overlay``, the photo with its heat map between them)."""
     panels = 3 if overlay is not None else 2
@@ -156,7 +199,8 @@ def plot_prediction(image: np.ndarray, title: str, top_k: list[dict], path: str,
     if overlay is not None:
         axes[1].imshow(overlay)
         axes[1].axis("off")
-        axes[1].set_title("where the model looked", fontsize=11)
+        axes[1].set_title("where the model looked" + (": flat map, it points nowhere" if flat else ""),
+                          fontsize=11, color="#c33" if flat else "black")
     labels = [t["label"] for t in top_k][::-1]
     values = [t["probability"] for t in top_k][::-1]
     ax_bar.barh(range(len(labels)), values, color="tab:blue")
@@ -169,14 +213,25 @@ def plot_prediction(image: np.ndarray, title: str, top_k: list[dict], path: str,
     return _save(fig, path)
 
 
-def plot_explanation(photo: np.ndarray, overlay: np.ndarray, title: str, path: str) -> str:
-    """The photo and the same photo with its heat map, side by side, under one title (the verdict)."""
+def plot_explanation(photo: np.ndarray, overlay: np.ndarray, title: str, path: str, flat: bool = False) -> str:
+    """The photo and the same photo with its heat map, side by side, under one title (the verdict), with the
+    heat map's colour bar; ``flat``: the map points nowhere (``explain.is_flat``), said on its panel."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     height, width = photo.shape[:2]
-    fig, axes = plt.subplots(1, 2, figsize=(9, max(2.5, 4.5 * height / max(width, 1)) + 0.6))
-    for ax, image, caption in zip(axes, (photo, overlay), ("photo", "heat map (Grad-CAM)")):
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, max(2.5, 4.5 * height / max(width, 1)) + 0.6))
+    captions = ("photo", "heat map (Grad-CAM)" + (": flat map, it points nowhere" if flat else ""))
+    for ax, image, caption in zip(axes, (photo, overlay), captions):
         ax.imshow(image)
         ax.axis("off")
-        ax.set_title(caption, fontsize=10, color="#555")
+        ax.set_title(caption, fontsize=10, color="#c33" if flat and image is overlay else "#555")
+    if flat:
+        axes[1].text(0.5, 0.5, "flat map", transform=axes[1].transAxes, ha="center", va="center", fontsize=16,
+                     color="#c33", bbox={"facecolor": "white", "edgecolor": "#c33"})
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), colormaps["jet"]), ax=axes[1], fraction=0.046, pad=0.03)
+    bar.set_ticks([0, 1], labels=["low", "high"])
     fig.suptitle(title, fontsize=13)
     fig.tight_layout()
     return _save(fig, path)
@@ -190,21 +245,22 @@ def show_predictions(rows: list[dict], out: str, explainer=None) -> list[str]:
     if not good:
         raise TransferkitError("no readable image to show")
     stem, ext = os.path.splitext(out)
-    overlays = [None] * len(good)
+    overlays, flats = [None] * len(good), [False] * len(good)
     if explainer is not None:
-        from transferkit.reports.explain import colorize, explained_class
+        from transferkit.reports.explain import colorize, explained_class, is_flat
 
         pairs = explainer.files([r["path"] for r in good], [explained_class(r, explainer.class_names) for r in good])
         overlays = [colorize(photo, heat) for photo, heat in pairs]
+        flats = [is_flat(heat) for _, heat in pairs]
     written = []
-    for n, (row, overlay) in enumerate(zip(good, overlays), start=1):
+    for n, (row, overlay, flat) in enumerate(zip(good, overlays, flats), start=1):
         target = out if len(good) == 1 else f"{stem}-{n}{ext or '.png'}"
         title = (f"none of these (novelty {row['novelty']:.2f})" if row.get("unknown") and row["label"] is None
                  else f"{row['label']} ({row['probability']:.3f})")
         photo = np.asarray(open_rgb(row["path"]))
         if overlay is not None:
             photo = np.asarray(Image.fromarray(photo).resize(overlay.shape[1::-1]))
-        written.append(plot_prediction(photo, title, row["top_k"], target, overlay))
+        written.append(plot_prediction(photo, title, row["top_k"], target, overlay, flat))
     return written
 
 

@@ -1,6 +1,7 @@
 """The run writer: what ``train`` leaves in its run folder besides the model file (``runs`` lists them):
 history.json and metrics.json (written after the head stage already, so an interrupted run has them), then
-MODEL_CARD.md, history.png, the label audit's CSV and report.html when there are test metrics. Everything is
+MODEL_CARD.md, history.png (what was fitted: the curves where there are epochs, the heads compared), the
+label audit's CSV and report.html when there are test metrics. Everything is
 read from the fit's state (``training.state.FitState``) and the model's metadata."""
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class RunWriter:
         write_model_card(metadata, os.path.join(out, runs.CARD_NAME))
         _, both, boundary = curves(state)
         history_png = plot_history(both, os.path.join(out, "history.png"), record["best_epoch"],
-                                   stage_boundary=boundary)
+                                   stage_boundary=boundary, head_choice=state.head_choice)
         section = self._audit_section()
         if state.test:
             title = f"Test report: {os.path.basename(os.path.abspath(out))}"

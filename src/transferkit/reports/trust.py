@@ -29,7 +29,7 @@ def trust_metrics(predictor, labels: np.ndarray, probs: np.ndarray, scores, unkn
     found = {"calibration": {"ece": round(expected_calibration_error(cell_probs, cell_labels), 4) if len(labels)
                              else None, "temperature": stored.get("temperature"),
                              "validation_ece_before": stored.get("ece_before"),
-                             "validation_ece_after": stored.get("ece_after")}}
+                             "validation_ece_after": stored.get("ece_after"), **_temperature_choice(stored)}}
     arrays = {"labels": cell_labels, "probs": cell_probs, "scores": scores}
     threshold = 1.0  # the model outputs its novelty score over its own threshold
     if scores is None or not predictor.metadata.get("novelty"):
@@ -50,6 +50,17 @@ def trust_metrics(predictor, labels: np.ndarray, probs: np.ndarray, scores, unkn
         found["unknown"] = _unknown_summary(labels, probs, scores, u_probs, u_scores, threshold,
                                             predictor.class_names, unknown_dir, confusion=not task.multi_label)
     return found, arrays
+
+
+def _temperature_choice(stored: dict) -> dict:
+    """Which temperature was kept and why (models from before the keep-or-not rule have none of these): the
+    ``validation_ece_*`` entries are then the held-out ECE (out-of-fold training photos and validation)."""
+    keys = ("temperature_fitted", "temperatures", "temperatures_fitted", "temperatures_kept", "temperature_kept",
+            "ece_fitted", "temperature_reason")
+    found = {k: stored[k] for k in keys if k in stored}
+    if "temperature_rows" in (stored.get("fitted_on") or {}):
+        found["held_out_rows"] = stored["fitted_on"]["temperature_rows"]
+    return found
 
 
 def _unknown_summary(labels, probs, scores, u_probs, u_scores, threshold, names, unknown_dir,

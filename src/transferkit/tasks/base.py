@@ -31,8 +31,9 @@ class Task:
         raise NotImplementedError
 
     def fit_trust(self, head, train: tuple, val: tuple, n_classes: int, keep_known: float, groups=None,
-                  novelty_dim: int | None = None) -> dict:
-        """The calibration and novelty statistics of a trusted head, in place; returns metadata["novelty"]."""
+                  novelty_dim: int | None = None, held_out: tuple | None = None) -> dict:
+        """The calibration (on ``held_out`` (logits, labels), default validation; kept only where it lowers
+        their cross-fitted ECE) and novelty statistics of a trusted head, in place; returns metadata["novelty"]."""
         raise NotImplementedError
 
     def audit(self, x: np.ndarray, y: np.ndarray, paths: list[str], class_names: list[str]):
@@ -70,6 +71,10 @@ class Task:
         raise NotImplementedError
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def logits(self, probabilities: np.ndarray) -> np.ndarray:
+        """The inverse of ``probabilities`` (single-label: up to a per-row constant), in float64."""
         raise NotImplementedError
 
     # ----- answers -----

@@ -3,7 +3,8 @@ one crate; "rayure", "tache", "moisissure" on one fruit), none included.
 
 One sigmoid output per label on the same cached features (one-vs-rest logistic regression on the multi-depth
 features, or a softmax-free Keras head), inside the one ``.keras`` file, so every export, the cached engine and
-the server carry it. Each label has its own temperature (fitted on validation by the binary log loss) and its
+the server carry it. Each label has its own temperature (fitted on held-out logits by the binary log loss, kept where it lowers that
+label's cross-fitted ECE, else 1) and its
 own threshold, the one of maximum F1 on the validation split (recorded in the model file, read by every
 predictor), and the novelty score is kept: the Mahalanobis distance to the nearest label's mean feature under the
 shared Ledoit-Wolf covariance. Labels are an indicator matrix (photos x labels) from here to the metrics;
@@ -147,6 +148,10 @@ class MultiLabel(Task):
     def probabilities(self, logits):
         return sigmoid(logits)
 
+    def logits(self, probabilities):
+        p = np.clip(np.asarray(probabilities, np.float64), 1e-300, 1 - 1e-16)
+        return np.log(p) - np.log1p(-p)
+
     def fit_decision(self, probs, y) -> None:
         self.thresholds = best_thresholds(np.asarray(probs), np.asarray(y))
 
@@ -198,8 +203,10 @@ class MultiLabel(Task):
         return report_parts(metrics, out)
 
     # ----- trust and audit -----
-    def fit_trust(self, head, train, val, n_classes, keep_known, groups=None, novelty_dim=None):
-        """Per-label temperatures (validation, binary log loss) and the novelty statistics: the distance to the
+    def fit_trust(self, head, train, val, n_classes, keep_known, groups=None, novelty_dim=None, held_out=None):
+        """Per-label temperatures (binary log loss on ``held_out`` (logits, labels) of photos the head never saw;
+        default: validation), each kept only where it lowers that label's cross-fitted ECE (``novelty.
+        cross_fitted_calibration``, the single-label rule), and the novelty statistics: the distance to the
         nearest label's mean training feature under the shared covariance around the overall mean; the
         threshold keeps ``keep_known`` of the validation and out-of-fold training scores."""
         from transferkit.engines.keras_step import run_model
@@ -207,23 +214,44 @@ class MultiLabel(Task):
 
         (x_train, y_train), (x_val, y_val) = train, val
         pool = (lambda x: x[:, :novelty_dim]) if x_train.ndim == 2 else (lambda x: x.mean(axis=(1, 2)))
-        val_logits = run_model(novelty.logit_model(head), x_val)
-        temperatures = self.calibrate(val_logits, y_val)
+        if held_out is None:
+            held_out = (run_model(novelty.logit_model(head), x_val), y_val)
+        calibration = self._calibration(*held_out)
         whitening, centers = label_statistics(pool(x_train), y_train)
         scores = novelty.mahalanobis(pool(x_val), whitening, centers)
         known = np.concatenate([scores, _out_of_fold(pool(x_train), y_train, groups)])
         threshold = float(np.quantile(known, keep_known, method="higher"))
         novelty.set_trust(head, 1.0, whitening, centers, threshold)
+        temperatures = np.asarray(calibration["temperatures"], np.float64)
         head.get_layer("temperature").set_weights([np.diag(1.0 / temperatures).astype(np.float32)])
-        before = novelty.expected_calibration_error(*self.calibration_cells(sigmoid(val_logits), y_val))
-        after = novelty.expected_calibration_error(*self.calibration_cells(sigmoid(val_logits / temperatures), y_val))
         return {"method": "mahalanobis", "covariance": "shared, Ledoit-Wolf; centres: each label's mean",
                 "threshold": threshold, "keep_known": keep_known,
-                "validation_kept": float((scores <= threshold).mean()), "temperature": None,
-                "temperatures": [round(float(t), 4) for t in temperatures],
-                "ece_before": round(before, 4), "ece_after": round(after, 4),
+                "validation_kept": float((scores <= threshold).mean()), "temperature": None, **calibration,
                 "fitted_on": {"train": int(len(y_train)), "validation": int(len(y_val)),
-                              "threshold_scores": int(len(known))}}
+                              "threshold_scores": int(len(known)), "temperature_rows": int(len(held_out[1])),
+                              "temperature_out_of_fold": int(len(held_out[1]) - len(y_val))}}
+
+    def _calibration(self, logits, y) -> dict:
+        """Each label's temperature, kept where it lowers that label's cross-fitted ECE (else 1);
+        ``ece_before`` / ``ece_after`` / ``ece_fitted``: every label cell at T = 1 / as kept / as fitted."""
+        from transferkit.models.novelty import cross_fitted_calibration, expected_calibration_error
+
+        y, logits = np.asarray(y, np.float64), np.asarray(logits, np.float64)
+        cells = lambda p, truth: expected_calibration_error(*self.calibration_cells(p, truth))  # noqa: E731
+        per_label = lambda p, truth: np.array([cells(p[:, [j]], truth[:, [j]])  # noqa: E731
+                                               for j in range(truth.shape[1])])
+        found = cross_fitted_calibration(logits, y, self.calibrate, lambda z, t: sigmoid(z / t), per_label)
+        fitted, kept = np.asarray(found["fitted"], np.float64), np.asarray(found["kept"], bool)
+        plain = sigmoid(logits)
+        pooled = plain if found["pooled"] is None else found["pooled"]
+        n_kept = int(kept.sum())
+        return {"temperatures": [round(float(t), 4) for t in np.where(kept, fitted, 1.0)],
+                "temperatures_fitted": [round(float(t), 4) for t in fitted], "temperatures_kept": kept.tolist(),
+                "temperature_kept": bool(n_kept), "ece_before": round(cells(plain, y), 4),
+                "ece_after": round(cells(np.where(kept, pooled, plain), y), 4),
+                "ece_fitted": round(cells(pooled, y), 4),
+                "temperature_reason": f"{n_kept} of {len(kept)} labels keep their fitted T (it lowers their "
+                                      f"cross-fitted held-out ECE on {len(y)} photos); the others keep T = 1"}
 
     def calibration_cells(self, probs, y):
         """Every (photo, label) cell as a two-class prediction: the calibration error of the label cells."""

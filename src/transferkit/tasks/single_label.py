@@ -81,10 +81,11 @@ class SingleLabel(Task):
             return np.ones(len(y), np.float32)
         return np.asarray([class_weights[int(c)] for c in y], np.float32)
 
-    def fit_trust(self, head, train, val, n_classes, keep_known, groups=None, novelty_dim=None):
+    def fit_trust(self, head, train, val, n_classes, keep_known, groups=None, novelty_dim=None, held_out=None):
         from transferkit.models.novelty import fit_trust
 
-        return fit_trust(head, train, val, n_classes, keep_known, groups=groups, novelty_dim=novelty_dim)
+        return fit_trust(head, train, val, n_classes, keep_known, groups=groups, novelty_dim=novelty_dim,
+                         held_out=held_out)
 
     def audit(self, x, y, paths, class_names):
         from transferkit.training.audit import audit_labels
@@ -116,6 +117,11 @@ class SingleLabel(Task):
         from scipy.special import softmax
 
         return softmax(logits, axis=1)
+
+    def logits(self, probabilities):
+        from transferkit.models.novelty import softmax_logits
+
+        return softmax_logits(probabilities)
 
     # ----- answers -----
     def decide(self, paths, outputs, class_names, top_k, novelty=None, reject=True, *, conformal=None,

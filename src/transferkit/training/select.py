@@ -138,3 +138,38 @@ def select_head(options: TrainOptions, data: tuple, dims: list[int], n_classes: 
     chosen = choose(found)
     logger.info("head chosen on the validation split (--head auto):\n" + table(found, chosen))
     return chosen, found
+
+
+FOLD_HEADS = ("logistic", "gap")  # heads fitted on cached features in about a second: refitted per fold
+
+
+def held_out_logits(chosen: Candidate, options: TrainOptions, data: tuple, dims: list[int], n_classes: int,
+                    class_weight: dict | None, task: Task, folds: int = 5) -> tuple | None:
+    """(logits, labels) of photos the chosen head never saw, for its temperature: each training image (its
+    original view) predicted by ``chosen`` fitted again on the other folds (grouped by image, so its augmented
+    views share its fold), then the validation images by ``chosen`` itself. With 24 validation photos alone a
+    fitted T of 3.08 raised ECE 0.160 -> 0.184 (issue 30); a 180-photo set gives 5x the rows this way. None for
+    a head fitted by Keras epochs (five more fits would be minutes): the temperature then uses validation."""
+    import numpy as np
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    if chosen.head not in FOLD_HEADS:
+        return None
+    x_train, y_train, x_val, y_val, views = data
+    groups = np.arange(len(y_train)) // views
+    counts = np.bincount(y_train[::views], minlength=n_classes) if not task.multi_label else None
+    k = int(min(folds, len(np.unique(groups)), counts.min() if counts is not None else folds))
+    if k < 2:
+        return None
+    splitter = GroupKFold(k) if task.multi_label else StratifiedGroupKFold(k, shuffle=True, random_state=0)
+    logits, labels = [], []
+    for fit_rows, held in splitter.split(x_train, None if task.multi_label else y_train, groups):
+        one = Candidate(chosen.head, chosen.depths, chosen.views)
+        _fit_candidate(one, options, (x_train[fit_rows], y_train[fit_rows], x_val, y_val, views), dims,
+                       n_classes, class_weight, task)
+        held = held[held % views == 0]  # the photos themselves, not their augmented views
+        logits.append(task.logits(one.predict(x_train[held])))
+        labels.append(y_train[held])
+    logits.append(task.logits(chosen.predict(x_val)))
+    labels.append(y_val)
+    return np.concatenate(logits), np.concatenate(labels)

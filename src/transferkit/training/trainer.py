@@ -232,7 +232,8 @@ class Trainer:
         views = st.options.augment_views + 1  # flatten_views: an image's views are consecutive rows
         st.novelty = st.task.fit_trust(st.head, (features.x_train, features.y_train),
                                        (features.x_val, features.y_val), len(st.classes), st.options.keep_known,
-                                       groups=np.arange(len(features.y_train)) // views, novelty_dim=dims[0])
+                                       groups=np.arange(len(features.y_train)) // views, novelty_dim=dims[0],
+                                       held_out=self._held_out_logits(chosen, features, dims))
         st.timing["head_seconds"] = round(time.perf_counter() - t0, 2)
         # validation as the model answers (calibrated), or after a refit the head as chosen, before it saw them
         measured = chosen.model if st.options.refit else st.head
@@ -255,6 +256,14 @@ class Trainer:
             return
         st.conformal = fit_held_out(val, train, len(st.classes))
         logger.info(f"conformal calibration on {st.conformal['n']} held-out photos ({st.conformal['fitted_on']})")
+
+    def _held_out_logits(self, chosen, features: FeatureSplit, dims: list[int]):
+        """The temperature's held-out (logits, labels): out-of-fold training photos and validation."""
+        from transferkit.training import select
+
+        st = self.state
+        data = (features.x_train, features.y_train, features.x_val, features.y_val, st.options.augment_views + 1)
+        return select.held_out_logits(chosen, st.options, data, dims, len(st.classes), self.class_weights(), st.task)
 
     def _choose_head(self, features: FeatureSplit, dims: list[int]):
         """(the head to keep, every candidate compared): ``auto`` compares them on validation; an explicit head
