@@ -24,6 +24,9 @@ import numpy as np
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from transferkit.apps import feedback
+from transferkit.apps import metrics as prom
+from transferkit.apps.collect import close_all
 from transferkit.errors import TransferkitError
 from transferkit.log import logger
 from transferkit.options import ServeOptions
@@ -62,6 +65,7 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+    hooks = feedback.install(app, model, options, model_path, info)  # /metrics, /api/feedback, --collect
 
     def error(status: int, message: str):
         return jsonify({"error": message}), status
@@ -101,6 +105,7 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
             return error(413, f"{exc.path}: {exc.reason}")
         except UnreadableImage as exc:
             return error(400, f"{exc.path}: {exc.reason}")
+        hooks.after_predict(rows, files)
         return jsonify({"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}})
 
     return app
@@ -180,6 +185,8 @@ def serve(model_path: str, options: ServeOptions | None = None) -> None:
                 "accesslog": None,
                 "errorlog": "-",
                 "loglevel": "warning",
+                "worker_exit": lambda _arbiter, _worker: close_all(),  # the collect queue written first
+                "child_exit": lambda _arbiter, worker: prom.worker_gone(worker.pid),
             }
             for key, value in settings.items():
                 self.cfg.set(key, value)
@@ -189,4 +196,5 @@ def serve(model_path: str, options: ServeOptions | None = None) -> None:
 
     logger.info(f"serving {model_path} on http://{host}:{port}/ ({options.workers} worker(s) x "
                 f"{options.threads} threads)")
+    prom.prepare_multiprocess()  # before the fork: the workers' /metrics figures add up
     Server().run()
