@@ -30,8 +30,8 @@ _OPEN: list["Collector"] = []  # this process's collectors, flushed by gunicorn'
 class Collector:
     """Stores predictions of model ``model_hash`` in ``target`` (a SQLite path or a database URL)."""
 
-    def __init__(self, target: str, model_hash: str, files: str | None = None):
-        self.target, self.model_hash, self.files = target, model_hash, files
+    def __init__(self, target: str, model_hash: str, files: str | None = None, model: tuple | None = None):
+        self.target, self.model_hash, self.files, self.model = target, model_hash, files, model
         self.store: Store | None = None
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_ITEMS)
         self.pending_bytes, self.lock = 0, threading.Lock()
@@ -47,6 +47,12 @@ class Collector:
         except StoreError as exc:
             self.store = None
             self._warn(f"{exc}: predictions are not collected (counted in /metrics)")
+            return
+        if self.model is not None:  # (path, summary): what monitor compares the window with
+            try:
+                self.store.register_model(self.model_hash, *self.model)
+            except Exception as exc:  # noqa: BLE001 - locked at start: the predictions are still collected
+                logger.warning(f"{self.target}: the model's reference not stored ({_reason(exc)})")
 
     @property
     def available(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import time
 from urllib.parse import urlsplit
 
@@ -49,7 +50,10 @@ def install(app: Flask, model, options, model_path: str, info: dict) -> Hooks:
         from transferkit.apps.collect import Collector
         from transferkit.files import known_digest
 
-        collector = Collector(options.collect, known_digest(model_path)[:16], options.collect_files)
+        summary = {"class_names": model.class_names, "reference": model.metadata.get("reference")} | {
+            k: info.get(k) for k in ("backbone", "image_size", "validation")}
+        collector = Collector(options.collect, known_digest(model_path)[:16], options.collect_files,
+                              (os.path.abspath(model_path), summary))
         logger.info(f"collecting predictions in {options.collect}")
     info["feedback"] = {"enabled": collector is not None and collector.available, "token": bool(options.feedback_token)}
     prom.metrics()

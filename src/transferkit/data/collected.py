@@ -80,7 +80,13 @@ def _tables():
         sa.Column("created", sa.Float, nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("label", sa.String(200)))
-    return meta, predictions, feedback
+    models = sa.Table(
+        "models", meta,
+        sa.Column("hash", sa.String(64), primary_key=True),
+        sa.Column("created", sa.Float, nullable=False),
+        sa.Column("path", sa.Text),
+        sa.Column("info", sa.Text))  # JSON: class names, backbone, image size, validation, reference
+    return meta, predictions, feedback, models
 
 
 class Store:
@@ -91,7 +97,7 @@ class Store:
 
         self.target, self.url = str(target), store_url(target)
         self.files = files_folder(target, files)
-        self.meta, self.predictions, self.feedback = _tables()
+        self.meta, self.predictions, self.feedback, self.models = _tables()
         try:
             if self.url.startswith("sqlite"):
                 self.engine = sa.create_engine(self.url, connect_args={"timeout": BUSY_MS / 1000})
@@ -133,6 +139,27 @@ class Store:
     def insert_predictions(self, rows: list[dict]) -> None:
         with self.engine.begin() as conn:
             conn.execute(self.predictions.insert(), rows)
+
+    def register_model(self, model_hash: str, path: str, info: dict) -> None:
+        """The served model's summary (monitor's reference), once per model hash (a racing worker's is kept)."""
+        import sqlalchemy as sa
+
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(self.models.c.hash).where(self.models.c.hash == model_hash)).first():
+                return
+            try:
+                conn.execute(self.models.insert(), [{"hash": model_hash, "created": time.time(), "path": path,
+                                                     "info": json.dumps(info, ensure_ascii=False)}])
+            except sa.exc.IntegrityError:
+                pass
+
+    def model_infos(self) -> dict[str, dict]:
+        """{model hash: its summary} of the models that served into this store."""
+        import sqlalchemy as sa
+
+        with self.engine.connect() as conn:
+            return {r.hash: json.loads(r.info or "{}") | {"path": r.path}
+                    for r in conn.execute(sa.select(self.models))}
 
     def add_feedback(self, uid: str, kind: str, label: str | None) -> bool:
         """Record a correction of prediction ``uid``; False when no such prediction is stored."""

@@ -37,6 +37,7 @@ class ModelRecord:
     validation: dict | None = None
     test: dict | None = None
     novelty: dict | None = None
+    reference: dict | None = None  # the validation answers' summary (training/reference.py): monitor's reference
     fine_tune: dict | None = None
     backbone_info: dict | None = None
     backbone_choice: dict | None = None
@@ -103,6 +104,8 @@ class ModelRecord:
             changes["backbone_choice"] = state.backbone_choice
         if state.novelty:
             changes["novelty"] = dict(state.novelty)
+        if state.reference:
+            changes["reference"] = state.reference
         if state.fine_tune:
             changes["fine_tune"] = {k: state.fine_tune.get(k) for k in FINE_TUNE_KEYS}
         return dataclasses.replace(base, **changes) if base is not None else cls(**changes)
@@ -120,7 +123,7 @@ class ModelRecord:
         state.history, state.best_epoch = fit.get("history"), fit.get("best_epoch")
         state.feature_check, state.head_choice = fit.get("feature_check"), fit.get("head_choice")
         state.validation, state.test, state.fine_tune = self.validation, self.test, self.fine_tune
-        state.novelty = self.novelty
+        state.novelty, state.reference = self.novelty, self.reference
         state.timing = dict(fit.get("timing", {}))
         state.set_model(loaded.keras_model, features_current=False)
 
