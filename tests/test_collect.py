@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from browser import chromium, on_ci, save_screenshot
 from conftest import CLASSES
-from test_serve import _free_port
+from test_serve import _free_port, _raw_get
 
 TOKEN = "s3cret-token"
 
@@ -167,6 +167,14 @@ def test_feedback_is_recorded_against_the_prediction_and_refused_when_unsafe(col
     with sqlite3.connect(db) as conn:
         assert conn.execute("select kind, label from feedback where prediction_uid = ?", (uid,)).fetchall() == [
             ("wrong", CLASSES[1])]
+    # the store and its files are never served: not by name, not by hash, not through ../
+    port = int(url.rsplit(":", 1)[1])
+    uid, image, ext = _rows(db)[0]
+    stored = open(os.path.join(db + ".files", image[:2], f"{image}.{ext}"), "rb").read()
+    for target in ("/seen.db", "/seen.db.files/" + image[:2] + "/" + image + "." + ext, "/static/../seen.db",
+                   "/static/%2e%2e/seen.db", "/" + image, "/api/" + image, "/static/" + image + "." + ext):
+        status, body = _raw_get(port, target)
+        assert status in (400, 404, 405) and b"SQLite format" not in body and stored[:400] not in body, target
     m = _metrics(url)
     assert m[("transferkit_feedback_total", frozenset({("kind", "wrong")}))] >= 1
     assert m[("transferkit_errors_total", frozenset({("kind", "unauthorised")}))] >= 2

@@ -23,6 +23,7 @@ from transferkit.log import logger
 
 MAX_BODY = 4096
 MAX_LABEL = 200
+WAIT_STORED = 3.0
 
 
 class Hooks:
@@ -128,11 +129,17 @@ def parse_feedback(body) -> tuple[str, str, str | None] | str:
 
 
 def _record(collector, uid: str, kind: str, label: str | None):
-    """Store the correction once its prediction is stored (it may still be in the queue: flushed first)."""
+    """Store the correction once its prediction is stored: it may still be in this worker's queue (flushed
+    first) or in another worker's (waited for, up to ``WAIT_STORED`` seconds)."""
     try:
         found = collector.store.add_feedback(uid, kind, label)
-        if not found and collector.flush(timeout=2.0):
+        deadline = time.monotonic() + WAIT_STORED
+        if not found:
+            collector.flush(timeout=WAIT_STORED)
+        while not found and time.monotonic() < deadline:
             found = collector.store.add_feedback(uid, kind, label)
+            if not found:
+                time.sleep(0.1)
     except Exception as exc:  # noqa: BLE001 - the store is down: the correction is refused, the server goes on
         prom.metrics()["errors"].labels(kind="feedback_store").inc()
         logger.warning(f"{collector.target}: correction not recorded ({exc.__class__.__name__})")

@@ -84,8 +84,13 @@ def prepare_multiprocess() -> str:
 
     folder = os.environ.get(MULTIPROC_ENV)
     if not folder:
+        import atexit
+        import shutil
+
         folder = tempfile.mkdtemp(prefix="transferkit-metrics-")
         os.environ[MULTIPROC_ENV] = folder
+        master = os.getpid()  # the workers inherit this handler: only the master removes the folder
+        atexit.register(lambda: os.getpid() == master and shutil.rmtree(folder, ignore_errors=True))
     return folder
 
 
