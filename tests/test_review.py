@@ -166,3 +166,24 @@ def test_monitor_says_moved_for_the_absent_class_and_not_for_the_known_ones(two_
     assert "unknown_rate" in moved["moved"] and moved["line"].startswith("inputs have moved")
     assert "<img src=\"data:image/png;base64," in open(moved["html"], encoding="utf-8").read()
     shutil.rmtree(tmp_path / "pool")
+
+
+def test_cli_review_of_an_unlabelled_folder_and_monitor(two_class_model, tmp_path, capsys):
+    from transferkit.apps import cli
+
+    _, model_path = two_class_model
+    folder = write_dataset(tmp_path / "unlabelled", 4, seed=14)  # 12 photos, a third of a class it never saw
+    assert cli.main(["review", folder, "--model", model_path, "-n", "5", "--dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("review queue: 5 of 12 photo(s)") and os.path.isfile(tmp_path / "r" / "review.html")
+    assert cli.main(["review", folder, "--dir", str(tmp_path / "r")]) == 2  # a folder needs --model
+    assert "--model" in capsys.readouterr().err
+    db = str(tmp_path / "seen.db")
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+    _collect(db, model_path, paths)
+    assert cli.main(["monitor", db, "--out", str(tmp_path / "m")]) == 0
+    assert capsys.readouterr().out.startswith("inputs have")
+    assert cli.main(["monitor", str(tmp_path / "nothing.db"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("transferkit: error:") and "no such store" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "nothing.db")

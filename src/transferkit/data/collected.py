@@ -98,6 +98,8 @@ class Store:
         self.target, self.url = str(target), store_url(target)
         self.files = files_folder(target, files)
         self.meta, self.predictions, self.feedback, self.models = _tables()
+        if not create and not is_url(target) and not os.path.isfile(target):
+            raise StoreError(f"{target}: no such store (serve --collect {target} makes it)")
         try:
             if self.url.startswith("sqlite"):
                 self.engine = sa.create_engine(self.url, connect_args={"timeout": BUSY_MS / 1000})
