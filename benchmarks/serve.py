@@ -1,11 +1,15 @@
 """Requests/second and latency of `transferkit serve` for single-image requests at 1, 4, 16 and 64 clients.
 
-    python benchmarks/serve.py MODEL [--image PHOTO] [--seconds 10] [--workers 1] [--threads 4] [--collect]
+    python benchmarks/serve.py MODEL [--image PHOTO] [--seconds 10] [--workers 1] [--threads 4] [--first-use]
+                              [--runtime auto] [--collect]
 
 Starts a real server process on 127.0.0.1 (a free port), waits for /healthz (its start time is printed: on a model
 file used before, the worker loads the cached engine without TensorFlow), then each client posts one image per
-request, back to back, for the given time. Prints req/s, p50 and p95 latency per concurrency level; with
-``--collect``, the same with ``serve --collect`` (every answer stored in SQLite) beside them.
+request, back to back, for the given time. Prints req/s, p50 and p95 latency per concurrency level, then the peak
+RSS (VmHWM) of the master and of each worker. ``--first-use`` starts on an empty cache: the master converts the
+model file once, in a child process, before gunicorn forks (``engines.convert``); a worker's peak, 2.9 GB when
+each converted it itself, is then the cached engine's. ``--collect``: every level again with ``serve --collect``
+(every answer stored in a fresh SQLite file), and both side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +34,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def peak_mb(pid: int) -> float:
+    """The peak RSS (VmHWM) of the live process ``pid``, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def workers(master: int) -> list[int]:
+    """The live child processes of ``master`` (gunicorn's workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == master:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(found)
 
 
 def run_level(url: str, payload: bytes, clients: int, seconds: float) -> tuple[float, float, float, int]:
@@ -67,8 +90,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--collect", action="store_true", help="also run every level with serve --collect (a fresh "
                    "SQLite store) and print both, side by side")
-    p.add_argument("--first-use", action="store_true", help="start on a model file never used (Keras loads and "
-                   "converts it) instead of after one `transferkit predict`")
+    p.add_argument("--runtime", default="auto", help="the server's --runtime (default: auto)")
+    p.add_argument("--first-use", action="store_true", help="start on a model file never converted (an empty "
+                   "cache) instead of after one `transferkit predict`")
     args = p.parse_args()
     if args.image:
         payload = open(args.image, "rb").read()
@@ -77,6 +101,8 @@ def main() -> None:
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buf, "JPEG")
         payload = buf.getvalue()
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+    if args.first_use:  # never converted: an empty cache
+        env["TRANSFERKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="tk-serve-cold-")
     if not args.first_use:  # as after any first use of the model file: its converted engine is in the cache
         photo = args.image or os.path.join(tempfile.mkdtemp(), "photo.jpg")
         if not args.image:
@@ -104,7 +130,8 @@ def run_server(args, payload: bytes, env: dict, extra: list[str], mode: str) -> 
     """Start a server (``extra``: more serve flags), run every level, print and return {clients: figures}."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", args.model, "--port", str(port),
-                             "--workers", str(args.workers), "--threads", str(args.threads), *extra],
+                             "--workers", str(args.workers), "--threads", str(args.threads),
+                             "--runtime", args.runtime, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
@@ -128,6 +155,8 @@ def run_server(args, payload: bytes, env: dict, extra: list[str], mode: str) -> 
         for clients in LEVELS:
             found[clients] = rps, p50, p95, errors = run_level(url, payload, clients, args.seconds)
             print(f"{clients:>8} {rps:>8.1f} {p50:>8.1f} {p95:>8.1f} {errors:>7}", flush=True)
+        peaks = ", ".join(f"{peak_mb(pid):.0f} MB" for pid in workers(proc.pid))
+        print(f"peak RSS: master {peak_mb(proc.pid):.0f} MB, worker(s) {peaks}")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -48,13 +48,17 @@ def load_model(path, *, runtime: str = DEFAULT_ENGINE.runtime,
 def load_predictor(path, *, runtime: str = DEFAULT_ENGINE.runtime,
                    precision: str = DEFAULT_ENGINE.precision) -> Predictor:
     """What ``predict``, ``evaluate`` and the server run: a ``.keras`` file's converted engine straight from the
-    cache where an earlier use left one, checked (no TensorFlow import: one photo in well under a second), else
-    :func:`load_model`."""
+    cache where ``train`` or an earlier use left one, checked (no TensorFlow import: one photo in well under a
+    second); where none is cached yet, converted first by a child process that exits (``engines.convert``:
+    this process still imports no TensorFlow); else :func:`load_model`."""
     engine = EngineOptions(runtime=runtime, precision=precision)
     if not str(path).lower().endswith(".onnx"):
         from transferkit.engines.cached import CachedPredictor
+        from transferkit.engines.convert import in_child
 
         found = CachedPredictor.find(str(path), engine)
+        if found is None and in_child(str(path), engine):
+            found = CachedPredictor.find(str(path), engine)
         if found is not None:
             return found
     return load_model(path, runtime=runtime, precision=precision)

@@ -232,12 +232,18 @@ class ImageClassifier:
         return self
 
     # ----- the model file -----
-    def save(self, path: str) -> str:
+    def save(self, path: str, *, warm: bool = True) -> str:
         """Write the classifier (resize + preprocessing + backbone + head) and its metadata to ``path``
-        (``.keras``), atomically."""
+        (``.keras``), atomically; ``warm``: also leave the converted, checked engine of the default engine
+        (``DEFAULT_ENGINE``) in the cache, so that the first ``predict`` or ``serve`` of the file imports no
+        TensorFlow (``engines.convert.warm``); not for a classifier trained on ``runtime="keras"``."""
         st = self._fitted()._state
         metadata = self._record().save(st.model, path, st.check_images)
         st.saved_to, st.file_metadata = str(path), metadata
+        if warm and st.options.runtime != "keras":  # a run that ruled out converted engines converts none
+            from transferkit.engines.convert import warm as cache_engine
+
+            cache_engine(str(path), st.model)
         return str(path)
 
     @classmethod

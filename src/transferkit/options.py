@@ -127,7 +127,11 @@ class TrainOptions(EngineOptions):
     augment_views: int = option(0, "augmented views per training image (random flip, rotation, zoom), each cached; "
                                    "0 by measurement (benchmarks/quality.py: they did not earn their extraction time)",
                                 low=0, high=64)
-    class_weight: str = option("balanced", "weight classes by inverse frequency, or not", choices=CLASS_WEIGHTS)
+    class_weight: str = option("balanced", "weight classes by inverse frequency, or not (multi-label: each "
+                                           "label's positives, in the logistic heads)", choices=CLASS_WEIGHTS)
+    multi_label: bool = option(False, "multi-label: a photo shows any number of the labels (a label file whose "
+                                      "label column lists them, separated by --label-sep; an empty cell: none)")
+    label_sep: str = option("|", "with --multi-label: the separator of the labels in a label cell")
     head: str = option("auto", "auto: the best on the validation split of gap and logistic on 0, 2 or 4 depths (and "
                                "with or without the augmented views), the table printed; gap: softmax on pooled "
                                "features (Adam epochs, fitted by scikit-learn); logistic: L2 logistic regression "
@@ -158,6 +162,11 @@ class TrainOptions(EngineOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        if not self.label_sep or self.label_sep.strip() != self.label_sep or len(self.label_sep) > 4:
+            raise OptionError("label_sep", "must be 1 to 4 characters, not blank", self.label_sep)
+        if self.multi_label and self.backbone == "auto":
+            raise OptionError("backbone", "auto compares backbones on single-label heads; choose one backbone "
+                              "with --multi-label", self.backbone)
         if self.precision == "int8":
             raise OptionError("precision", "is the numerics of the metrics train reports (fp32, or bf16): "
                               "--feature-precision int8 computes the training views in int8", self.precision)

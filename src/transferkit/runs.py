@@ -18,7 +18,7 @@ import datetime
 import json
 import os
 
-from transferkit.data.folders import TrainingData
+from transferkit.data.folders import TrainingData, label_count
 from transferkit.errors import TransferkitError
 from transferkit.files import file_digest, write_json_atomic
 from transferkit.log import logger
@@ -186,7 +186,7 @@ def _looks_local(text: str) -> bool:
 def data_record(data: TrainingData, skipped: list[dict] | None, duplicates: dict | None, limit: int = 20) -> dict:
     """``metadata["data"]``'s details for the model card: images per class and split, the skipped files (paths
     below the training folder), the duplicate findings of ``data.health.run_duplicates``."""
-    counts = {name: {"train": int((data.y_train == k).sum()), "validation": int((data.y_val == k).sum())}
+    counts = {name: {"train": label_count(data.y_train, k), "validation": label_count(data.y_val, k)}
               for k, name in enumerate(data.class_names)}
     root = os.path.abspath(data.root)
     shown = [{"path": os.path.relpath(s["path"], root) if os.path.abspath(s["path"]).startswith(root + os.sep)
@@ -201,7 +201,8 @@ def metrics_record(metrics: dict) -> dict:
     """What the model file keeps of a metrics dict beside accuracy and macro F1: images, per-class figures, the
     confusion matrix (the model card and a notebook's view of a loaded classifier read them), and a test run's
     calibration error and known photos kept."""
-    kept = {k: metrics[k] for k in ("n_images", "per_class", "confusion_matrix") if k in metrics}
+    kept = {k: metrics[k] for k in ("n_images", "per_class", "confusion_matrix", "per_label", "micro_f1", "mAP",
+                                     "subset_accuracy", "hamming_loss") if k in metrics}
     if (metrics.get("calibration") or {}).get("ece") is not None:
         kept["ece"] = metrics["calibration"]["ece"]
     if isinstance(metrics.get("novelty"), dict) and "known_kept" in metrics["novelty"]:

@@ -200,6 +200,9 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
         for r in rows:
             if r.get("error"):
                 print(f"{r['path']}\tERROR: {r['error']}")
+            elif "labels" in r and not r.get("unknown"):  # multi-label: every label over its threshold
+                shown = ", ".join(f"{name} {r['scores'][name]:.3f}" for name in r["labels"]) or "none of the labels"
+                print(f"{r['path']}\t{shown}" + (f"\tgiven {r['given']}" if "given" in r else ""))
             elif r["label"] is None:  # unknown: none of the classes; the nearest ones in brackets
                 nearest = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
                 print(f"{r['path']}\tunknown\tnovelty {r['novelty']:.2f}\t(nearest: {nearest})")
@@ -215,15 +218,17 @@ def _csv_rows(rows: list[dict]) -> str:
     k = max((len(r["top_k"]) for r in rows), default=0)
     tops_header = [f"top{i + 1}_{c}" for i in range(k) for c in ("label", "probability")]
     given = any("given" in r for r in rows)  # predicting a label file: its labels, to compare
-    writer.writerow(["path", "label", "probability", "novelty"] + tops_header + ["error"] + ["given"] * given)
+    multi = any("labels" in r for r in rows)  # a multi-label model: the labels over their thresholds, joined by |
+    writer.writerow(["path", "label", "probability", "novelty"] + ["labels"] * multi + tops_header + ["error"]
+                    + ["given"] * given)
     for r in rows:
         tops = [x for t in r["top_k"] for x in (t["label"], f"{t['probability']:.6f}")]
         tops += [""] * (2 * k - len(tops))
         prob = "" if r["probability"] is None else f"{r['probability']:.6f}"
         label = "unknown" if r.get("unknown") and r["label"] is None else r["label"] or ""
         novelty = "" if r.get("novelty") is None else f"{r['novelty']:.4f}"
-        writer.writerow([r["path"], label, prob, novelty] + tops + [r.get("error", "")]
-                        + [r.get("given", "")] * given)
+        writer.writerow([r["path"], label, prob, novelty] + ["|".join(r.get("labels") or [])] * multi + tops
+                        + [r.get("error", "")] + [r.get("given", "")] * given)
     return buf.getvalue()
 
 
@@ -236,17 +241,19 @@ def _train(args) -> None:
 
 def _evaluate(args) -> None:
     from transferkit.api import evaluate
-    from transferkit.reports.metrics import text_report
+    from transferkit.tasks import get_task
 
     metrics = evaluate(args.model, label_source(args, args.test_dir), out=args.out, unknown_dir=args.unknown_dir,
                        explain=args.explain,
                        **record_values(args, EngineOptions))
-    if args.json:
-        keys = ("accuracy", "class_names", "per_class", "confusion_matrix", "n_images", "skipped")
+    task = get_task(metrics.get("task") or "single_label")
+    if args.json:  # the headline figures first
+        keys = [k for k in ("accuracy", "micro_f1", "macro_f1", "mAP", "subset_accuracy", "class_names",
+                            "per_class", "per_label", "confusion_matrix", "n_images", "skipped") if k in metrics]
         print(json.dumps({k: metrics[k] for k in keys} | {k: v for k, v in metrics.items() if k not in keys},
                          ensure_ascii=False))
     else:
-        print(text_report(metrics))
+        print(task.text_report(metrics))
 
 
 def _predict(args) -> None:

@@ -21,6 +21,8 @@ def add_training_rows(data: TrainingData, label_files) -> TrainingData:
 
     if not label_files:
         return data
+    if np.ndim(data.y_train) != 1:
+        raise TransferkitError(f"{label_files[0]}: --add joins single-label rows; this training data is multi-label")
     known = set(data.train_paths) | set(data.val_paths)
     seen = set(data.digests.get(p) for p in known)
     paths, labels, digests = list(data.train_paths), list(data.y_train), dict(data.digests)

@@ -11,7 +11,7 @@ import glob
 import hashlib
 import os
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class ImageFolder:
 
     def counts(self) -> dict[str, int]:
         """Images per class, in class order."""
-        return {name: int((self.labels == i).sum()) for i, name in enumerate(self.class_names)}
+        return {name: label_count(self.labels, i) for i, name in enumerate(self.class_names)}
 
     def subset(self, index) -> "ImageFolder":
         index = np.asarray(index, dtype=int)
@@ -171,13 +171,21 @@ def fingerprint(root: str, digests: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def split_training_folder(root: str, val_split: float, seed: int) -> TrainingData:
+def split_training_folder(root: str, val_split: float, seed: int, multi_label: bool = False,
+                          label_sep: str = "|") -> TrainingData:
     """Scan ``root/<class>/``, check every class has images, and split it (seeded, stratified); a label file:
-    its own split where it has a split column (``labelfile.split_label_file``)."""
+    its own split where it has a split column (``labelfile.split_label_file``). ``multi_label``: a label file
+    whose label cells list labels separated by ``label_sep`` (folders are single-label)."""
     from transferkit.data import labelfile
 
     if labelfile.is_label_source(root):
-        return labelfile.split_label_file(root, val_split, seed)
+        source = labelfile.as_label_file(root)
+        if multi_label:
+            source = replace(source, multi_label=True, label_sep=label_sep)
+        return labelfile.split_label_file(source, val_split, seed)
+    if multi_label:
+        raise TransferkitError(f"{root}: multi-label training reads a label file (labels.csv with a label column "
+                               f"such as 'fraise pourrie{label_sep}grenade'); a class folder holds one label per photo")
     data = scan_folder(root)
     check_trainable(data)
     train_idx, val_idx = stratified_split(data.labels, val_split, seed)
@@ -185,6 +193,55 @@ def split_training_folder(root: str, val_split: float, seed: int) -> TrainingDat
     return TrainingData(data.root, data.class_names, [data.paths[i] for i in train_idx],
                         [data.paths[i] for i in val_idx], data.labels[train_idx], data.labels[val_idx],
                         data.skipped, fingerprint(data.root, digests), digests)
+
+
+def iterative_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train index, validation index) of a multi-label indicator matrix by iterative stratification
+    (Sechidis, Tsoumakas and Vlahavas 2011): the rarest label's photos are dealt first, each to the split that
+    most lacks that label, so every label keeps about ``val_fraction`` of its photos in validation. Photos
+    without a label go where rows are most lacking."""
+    if not 0 < val_fraction < 1:
+        raise OptionError("val_split", "must be > 0 and < 1", val_fraction)
+    y = np.asarray(labels, dtype=bool)
+    if len(y) < 2:
+        raise TransferkitError(f"too few images ({len(y)}) for a {val_fraction:.0%} validation split")
+    rng = np.random.default_rng(seed)
+    ratios = np.array([1 - val_fraction, val_fraction])
+    rows, wanted = ratios * len(y), ratios[:, None] * y.sum(axis=0)[None, :]  # per split: rows, label counts
+    side = np.full(len(y), -1)
+    while (side < 0).any():
+        todo = side < 0
+        counts = y[todo].sum(axis=0)
+        if counts.any():
+            label = int(np.flatnonzero(counts == counts[counts > 0].min())[0])
+            batch = rng.permutation(np.flatnonzero(todo & y[:, label]))
+        else:
+            label, batch = None, rng.permutation(np.flatnonzero(todo))
+        for i in batch:
+            need = wanted[:, label] if label is not None else rows
+            best = np.flatnonzero(need == need.max())
+            best = best[rows[best] == rows[best].max()]
+            s = int(rng.choice(best))
+            side[i], rows[s] = s, rows[s] - 1
+            wanted[s] -= y[i]
+    train, val = np.flatnonzero(side == 0), np.flatnonzero(side == 1)
+    if not len(val) or not len(train):
+        raise TransferkitError(f"too few images ({len(y)}) for a {val_fraction:.0%} validation split")
+    return train, val
+
+
+def label_text(class_names: list[str], label, sep: str = "|") -> str:
+    """A photo's label as text: its class, or a multi-label row's labels joined by ``sep`` ("" for none)."""
+    label = np.asarray(label)
+    if label.ndim == 0:
+        return class_names[int(label)]
+    return sep.join(class_names[j] for j in np.flatnonzero(label))
+
+
+def label_count(y: np.ndarray, k: int) -> int:
+    """Photos of class (or with label) ``k``."""
+    y = np.asarray(y)
+    return int(y[:, k].sum()) if y.ndim == 2 else int((y == k).sum())
 
 
 def nfc(text: str) -> str:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import imagehash
 import numpy as np
 
-from transferkit.data.folders import scan_folder
+from transferkit.data.folders import label_text, scan_folder
 from transferkit.files import file_digest, write_json_atomic
 from transferkit.data.images import UnreadableImage, open_rgb
 from transferkit.log import progress_bar
@@ -54,7 +54,7 @@ def _kind(a: dict, b: dict) -> str:
 
 def _examine_all(splits: list, progress: bool) -> tuple[list[dict], list[dict]]:
     """Decode and fingerprint every file of every split: (records of readable images, unreadable files)."""
-    items = [(split, data.class_names[label], path) for split, data in splits
+    items = [(split, label_text(data.class_names, label), path) for split, data in splits
              for path, label in zip(data.paths, data.labels)]
     unreadable = [dict(s, split=split) for split, data in splits for s in data.skipped]
     records = []
@@ -203,11 +203,11 @@ def run_duplicates(data, test=None, limit: int = 10) -> dict:
     split already computed (no image is decoded again, so it costs nothing), within a class, across classes (a
     likely label error) and between training and validation or the test folder (leakage: that score would lie).
     Near duplicates need every image decoded and hashed perceptually: ``transferkit inspect``."""
-    rows = [("train", data.class_names[y], p) for p, y in zip(data.train_paths, data.y_train)]
-    rows += [("validation", data.class_names[y], p) for p, y in zip(data.val_paths, data.y_val)]
+    rows = [("train", label_text(data.class_names, y), p) for p, y in zip(data.train_paths, data.y_train)]
+    rows += [("validation", label_text(data.class_names, y), p) for p, y in zip(data.val_paths, data.y_val)]
     digests = dict(data.digests)
     if test is not None:
-        rows += [("test", test.class_names[y], p) for p, y in zip(test.paths, test.labels)]
+        rows += [("test", label_text(test.class_names, y), p) for p, y in zip(test.paths, test.labels)]
         digests |= {p: file_digest(p) for p in test.paths if p not in digests}
     by_digest = collections.defaultdict(list)
     for split, label, path in rows:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from transferkit.data.folders import ImageFolder, TrainingData, nfc, stratified_split
+from transferkit.data.folders import (ImageFolder, TrainingData, iterative_split, label_count, label_text, nfc,
+                                     stratified_split)
 from transferkit.data.images import UnreadableImage, sniff_format
 from transferkit.errors import TransferkitError
 from transferkit.files import file_digest
@@ -53,6 +54,8 @@ class LabelFile(os.PathLike):
     label_col: str = "label"
     split_col: str = "split"
     only: str | None = None
+    multi_label: bool = False  # a label cell lists any number of labels, separated by label_sep ("" = none)
+    label_sep: str = "|"
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -68,6 +71,10 @@ class Row:
     path: str  # resolved below the root
     label: str
     split: str | None
+
+    def labels(self, sep: str) -> list[str]:
+        """A multi-label cell's labels, in order, each once (an empty cell: none)."""
+        return list(dict.fromkeys(nfc(p.strip()) for p in self.label.split(sep) if p.strip()))
 
 
 @dataclass
@@ -236,7 +243,7 @@ def _rows_of_table(path: str, root: str, base: str, source: LabelFile, folder_sp
         label = nfc(rec.get(label_col, "") if label_col else _parent_label(resolved, base) if hf else "")
         split, split_reason = _split_of(rec.get(source.split_col), has_split)
         split = split or folder_split or (_path_split(given) if hf else None)
-        reason = reason or (None if label or not need_labels else "empty label") or split_reason
+        reason = reason or (None if label or not need_labels or source.multi_label else "empty label") or split_reason
         if reason:
             bad.append({"line": line, "file": path, "path": given, "reason": reason})
         else:
@@ -312,7 +319,7 @@ def scan_label_file(source, class_names: list[str] | None = None, min_classes: i
     has_splits = bool(rows) and all(r.split for r in rows)
     if source.only:
         rows = [r for r in rows if r.split == source.only]
-    names = _class_names(source, rows, class_names, min_classes)
+    names = _class_names(source, rows, class_names, 1 if source.multi_label else min_classes)
     index = {name: i for i, name in enumerate(names)}
     paths, labels, splits, skipped = [], [], [], []
     for row in rows:
@@ -322,25 +329,40 @@ def scan_label_file(source, class_names: list[str] | None = None, min_classes: i
             skipped.append({"path": row.path, "reason": exc.reason, "line": row.line})
             continue
         paths.append(row.path)
-        labels.append(index[row.label])
+        labels.append(_label_of(row, index, source))
         splits.append(row.split)
     if not paths:
         raise TransferkitError(f"{source}: no readable images listed ({len(skipped)} files skipped)")
     digests = {p: file_digest(p) for p in paths}
-    found = LabelledImages(root, names, paths, np.asarray(labels, dtype=np.int64), skipped, splits, bad,
-                           has_splits=has_splits)
+    y = np.asarray(labels, dtype=np.int64).reshape(len(paths), len(names)) if source.multi_label else \
+        np.asarray(labels, dtype=np.int64)
+    found = LabelledImages(root, names, paths, y, skipped, splits, bad, has_splits=has_splits)
     found.digests, found.fingerprint = digests, labelled_fingerprint(found, digests)
     return found
+
+
+def _label_of(row: Row, index: dict, source: LabelFile):
+    """A row's class index, or (multi-label) its indicator row over the labels."""
+    if not source.multi_label:
+        return index[row.label]
+    cells = np.zeros(len(index), np.int64)
+    cells[[index[name] for name in row.labels(source.label_sep)]] = 1
+    return cells
+
+
+def _row_labels(row: Row, source: LabelFile) -> list[str]:
+    return row.labels(source.label_sep) if source.multi_label else [row.label]
 
 
 def _class_names(source, rows: list[Row], class_names, min_classes: int) -> list[str]:
     if class_names is not None:
         for row in rows:
-            if row.label not in class_names:
-                raise TransferkitError(f"{source}: line {row.line}: label {row.label!r} is not one of the model's "
+            unknown = [name for name in _row_labels(row, source) if name not in class_names]
+            if unknown:
+                raise TransferkitError(f"{source}: line {row.line}: label {unknown[0]!r} is not one of the model's "
                                        f"classes {list(class_names)}")
         return list(class_names)
-    names = sorted({r.label for r in rows})
+    names = sorted({name for r in rows for name in _row_labels(r, source)})
     if not names:
         raise TransferkitError(f"{source}: no rows" + (f" in split {source.only!r}" if source.only else ""))
     if len(names) < min_classes:
@@ -352,7 +374,7 @@ def labelled_fingerprint(data: LabelledImages, digests: dict[str, str]) -> str:
     """BLAKE2b over the sorted (path below the root, content hash, label, split): a changed label or split in the
     file changes it (a folder's fingerprint has the label in the path)."""
     h = hashlib.blake2b(digest_size=16)
-    items = sorted((nfc(os.path.relpath(p, data.root)), digests[p], data.class_names[int(y)], s or "")
+    items = sorted((nfc(os.path.relpath(p, data.root)), digests[p], label_text(data.class_names, y), s or "")
                    for p, y, s in zip(data.paths, data.labels, data.splits))
     for rel, digest, label, split in items:
         h.update(f"{rel}\0{digest}\0{label}\0{split}\n".encode("utf-8", "surrogateescape"))
@@ -372,15 +394,24 @@ def split_label_file(source, val_split: float, seed: int) -> TrainingData:
     else:
         if data.has_splits:
             logger.info(f"{source}: no 'valid' rows: validation drawn from the train rows ({val_split:.0%})")
-        inner_train, inner_val = stratified_split(data.labels[pool], val_split, seed)
+        split = iterative_split if source.multi_label else stratified_split
+        inner_train, inner_val = split(data.labels[pool], val_split, seed)
         train_idx, val_idx = pool[inner_train], pool[inner_val]
-    for name, count in zip(data.class_names, np.bincount(data.labels[train_idx], minlength=len(data.class_names))):
-        if count == 0:
+    for k, name in enumerate(data.class_names):
+        if label_count(data.labels[train_idx], k) == 0:
             raise TransferkitError(f"{source}: label '{name}' has no readable training image")
     test = replace(source, only="test") if data.has_splits and (splits == "test").any() else None
     return TrainingData(data.root, data.class_names, [data.paths[i] for i in train_idx],
                         [data.paths[i] for i in val_idx], data.labels[train_idx], data.labels[val_idx],
                         data.skipped, data.fingerprint, data.digests, test_source=test)
+
+
+def for_task(source, options) -> LabelFile:
+    """``source`` read as a model trained with ``options`` reads labels (multi-label: its separator)."""
+    source = as_label_file(source)
+    if getattr(options, "multi_label", False):
+        return replace(source, multi_label=True, label_sep=options.label_sep)
+    return source
 
 
 def for_evaluation(source) -> LabelFile:

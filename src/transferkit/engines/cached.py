@@ -80,6 +80,30 @@ class CachedPredictor:
         return cls(found, names, size, metadata, path, check)  # check: decoded only for int8 (else lazily)
 
 
+def missing(path: str, engine: EngineOptions = DEFAULT_ENGINE) -> bool:
+    """True where a use of the model file ``path`` on ``engine`` would convert it: a converted runtime, a file with
+    check photos (one without is checked on its first real batch, where it is used), and no conversion with its
+    verdict in the cache (a verdict that refused the engine counts as there: Keras answers, nothing to redo). A
+    damaged or foreign file is a one-line TransferkitError, as from ``find``."""
+    if engine.runtime == "keras":
+        return False
+    runtime, precision = runtimes.resolve(engine.runtime, engine.precision)
+    if runtime == "keras":
+        return False
+    metadata = modelfile.read_metadata(path)
+    check_model_metadata(path, metadata)
+    size = metadata.get("image_size")
+    if not isinstance(size, int) or size < 8:
+        return False
+    key = classifier_key(path, size)
+    if _check_digest(key, path, size) is None:
+        return False
+    check = modelfile.read_check_images(path, size) if precision == "int8" else None  # its calibration
+    named = runtimes.variant_key(key, precision, check)
+    verdict = runtimes.read_verdict(runtimes.verdict_path(named, runtime, precision))
+    return runtimes.cached_onnx(key) is None or verdict is None
+
+
 def _sample_digest(check: np.ndarray) -> str:
     """The digest a verdict records of the check photos it was measured on (``runtimes.sample_id``)."""
     return runtimes.sample_id(np.asarray(check[:8], np.float32))["digest"]

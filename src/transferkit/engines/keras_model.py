@@ -41,10 +41,16 @@ class KerasPredictor:
             sample = self.check_images if self.check_images is not None else images
             if not runtimes.photo_like(sample):
                 return run_model(self.keras_model, images)
-            # a model without a file has no stable identity: its conversion is not cached
+            self.build_engine(sample)
+        return self._engine(images)
+
+    def build_engine(self, sample: np.ndarray) -> runtimes.Engine:
+        """The chosen engine, converted and checked against Keras fp32 on ``sample`` (real photos), cached under
+        the model file's content hash (a model without a file has no stable identity: not cached)."""
+        if self._engine is None:
             key = classifier_key(self.path, self.image_size) if self.path else None
             fixed = without_resize(self.keras_model, self.image_size, call=False)
             self._engine = runtimes.build_engine(fixed, key, self.runtime, self.precision,
                                                  check_images=np.asarray(sample, np.float32),
                                                  n_classes=len(self.class_names))
-        return self._engine(images)
+        return self._engine

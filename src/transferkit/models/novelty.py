@@ -141,8 +141,9 @@ def logits_of(probabilities: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, 1.0))
 
 
-def trusted_head(head: keras.Model, novelty_dim: int | None = None) -> keras.Model:
-    """``head`` (features -> softmax) rebuilt as features -> [softmax(logits / T), novelty / threshold], sharing
+def trusted_head(head: keras.Model, novelty_dim: int | None = None, activation: str = "softmax") -> keras.Model:
+    """``head`` (features -> softmax) rebuilt as features -> [softmax(logits / T), novelty / threshold] (the
+    task's ``activation``: sigmoid for multi-label, each label's own T on the diagonal of T's layer), sharing
     the head's trained layers; the score branch reads the features (pooled first where the head takes a feature
     map). The temperature, statistics and threshold are untrained weights, neutral here (T = 1, identity
     whitening, zero means, threshold 1): :func:`fit_trust` fits them, and fits them again after fine-tuning."""
@@ -156,7 +157,8 @@ def trusted_head(head: keras.Model, novelty_dim: int | None = None) -> keras.Mod
     logits = logits_layer(hidden)
     logits_layer.set_weights(final.get_weights())
     scale = layers.Dense(final.units, use_bias=False, trainable=False, name="temperature")
-    probabilities = layers.Softmax(name="calibrated")(scale(logits))
+    probabilities = (layers.Softmax(name="calibrated") if activation == "softmax"
+                     else layers.Activation(activation, name="calibrated"))(scale(logits))
     pooled = inputs if len(inputs.shape) == 2 else layers.GlobalAveragePooling2D(name="novelty_pool")(inputs)
     if novelty_dim and novelty_dim < pooled.shape[-1]:  # multi-depth features: the score reads the final ones
         pooled = layers.Reshape((novelty_dim,), name="novelty_final")(

@@ -31,6 +31,7 @@ class ModelRecord:
     image_size: int | None = None
     backbone: str | None = None
     task: str = DEFAULT_TASK
+    task_params: dict | None = None  # what the task fitted (multi-label: each label's threshold)
     training: dict = field(default_factory=dict)  # the options record (runs.stored_options)
     fit: dict = field(default_factory=dict)
     data: dict | None = None
@@ -85,7 +86,7 @@ class ModelRecord:
             format=runs.FORMAT, transferkit_version=__version__, keras_version=keras.__version__,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             class_names=list(state.classes), backbone=options.backbone, image_size=options.size,
-            task=state.task.name, training=training,
+            task=state.task.name, task_params=state.task.record(list(state.classes)), training=training,
             fit={"best_epoch": state.best_epoch, "history": copy.deepcopy(state.history),
                  "timing": dict(state.timing or {}), "feature_runtime": _feature_runtime(state, base),
                  "feature_check": state.feature_check, "head_choice": state.head_choice},
@@ -113,9 +114,9 @@ class ModelRecord:
     def to_state(self, state, loaded) -> None:
         """Give ``state`` the model of ``loaded`` (a ``modelfile.ModelFile``) and what this record says it
         learned."""
-        from transferkit.tasks import get_task
+        from transferkit.tasks import task_of
 
-        state.task = get_task(self.task)
+        state.task = task_of(self.to_metadata())
         state.classes, state.model = list(loaded.class_names), loaded.keras_model
         if loaded.check_images is not None or state.check_images is None:
             state.check_images = loaded.check_images

@@ -143,7 +143,25 @@ def _metrics(meta: dict) -> list[str]:
                         [[n] + [f"{s[k]:.3f}" for k in ("precision", "recall", "f1")] + [s["support"]]
                          for n, s in per_class.items()])
         lines.append("")
-    return lines
+    return lines + _per_label(meta)
+
+
+def _per_label(meta: dict) -> list[str]:
+    """A multi-label model's figures: micro F1, mAP, subset accuracy (the "accuracy" above), Hamming loss, and
+    each label's precision, recall, F1, AP and threshold."""
+    which = "test" if (meta.get("test") or {}).get("per_label") else "validation"
+    m = meta.get(which) or {}
+    if not m.get("per_label"):
+        return []
+    m_ap = "-" if m.get("mAP") is None else f"{m['mAP']:.3f}"
+    lines = [f"Multi-label ({which}): the accuracy above is subset accuracy (every label of a photo right); micro "
+             f"F1 {m['micro_f1']:.3f}, mAP {m_ap}, Hamming loss {m['hamming_loss']:.3f}. Each label's threshold "
+             f"is the one of maximum F1 on the validation split.", ""]
+    lines += _table(["label", "precision", "recall", "F1", "AP", "threshold", "images"],
+                    [[n] + [f"{s[k]:.3f}" for k in ("precision", "recall", "f1")]
+                     + ["-" if s.get("ap") is None else f"{s['ap']:.3f}", f"{s['threshold']:.2f}", s["support"]]
+                     for n, s in m["per_label"].items()])
+    return lines + [""]
 
 
 def _trust(meta: dict) -> list[str]:

@@ -13,6 +13,7 @@ import os
 from transferkit.data.folders import scan_folder
 from transferkit.engines.base import Predictor
 from transferkit.engines.predict import files_to_probs
+from transferkit.errors import TransferkitError
 from transferkit.files import write_json_atomic
 from transferkit.models.novelty import split_outputs
 from transferkit.reports.trust import trust_figures, trust_metrics
@@ -34,16 +35,19 @@ def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None =
     ``test_dir`` may be a label file: its test rows where it has a split column, else every row."""
     from transferkit.data import labelfile
 
+    task = task_of(predictor.metadata)
     if labelfile.is_label_source(test_dir):
-        test_dir = labelfile.for_evaluation(test_dir)
+        test_dir = labelfile.for_evaluation(_read_as_trained(test_dir, predictor.metadata, task))
+    elif task.multi_label:
+        raise TransferkitError(f"{test_dir}: a multi-label model is evaluated on a label file (labels.csv whose "
+                               f"label column lists each photo's labels), not on class folders")
     data = scan_folder(test_dir, class_names=predictor.class_names)
     outputs, kept, skipped = files_to_probs(predictor, data.paths, batch_size)
     probs, scores = split_outputs(outputs, len(predictor.class_names))
     labels = data.labels[kept]
-    task = task_of(predictor.metadata)
     metrics = task.metrics(labels, probs, predictor.class_names, [data.paths[i] for i in kept],
                            data.skipped + skipped)
-    found, arrays = trust_metrics(predictor, labels, probs, scores, unknown_dir, batch_size)
+    found, arrays = trust_metrics(predictor, labels, probs, scores, unknown_dir, batch_size, task)
     metrics |= found
     if out:
         os.makedirs(out, exist_ok=True)
@@ -54,5 +58,19 @@ def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None =
         write_report(metrics, out, title=title or f"Evaluation of {name} on {test_dir}",
                      history_png=history_png, model_info=model_summary(predictor.metadata),
                      extra_figures=trust_figures(found, arrays, out),
-                     overlays=report_overlays(predictor, metrics) if explain else None, task=task)
+                     overlays=report_overlays(predictor, metrics) if explain and not task.multi_label else None,
+                     task=task)
     return metrics
+
+
+def _read_as_trained(source, metadata: dict, task):
+    """A label file read as the model's training read its labels (multi-label: with its separator)."""
+    from dataclasses import replace
+
+    from transferkit.data import labelfile
+
+    source = labelfile.as_label_file(source)
+    if not task.multi_label:
+        return source
+    sep = (metadata.get("training") or {}).get("label_sep") or "|"
+    return replace(source, multi_label=True, label_sep=source.label_sep if source.multi_label else sep)

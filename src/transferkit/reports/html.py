@@ -84,7 +84,9 @@ def _trust_cards(metrics: dict) -> str:
     if calibration.get("ece") is not None:
         cards.append(("calibration error (ECE)", f"{calibration['ece']:.3f}"))
     if calibration.get("validation_ece_before") is not None:
-        cards.append((f"validation ECE, temperature {calibration['temperature']:g}",
+        fitted = "a temperature per label" if calibration.get("temperature") is None else \
+            f"temperature {calibration['temperature']:g}"
+        cards.append((f"validation ECE, {fitted}",
                       f"{calibration['validation_ece_before']:.3f} → {calibration['validation_ece_after']:.3f}"))
     if "novelty" in metrics:
         cards.append(("known photos kept", f"{metrics['novelty']['known_kept']:.1%}"))

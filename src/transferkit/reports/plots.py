@@ -66,6 +66,26 @@ def plot_confusion_matrix(cm, class_names: list[str], path: str, normalise: bool
     return _save(fig, path)
 
 
+def plot_cooccurrence(counts, label_names: list[str], path: str) -> str:
+    """How many photos carry both labels (the diagonal: each label's photos), in the truth of a multi-label
+    set; each cell written in."""
+    counts = np.asarray(counts, dtype=float)
+    n = len(label_names)
+    size = max(4.5, 0.7 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(counts, cmap="Purples", vmin=0, vmax=max(counts.max(), 1))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="photos")
+    ax.set_xticks(range(n), label_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), label_names)
+    ax.set_title("labels on the same photo")
+    threshold = counts.max() / 2 if counts.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center",
+                    color="white" if counts[i, j] > threshold else "black")
+    return _save(fig, path)
+
+
 def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str, bins: int = 10) -> str:
     """Accuracy against confidence per confidence bin (the diagonal is perfect calibration), bar width by count."""
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels

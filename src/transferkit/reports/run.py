@@ -76,7 +76,8 @@ class RunWriter:
         if state.test:
             title = f"Test report: {os.path.basename(os.path.abspath(out))}"
             write_report(state.test, out, title=title, history_png=history_png, model_info=model_summary(metadata),
-                         overlays=report_overlays(predictor, state.test), sections=section, task=state.task)
+                         overlays=None if state.task.multi_label else report_overlays(predictor, state.test),
+                         sections=section, task=state.task)
 
     def _audit_section(self) -> str:
         if self.state.label_audit is None:

@@ -18,14 +18,19 @@ UNKNOWN = "unknown"
 
 
 def trust_metrics(predictor, labels: np.ndarray, probs: np.ndarray, scores, unknown_dir: str | None,
-                  batch_size: int = 32) -> tuple[dict, dict]:
-    """(metrics entries {"calibration", "novelty"?, "unknown"?}, arrays for the figures)."""
+                  batch_size: int = 32, task=None) -> tuple[dict, dict]:
+    """(metrics entries {"calibration", "novelty"?, "unknown"?}, arrays for the figures). The calibration is
+    measured on ``task.calibration_cells`` (multi-label: every photo-label cell)."""
+    from transferkit.tasks import get_task
+
+    task = task or get_task()
     stored = predictor.metadata.get("novelty") or {}
-    found = {"calibration": {"ece": round(expected_calibration_error(probs, labels), 4) if len(labels) else None,
-                             "temperature": stored.get("temperature"),
+    cell_probs, cell_labels = task.calibration_cells(probs, labels)
+    found = {"calibration": {"ece": round(expected_calibration_error(cell_probs, cell_labels), 4) if len(labels)
+                             else None, "temperature": stored.get("temperature"),
                              "validation_ece_before": stored.get("ece_before"),
                              "validation_ece_after": stored.get("ece_after")}}
-    arrays = {"labels": labels, "probs": probs, "scores": scores}
+    arrays = {"labels": cell_labels, "probs": cell_probs, "scores": scores}
     threshold = 1.0  # the model outputs its novelty score over its own threshold
     if scores is None or not predictor.metadata.get("novelty"):
         if unknown_dir:
@@ -43,21 +48,24 @@ def trust_metrics(predictor, labels: np.ndarray, probs: np.ndarray, scores, unkn
         u_probs, u_scores = split_outputs(outputs, len(predictor.class_names))
         arrays |= {"unknown_scores": u_scores, "unknown_probs": u_probs, "threshold": threshold}
         found["unknown"] = _unknown_summary(labels, probs, scores, u_probs, u_scores, threshold,
-                                            predictor.class_names, unknown_dir)
+                                            predictor.class_names, unknown_dir, confusion=not task.multi_label)
     return found, arrays
 
 
-def _unknown_summary(labels, probs, scores, u_probs, u_scores, threshold, names, unknown_dir) -> dict:
+def _unknown_summary(labels, probs, scores, u_probs, u_scores, threshold, names, unknown_dir,
+                     confusion: bool = True) -> dict:
     from sklearn.metrics import roc_auc_score
 
     y = np.r_[np.zeros(len(scores)), np.ones(len(u_scores))]
     top = np.r_[probs.max(axis=1), u_probs.max(axis=1)]
-    return {"dir": os.path.basename(os.path.normpath(unknown_dir)), "n_images": int(len(u_scores)),
-            "auroc": float(roc_auc_score(y, np.r_[scores, u_scores])),
-            "auroc_top_probability": float(roc_auc_score(y, -top)),
-            "rejected": float((u_scores > threshold).mean()), "known_kept": float((scores <= threshold).mean()),
-            "class_names": list(names) + [UNKNOWN],
-            "confusion_matrix": unknown_confusion(labels, probs, scores, u_probs, u_scores, threshold).tolist()}
+    found = {"dir": os.path.basename(os.path.normpath(unknown_dir)), "n_images": int(len(u_scores)),
+             "auroc": float(roc_auc_score(y, np.r_[scores, u_scores])),
+             "auroc_top_probability": float(roc_auc_score(y, -top)),
+             "rejected": float((u_scores > threshold).mean()), "known_kept": float((scores <= threshold).mean())}
+    if confusion:  # one class per photo: the confusion matrix with an unknown row and column
+        found |= {"class_names": list(names) + [UNKNOWN],
+                  "confusion_matrix": unknown_confusion(labels, probs, scores, u_probs, u_scores, threshold).tolist()}
+    return found
 
 
 def unknown_confusion(labels, probs, scores, u_probs, u_scores, threshold) -> np.ndarray:
@@ -82,6 +90,7 @@ def trust_figures(found: dict, arrays: dict, out: str) -> list[tuple[str, str]]:
         figures.append(("Novelty scores: known test photos vs unknowns", plot_novelty(
             arrays["scores"], arrays["unknown_scores"], arrays["threshold"], os.path.join(out, "novelty.png"))))
         u = found["unknown"]
+    if "confusion_matrix" in found.get("unknown", {}):
         figures.append(("Confusion matrix with unknowns", plot_confusion_matrix(
             np.asarray(u["confusion_matrix"]), u["class_names"], os.path.join(out, "confusion_unknown.png"))))
     return figures

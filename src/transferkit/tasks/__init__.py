@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from transferkit.errors import TransferkitError
 from transferkit.tasks.base import Task
+from transferkit.tasks.multi_label import MultiLabel
 from transferkit.tasks.single_label import SingleLabel
 
-TASKS: dict[str, type[Task]] = {SingleLabel.name: SingleLabel}
+TASKS: dict[str, type[Task]] = {SingleLabel.name: SingleLabel, MultiLabel.name: MultiLabel}
 DEFAULT_TASK = SingleLabel.name
 
 
@@ -31,7 +32,12 @@ def get_task(name: str = DEFAULT_TASK) -> Task:
 def task_of(metadata: dict | None) -> Task:
     """The task a model file's metadata names (a file written before tasks existed is single-label)."""
     name = (metadata or {}).get("task") or DEFAULT_TASK
-    return get_task(name if isinstance(name, str) else DEFAULT_TASK)
+    return type(get_task(name if isinstance(name, str) else DEFAULT_TASK)).from_metadata(metadata or {})
 
 
-__all__ = ["Task", "SingleLabel", "TASKS", "DEFAULT_TASK", "get_task", "task_of"]
+def task_for(options) -> Task:
+    """The task a training run's options ask for (``multi_label``)."""
+    return get_task(MultiLabel.name if getattr(options, "multi_label", False) else DEFAULT_TASK)
+
+
+__all__ = ["Task", "SingleLabel", "MultiLabel", "task_for", "TASKS", "DEFAULT_TASK", "get_task", "task_of"]

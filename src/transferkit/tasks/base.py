@@ -12,6 +12,40 @@ class Task:
     name: str = ""
     loss: str = ""  # the Keras loss of the head's fit and of fine-tuning
     activation: str = ""  # the output layer's activation
+    multi_label: bool = False  # labels are an indicator matrix (photos x labels), not class indices
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "Task":
+        """The task of a model file, with what it fitted (``record``'s ``task_params``)."""
+        return cls()
+
+    def record(self, class_names: list[str]) -> dict | None:
+        """What the task fitted, stored as the model file's ``task_params`` (None: nothing)."""
+        return None
+
+    def fit_decision(self, probs: np.ndarray, y: np.ndarray) -> None:
+        """Fit how probabilities become answers, on validation (single-label: the argmax, nothing to fit)."""
+
+    def sample_weights(self, class_weights, y: np.ndarray) -> np.ndarray:
+        """Per-row weights of a fit (fine-tuning, the epoch-fitted head) from ``class_weights``."""
+        raise NotImplementedError
+
+    def fit_trust(self, head, train: tuple, val: tuple, n_classes: int, keep_known: float, groups=None,
+                  novelty_dim: int | None = None) -> dict:
+        """The calibration and novelty statistics of a trusted head, in place; returns metadata["novelty"]."""
+        raise NotImplementedError
+
+    def audit(self, x: np.ndarray, y: np.ndarray, paths: list[str], class_names: list[str]):
+        """The label audit on cached features (``training.audit``)."""
+        raise NotImplementedError
+
+    def fine_tune_key(self, validation: dict, probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """(accuracy, - loss) the second stage must beat, as Keras monitors it."""
+        raise NotImplementedError
+
+    def calibration_cells(self, probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, labels) that the calibration error is measured on."""
+        return probs, y
 
     # ----- training -----
     def build_head(self, kind: str, feature_shape: tuple, n_classes: int, dropout: float = 0.2,

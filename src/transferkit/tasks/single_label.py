@@ -62,6 +62,25 @@ class SingleLabel(Task):
 
         return train_softmax(options, x_train, y_train, x_val, y_val, n_classes, weights, keep=keep, task=self)
 
+    def sample_weights(self, class_weights, y):
+        if not class_weights:
+            return np.ones(len(y), np.float32)
+        return np.asarray([class_weights[int(c)] for c in y], np.float32)
+
+    def fit_trust(self, head, train, val, n_classes, keep_known, groups=None, novelty_dim=None):
+        from transferkit.models.novelty import fit_trust
+
+        return fit_trust(head, train, val, n_classes, keep_known, groups=groups, novelty_dim=novelty_dim)
+
+    def audit(self, x, y, paths, class_names):
+        from transferkit.training.audit import audit_labels
+
+        return audit_labels(x, y, paths, class_names)
+
+    def fine_tune_key(self, validation, probs, y):
+        """What the second stage must beat: (the head's validation accuracy, - its validation log loss)."""
+        return validation["accuracy"], -self.score(probs, y)[1]
+
     def score(self, probs, y):
         return float(np.mean(probs.argmax(1) == y)), mean_log_loss(probs, y)
 

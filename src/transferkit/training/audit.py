@@ -195,3 +195,67 @@ def _free_name(target: str) -> str:
         n += 1
         target = f"{stem}-{n}{ext}"
     return target
+
+
+@dataclass
+class MultiLabelAudit(LabelAudit):
+    """The audit of a multi-label set: ``labels`` is the indicator matrix; a row's given and suggested labels are
+    joined by ``|`` (suggested: the out-of-fold probabilities over 0.5), its score 1 - cleanlab's label quality."""
+
+    quality: np.ndarray = None
+
+    def _row(self, i: int) -> dict:
+        def joined(cells) -> str:
+            return "|".join(self.class_names[j] for j in np.flatnonzero(cells)) or "(none)"
+
+        return {"path": self.paths[i], "given": joined(self.labels[i]), "suggested": joined(self.pred_probs[i] >= 0.5),
+                "score": round(float(1 - self.quality[i]), 4)}
+
+
+def multilabel_out_of_fold(features: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+    """Each image's label probabilities (n, labels) from one-vs-rest logistic regressions fitted on the other
+    folds (a label constant in a fold's training rows: its rate there)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    x = np.asarray(features, np.float32).reshape(len(features), -1)
+    k = int(min(folds, len(x)))
+    if k < 2:
+        raise TransferkitError("the label audit needs at least 2 images")
+    probs = np.zeros(y.shape, np.float64)
+    with threadpool_limits(1):
+        for fit_rows, held in KFold(k, shuffle=True, random_state=seed).split(x):
+            scaler = StandardScaler().fit(x[fit_rows])
+            xf, xh = scaler.transform(x[fit_rows]), scaler.transform(x[held])
+            for j in range(y.shape[1]):
+                column = y[fit_rows, j]
+                if column.min() == column.max():
+                    probs[held, j] = column.mean()
+                    continue
+                head = LogisticRegression(C=C, max_iter=300).fit(xf, column)
+                probs[held, j] = head.predict_proba(xh)[:, 1]
+    return probs
+
+
+def audit_multilabel(features: np.ndarray, y: np.ndarray, paths: list[str], class_names: list[str],
+                     folds: int = FOLDS, seed: int = 0) -> MultiLabelAudit:
+    """cleanlab's multi-label ``find_label_issues`` on out-of-fold probabilities, ranked by its label quality
+    scores (``multilabel_classification.rank.get_label_quality_scores``), and the outliers as for one label."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores
+
+    y = np.asarray(y, np.int64)
+    probs = multilabel_out_of_fold(features, y, folds, seed)
+    given = [list(np.flatnonzero(row)) for row in y]
+    quality = get_label_quality_scores(given, probs)
+    flagged = find_label_issues(given, probs, multi_label=True, n_jobs=1)
+    scores, far = _outliers(features)
+    agreement = float(((probs >= 0.5) == (y > 0)).all(axis=1).mean())
+    logger.info(f"label audit (multi-label): {int(flagged.sum())} suspect label sets and {int(far.sum())} "
+                f"outliers among {len(y)} images (out-of-fold subset accuracy {agreement:.1%})")
+    return MultiLabelAudit(list(paths), y, list(class_names), probs, np.argsort(quality, kind="stable"),
+                           np.asarray(flagged, bool), scores, far, min(folds, len(y)),
+                           {"out_of_fold_accuracy": round(agreement, 4), "measure": "subset accuracy"},
+                           quality=np.asarray(quality))

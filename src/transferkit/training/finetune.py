@@ -128,10 +128,10 @@ def new_state(epochs: int, unfreeze_top: int, learning_rate: float, initial_key:
 
 
 def fine_tune(model: keras.Model, spec: BackboneSpec, images: ImageSplit, state: dict, *, save, out: str,
-              batch_size: int, seed: int, patience: int, class_weights: dict | None, callbacks=(),
+              batch_size: int, seed: int, patience: int, sample_weights: np.ndarray | None = None, callbacks=(),
               loss: str = "sparse_categorical_crossentropy") -> dict:
     """Run the epochs of ``state`` not yet done on ``model`` in place (left holding the best weights), with the
-    task's Keras ``loss``; returns the finished state. ``save(state)`` writes a checkpoint whenever an epoch is better than all before it."""
+    task's Keras ``loss`` and per-photo ``sample_weights`` (default: ones); returns the finished state. ``save(state)`` writes a checkpoint whenever an epoch is better than all before it."""
     state["blocks"] = unfreeze_top_blocks(model, spec, state["unfreeze_top"])
     remaining = state["epochs"] - state["epochs_done"]
     logger.info(f"fine-tuning blocks {', '.join(state['blocks'])}: epochs {state['epochs_done'] + 1}-"
@@ -140,9 +140,7 @@ def fine_tune(model: keras.Model, spec: BackboneSpec, images: ImageSplit, state:
         keras.utils.set_random_seed(seed + state["epochs_done"])
         model.compile(optimizer=keras.optimizers.Adam(state["learning_rate"]),
                       loss=loss, metrics=["accuracy"])
-        weights = np.ones(len(images.y_train), np.float32)
-        if class_weights:
-            weights = np.asarray([class_weights[int(c)] for c in images.y_train], np.float32)
+        weights = np.ones(len(images.y_train), np.float32) if sample_weights is None else sample_weights
         data = AugmentedImages(images.x_train, images.y_train, weights, batch_size, seed,
                                first_epoch=state["epochs_done"])
         keeper = KeepBestEpoch(MONITOR, "val_loss", patience, initial=(state["best_key"], model.get_weights()))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-from scipy.special import softmax
 
 from transferkit.log import logger
 from transferkit.options import TrainOptions
@@ -28,9 +27,10 @@ from transferkit.training.callbacks import MONITOR, KeepBestEpoch, ProgressLine
 
 
 def flatten_views(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, views, ...) features and n labels -> (n * views, ...) samples and their labels."""
+    """(n, views, ...) features and n labels (or an (n, labels) indicator matrix) -> (n * views, ...) samples and
+    their labels."""
     n, v = features.shape[:2]
-    return features.reshape((n * v,) + features.shape[2:]), np.repeat(labels, v)
+    return features.reshape((n * v,) + features.shape[2:]), np.repeat(labels, v, axis=0)
 
 
 def fit_head(head_model: keras.Model, x_train, y_train, x_val, y_val, epochs: int, batch_size: int,
@@ -73,14 +73,14 @@ def train_softmax(options: TrainOptions, x_train, y_train, x_val, y_val, n_class
     model = MLPClassifier(hidden_layer_sizes=(), solver="adam", alpha=SOFTMAX_L2,
                           batch_size=min(options.batch_size, len(x)), learning_rate_init=options.learning_rate,
                           shuffle=True, random_state=options.seed)
-    sample_weight = None if weights is None else np.array([weights[int(c)] for c in y_train], np.float64)
+    sample_weight = None if weights is None else task.sample_weights(weights, y_train).astype(np.float64)
     history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
     best, wait = None, 0
     for epoch in range(options.epochs):
         model.partial_fit(x, y_train, sample_weight=sample_weight, classes=np.arange(n_classes))
         dense = _dense_weights(model, n_classes)
         for prefix, features, labels in (("", x, y_train), ("val_", xv, y_val)):
-            accuracy, loss = task.score(softmax(features @ dense[0] + dense[1], axis=1), labels)
+            accuracy, loss = task.score(task.probabilities(features @ dense[0] + dense[1]), labels)
             history[prefix + "loss"].append(loss)
             history[prefix + "accuracy"].append(accuracy)
         logger.info(f"epoch {epoch + 1}: " + " ".join(f"{k}={v[-1]:.4f}" for k, v in history.items()))

@@ -46,16 +46,19 @@ class Trainer:
 
         from transferkit.data.folders import split_training_folder
         from transferkit.data.health import run_duplicates
+        from transferkit.tasks import task_for
 
         st = self.state
         if isinstance(params["weights"], os.PathLike):
             params = params | {"weights": os.fspath(params["weights"])}
         st.options = options = TrainOptions(**params).for_training()
+        st.task = task_for(options)
         if resume and not out:
             raise TransferkitError("resume needs out, the run folder to continue (--resume --out RUN)")
         with self.events.stage("prepare", st):
             keras.utils.set_random_seed(options.seed)
-            st.data = split_training_folder(data_dir, options.val_split, options.seed)
+            st.data = split_training_folder(data_dir, options.val_split, options.seed,
+                                            multi_label=options.multi_label, label_sep=options.label_sep)
             if add:  # label files joined to the training side only (data/added.py)
                 from transferkit.data.added import add_training_rows
 
@@ -83,7 +86,7 @@ class Trainer:
         from transferkit.data import labelfile
 
         if labelfile.is_label_source(source):
-            source = labelfile.for_evaluation(source)
+            source = labelfile.for_evaluation(labelfile.for_task(source, self.state.options))
         return scan_folder(source, class_names=self.state.data.class_names)
 
     def _make_run_folder(self, resume: bool) -> None:
@@ -142,7 +145,8 @@ class Trainer:
         self.fit_head(features)
         self.audit_labels(features)
         if self.state.options.fine_tune_epochs:  # the head-only model is safe on disk before the second stage
-            self.owner.save(self.state.model_path)  # (without one, the final save is the only one: -1.1 s)
+            # (without one, the final save is the only one: -1.1 s; and the only one converted)
+            self.owner.save(self.state.model_path, warm=False)
         RunWriter(self.state).write_records()
 
     def evaluate(self, test_dir: str) -> dict:
@@ -193,7 +197,8 @@ class Trainer:
 
     def _check_every_class(self, y_train: np.ndarray, y_val: np.ndarray) -> None:
         data = self.state.data
-        missing = sorted(set(range(len(data.class_names))) - set(y_train.tolist()))
+        present = np.flatnonzero(y_train.any(axis=0)) if y_train.ndim == 2 else y_train
+        missing = sorted(set(range(len(data.class_names))) - set(present.tolist()))
         if missing:
             raise TransferkitError(f"{data.root}: class '{data.class_names[missing[0]]}' has no readable "
                                    f"training image")
@@ -218,7 +223,7 @@ class Trainer:
         from transferkit.engines.keras_step import run_model
         from transferkit.models import modelfile
         from transferkit.models.backbones import depth_dims
-        from transferkit.models.novelty import fit_trust, split_outputs, trusted_head
+        from transferkit.models.novelty import split_outputs, trusted_head
 
         st, t0 = self.state, time.perf_counter()
         dims = depth_dims(st.extractor.model)
@@ -228,15 +233,16 @@ class Trainer:
         head = self._refit(chosen, features, dims) if st.options.refit else chosen.model
         st.head_choice = {"chosen": chosen.row(), "candidates": [c.row() for c in found],
                           "refit": bool(st.options.refit)}
-        st.head = trusted_head(head, novelty_dim=dims[0])
+        st.head = trusted_head(head, novelty_dim=dims[0], activation=st.task.activation)
         views = st.options.augment_views + 1  # flatten_views: an image's views are consecutive rows
-        st.novelty = fit_trust(st.head, (features.x_train, features.y_train), (features.x_val, features.y_val),
-                               len(st.classes), st.options.keep_known,
-                               groups=np.arange(len(features.y_train)) // views, novelty_dim=dims[0])
+        st.novelty = st.task.fit_trust(st.head, (features.x_train, features.y_train),
+                                       (features.x_val, features.y_val), len(st.classes), st.options.keep_known,
+                                       groups=np.arange(len(features.y_train)) // views, novelty_dim=dims[0])
         st.timing["head_seconds"] = round(time.perf_counter() - t0, 2)
         # validation as the model answers (calibrated), or after a refit the head as chosen, before it saw them
         measured = chosen.model if st.options.refit else st.head
         probs, scores = split_outputs(run_model(measured, features.x_val), len(st.classes))
+        st.task.fit_decision(probs, features.y_val)  # multi-label: each label's threshold
         st.validation = st.task.metrics(features.y_val, probs, st.classes, features.val_paths, st.skipped)
         st.reference = reference.summary(probs, scores, st.classes)
         st.feature_check = self._check_view_features(features)
@@ -277,14 +283,12 @@ class Trainer:
         """The label audit of the training folder (training and validation photos, their cached features):
         ``label_audit`` (see ``training.audit``), written to the run folder and the report. Skipped, with a
         warning, where a class has too few photos for two folds."""
-        from transferkit.training.audit import audit_labels
-
         st = self.state
         views = st.options.augment_views + 1
         x = np.concatenate([features.x_train[::views], features.x_val])
         y = np.concatenate([features.y_train[::views], features.y_val])
         try:
-            st.label_audit = audit_labels(x, y, features.train_paths + features.val_paths, st.classes)
+            st.label_audit = st.task.audit(x, y, features.train_paths + features.val_paths, st.classes)
         except TransferkitError as exc:
             logger.warning(f"no label audit: {exc}")
         return st
@@ -352,7 +356,8 @@ class Trainer:
         st.fine_tune = finetune.fine_tune(
             probability_view(st.model, len(st.classes)), self._spec(), images, state,
             save=self._checkpoint, out=st.out, batch_size=options.batch_size, seed=options.seed,
-            patience=options.patience, class_weights=self.class_weights(), callbacks=callbacks, loss=st.task.loss)
+            patience=options.patience, sample_weights=st.task.sample_weights(self.class_weights(), images.y_train),
+            callbacks=callbacks, loss=st.task.loss)
         st.set_model(st.model, features_current=False)
         self._refit_trust(images)
         self._validate_on_images(images)
@@ -364,9 +369,8 @@ class Trainer:
         st, options = self.state, self.state.options
         if not resume:
             probs, _ = split_outputs(run_model(st.model, images.x_val), len(st.classes))
-            val_loss = st.task.score(probs, images.y_val)[1]
             return finetune.new_state(options.fine_tune_epochs, options.unfreeze_top, options.fine_tune_lr,
-                                      (st.validation["accuracy"], -val_loss))
+                                      st.task.fine_tune_key(st.validation, probs, images.y_val))
         state = finetune.read_state(st.out)
         if state is None:
             raise TransferkitError(f"{st.out}: nothing to resume (no {finetune.STATE_NAME})")
@@ -393,6 +397,7 @@ class Trainer:
 
         st = self.state
         probs, scores = split_outputs(run_model(st.model, images.x_val), len(st.classes))
+        st.task.fit_decision(probs, images.y_val)
         st.validation = st.task.metrics(images.y_val, probs, st.classes, st.val_paths, st.skipped)
         st.reference = reference.summary(probs, scores, st.classes)
 
@@ -400,7 +405,7 @@ class Trainer:
         """After fine-tuning the backbone's features moved: refit the temperature and the novelty statistics on
         them (training images for the statistics, validation for the temperature and threshold)."""
         from transferkit.engines.keras_step import run_model
-        from transferkit.models.novelty import feature_view, fit_trust, has_trust, novelty_dim
+        from transferkit.models.novelty import feature_view, has_trust, novelty_dim
 
         st = self.state
         if not has_trust(st.model):
@@ -409,12 +414,12 @@ class Trainer:
         train = (run_model(features, images.x_train), images.y_train)
         val = (run_model(features, images.x_val), images.y_val)
         head = st.model.get_layer("head")
-        st.novelty = fit_trust(head, train, val, len(st.classes), st.options.keep_known,
-                               novelty_dim=novelty_dim(head))
+        st.novelty = st.task.fit_trust(head, train, val, len(st.classes), st.options.keep_known,
+                                       novelty_dim=novelty_dim(head))
 
     def _checkpoint(self, state: dict) -> None:
         self.state.fine_tune = state
-        self.owner.save(self.state.model_path)
+        self.owner.save(self.state.model_path, warm=False)  # a checkpoint: the final save converts
 
     def _spec(self):
         from transferkit.models.backbones import get_spec
