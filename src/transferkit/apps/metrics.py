@@ -28,7 +28,8 @@ def metrics() -> dict:
             "latency": Histogram("transferkit_request_seconds", "time to answer POST /api/predict",
                                  buckets=LATENCY_BUCKETS),
             "images": Counter("transferkit_images", "images answered"),
-            "answers": Counter("transferkit_answers", "answers per class ('unknown': none of them)", ["label"]),
+            "answers": Counter("transferkit_answers", "answers per class ('unknown': unlike every class; 'none': "
+                                                      "a multi-label answer of no label)", ["label"]),
             "unknown": Counter("transferkit_unknown", "images answered unknown (novelty above the threshold)"),
             "novelty": Histogram("transferkit_novelty", "novelty of the answered images (above 1 = unknown)",
                                  buckets=NOVELTY_BUCKETS),
@@ -46,7 +47,9 @@ def observe_answers(rows: list[dict], seconds: float) -> None:
     for row in rows:
         m["images"].inc()
         unknown = bool(row.get("unknown"))
-        m["answers"].labels(label="unknown" if unknown or row.get("label") is None else row["label"]).inc()
+        names = row["labels"] if "labels" in row else [row.get("label")]  # multi-label rows: each label given
+        for name in ["unknown"] if unknown else [n for n in names if n is not None] or ["none"]:
+            m["answers"].labels(label=name).inc()
         if unknown:
             m["unknown"].inc()
         if row.get("novelty") is not None:
