@@ -115,7 +115,8 @@ def test_auto_keeps_keras_where_keras_measured_faster(photos, reference, monkeyp
         pytest.skip("no fast runtime installed")
     extractor, expected = reference
     # the speeds measured once per model: make Keras the faster one, as it is for MobileNetV3 on OpenVINO
-    monkeypatch.setattr(runtimes, "_speed", lambda engine, images: 1000.0 if engine.runtime == "keras" else 10.0)
+    monkeypatch.setattr(runtimes, "_speeds", lambda engines, images: {
+        name: 1000.0 if engine.runtime == "keras" else 10.0 for name, engine in engines.items()})
     auto = runtimes.build_engine(extractor, f"test-speed-{SIZE}", "auto", "auto", check_images=photos)
     assert auto.label == "keras fp32"
     assert "keras fp32 is faster than" in caplog.text

@@ -72,13 +72,16 @@ def _model(model, runtime: str, precision: str) -> Predictor:
 
 def predict(model, paths, *, top_k: int = DEFAULT_PREDICT.top_k, batch_size: int = DEFAULT_PREDICT.batch_size,
             runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
-            reject: bool = DEFAULT_PREDICT.reject) -> list[dict]:
+            reject: bool = DEFAULT_PREDICT.reject, coverage: float | None = None,
+            max_error: float | None = None) -> list[dict]:
     """Rows for every image in ``paths`` (files, folders, globs, label files: their rows get ``given``, the
     file's label); ``model`` is a path or a loaded predictor; ``reject=False`` labels unknown photos with their
-    nearest class instead of None."""
+    nearest class instead of None; ``coverage``: rows get ``set``, the conformal prediction set; ``max_error``:
+    rows get ``abstain`` (see ``models.conformal``)."""
     from transferkit.engines.predict import predict_rows
 
-    options = PredictOptions(top_k=top_k, batch_size=batch_size, reject=reject)  # checked before the model is read
+    options = PredictOptions(top_k=top_k, batch_size=batch_size, reject=reject, coverage=coverage,
+                             max_error=max_error)  # checked before the model is read
     return predict_rows(_model(model, runtime, precision), paths, options)
 
 
@@ -98,15 +101,16 @@ def predict_on_ray(model, paths, out: str, *, address: str | None = "local", top
 
 def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = DEFAULT_PREDICT.batch_size,
              runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
-             unknown_dir: str | None = None, explain: bool = True) -> dict:
+             unknown_dir: str | None = None, explain: bool = True, max_error: float | None = None) -> dict:
     """Metrics of ``model`` (a path or a loaded predictor) on ``test_dir/<class>/`` (or a label file: its test
     rows where it has a split column, else every row); report files in ``out``;
     ``unknown_dir``: photos of none of the classes (rejection rate, AUROC, confusion with an unknown row);
-    ``explain``: heat maps in the report's galleries."""
+    ``explain``: heat maps in the report's galleries; ``max_error``: also this bound in ``conformal``."""
     from transferkit.reports.evaluation import evaluate_predictor
 
+    PredictOptions(max_error=max_error)  # checked before the model is read
     return evaluate_predictor(_model(model, runtime, precision), test_dir, out=out, batch_size=batch_size,
-                              unknown_dir=unknown_dir, explain=explain)
+                              unknown_dir=unknown_dir, explain=explain, max_error=max_error)
 
 
 def explain(model, paths, *, out: str | None = None, top_k: int = DEFAULT_PREDICT.top_k,

@@ -26,11 +26,12 @@ SPLIT_AND_FEATURES = ("seed", "val_split", "image_size", "backbone", "weights", 
 
 
 def option(default, help: str, *, choices: tuple | None = None, low=None, high=None, low_open: bool = False,
-           high_open: bool = False, none_ok: bool = False, flag: str | None = None, kind: type | None = None):
+           high_open: bool = False, none_ok: bool = False, flag: str | None = None, kind: type | None = None,
+           shown: str | None = None):
     """A dataclass field carrying its validation rule and help text (read by :func:`check_field` and the CLI)."""
     kind = kind or type(default)
     rule = dict(help=help, choices=choices, low=low, high=high, low_open=low_open, high_open=high_open,
-                none_ok=none_ok or default is None, flag=flag, kind=kind)
+                none_ok=none_ok or default is None, flag=flag, kind=kind, shown=shown)
     return field(default=default, metadata=rule)
 
 
@@ -56,7 +57,7 @@ def check_field(name: str, value, rule: dict) -> None:
         return
     if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise OptionError(name, "must be a whole number", value)
-    if kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+    if kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value):
         raise OptionError(name, "must be a number", value)
     if kind is str and not isinstance(value, str):
         raise OptionError(name, "must be a string", value)
@@ -202,12 +203,18 @@ class TrainOptions(EngineOptions):
 @dataclass(frozen=True, kw_only=True)
 class PredictOptions(Options):
     """How answers are given (``predict``, ``ImageClassifier.predict``, the server's default): the one place
-    where ``top_k``, ``batch_size`` and ``reject`` and their defaults are written."""
+    where ``top_k``, ``batch_size``, ``reject``, ``coverage`` and ``max_error`` and their defaults are written."""
 
     top_k: int = option(3, "classes listed per image", low=1)
     batch_size: int = option(32, "images per engine call", low=1, high=4096)
     reject: bool = option(True, "label photos unlike every class with their nearest class instead of 'unknown'",
                           flag="--no-reject")
+    coverage: float | None = option(None, "add each photo's conformal prediction set: the fewest labels holding the "
+                                    "right one this share of the time (e.g. 0.95)", low=0.0, high=1.0,
+                                    low_open=True, high_open=True, kind=float, shown="off")
+    max_error: float | None = option(None, "mark 'abstain' where answering would break this error rate among "
+                                     "answered photos (e.g. 0.02)", low=0.0, high=1.0, low_open=True,
+                                     high_open=True, kind=float, shown="off")
 
 
 DEFAULT_PREDICT = PredictOptions()

@@ -27,7 +27,7 @@ def add_options(parser: argparse.ArgumentParser, record: type[Options], only: tu
             continue
         rule = f.metadata
         flag = rule["flag"] or "--" + f.name.replace("_", "-")
-        shown = "the backbone's" if f.default is None else f.default
+        shown = rule.get("shown") or ("the backbone's" if f.default is None else f.default)
         if rule["kind"] is bool:
             action = "store_false" if flag.startswith("--no-") else "store_true"
             parser.add_argument(flag, dest=f.name, action=action, default=argparse.SUPPRESS, help=rule["help"])
@@ -127,6 +127,7 @@ def _model_commands(command) -> None:
     e.add_argument("--no-explain", dest="explain", action="store_false",
                    help="no heat maps in report.html (they load the model's Keras model: TensorFlow)")
     add_options(e, EngineOptions)
+    add_options(e, PredictOptions, only=("max_error",))
 
     r = command("predict", "predict image files, folders or globs")
     r.add_argument("model")
@@ -205,11 +206,17 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
                 print(f"{r['path']}\t{shown}" + (f"\tgiven {r['given']}" if "given" in r else ""))
             elif r["label"] is None:  # unknown: none of the classes; the nearest ones in brackets
                 nearest = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
-                print(f"{r['path']}\tunknown\tnovelty {r['novelty']:.2f}\t(nearest: {nearest})")
+                print(f"{r['path']}\tunknown\tnovelty {r['novelty']:.2f}\t(nearest: {nearest})" + _guarantee_text(r))
             else:
                 others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"][1:])
                 print(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}" + (f"\t({others})" if others else "")
-                      + (f"\tgiven {r['given']}" if "given" in r else ""))
+                      + (f"\tgiven {r['given']}" if "given" in r else "") + _guarantee_text(r))
+
+
+def _guarantee_text(row: dict) -> str:
+    """A row's conformal set (``--coverage``) and 'not sure' (``--max-error``), for the table."""
+    text = f"\tset {{{', '.join(row['set'])}}}" if "set" in row else ""
+    return text + ("\tnot sure" if row.get("abstain") else "")
 
 
 def _csv_rows(rows: list[dict]) -> str:
@@ -219,8 +226,9 @@ def _csv_rows(rows: list[dict]) -> str:
     tops_header = [f"top{i + 1}_{c}" for i in range(k) for c in ("label", "probability")]
     given = any("given" in r for r in rows)  # predicting a label file: its labels, to compare
     multi = any("labels" in r for r in rows)  # a multi-label model: the labels over their thresholds, joined by |
+    sets, abstains = any("set" in r for r in rows), any("abstain" in r for r in rows)
     writer.writerow(["path", "label", "probability", "novelty"] + ["labels"] * multi + tops_header + ["error"]
-                    + ["given"] * given)
+                    + ["given"] * given + ["set"] * sets + ["abstain"] * abstains)
     for r in rows:
         tops = [x for t in r["top_k"] for x in (t["label"], f"{t['probability']:.6f}")]
         tops += [""] * (2 * k - len(tops))
@@ -228,7 +236,8 @@ def _csv_rows(rows: list[dict]) -> str:
         label = "unknown" if r.get("unknown") and r["label"] is None else r["label"] or ""
         novelty = "" if r.get("novelty") is None else f"{r['novelty']:.4f}"
         writer.writerow([r["path"], label, prob, novelty] + ["|".join(r.get("labels") or [])] * multi + tops
-                        + [r.get("error", "")] + [r.get("given", "")] * given)
+                        + [r.get("error", "")] + [r.get("given", "")] * given + ["|".join(r.get("set", []))] * sets
+                        + [str(r.get("abstain", "")).lower()] * abstains)
     return buf.getvalue()
 
 
@@ -244,7 +253,7 @@ def _evaluate(args) -> None:
     from transferkit.tasks import get_task
 
     metrics = evaluate(args.model, label_source(args, args.test_dir), out=args.out, unknown_dir=args.unknown_dir,
-                       explain=args.explain,
+                       explain=args.explain, max_error=getattr(args, "max_error", None),
                        **record_values(args, EngineOptions))
     task = get_task(metrics.get("task") or "single_label")
     if args.json:  # the headline figures first
@@ -294,8 +303,12 @@ def _predict_on_ray(args, options: PredictOptions) -> None:
     if args.ray != "local" and os.path.exists(args.ray):  # `predict M a b --ray c`: c taken as the address
         raise TransferkitError(f"--ray {args.ray}: that is a path, not a cluster address (write --ray=ADDRESS, "
                                f"or --ray local before more paths)")
+    if options.coverage is not None or options.max_error is not None:
+        raise TransferkitError("--coverage and --max-error: not with --ray yet (its Parquet columns are fixed); "
+                               "predict without --ray")
     items = [label_source(args, p, strict=False) for p in args.paths]
-    done = predict_on_ray(args.model, items, args.out, address=args.ray, **options.to_dict(),
+    ray_options = {k: v for k, v in options.to_dict().items() if k not in ("coverage", "max_error")}
+    done = predict_on_ray(args.model, items, args.out, address=args.ray, **ray_options,
                           **record_values(args, EngineOptions))
     rate = f", {done['images_per_second']:.1f} img/s" if done["images_per_second"] else ""
     print(f"transferkit: predicted {done['new']} image(s) in {done['seconds']:.1f} s{rate}; "

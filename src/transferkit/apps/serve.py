@@ -30,7 +30,7 @@ from transferkit.apps.collect import close_all
 from transferkit.errors import TransferkitError
 from transferkit.log import logger
 from transferkit.options import ServeOptions
-from transferkit.data.images import OverPixelBudget, UnreadableImage, check_pixel_budget, load_image
+from transferkit.data.images import OverPixelBudget, check_pixel_budget, load_image
 
 MAX_FILES = 64
 
@@ -46,6 +46,7 @@ def model_info(model) -> dict:
         "test": meta.get("test"),
         "created": meta.get("created"),
         "transferkit_version": meta.get("transferkit_version"),
+        "conformal": isinstance(meta.get("conformal"), dict),  # ?coverage= / ?max_error= are answered
     }
 
 
@@ -100,15 +101,33 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
         if explain and explainer is None:
             return error(400, f"explain=1 needs a .keras model file; {os.path.basename(model_path)} has no gradients")
         try:
-            rows = _predict_uploads(model, lock, files, k, options.max_request_pixels, explainer if explain else None)
+            rows = _predict_uploads(model, lock, files, k, options.max_request_pixels, explainer if explain else None,
+                                    _guarantees(request.args))
         except OverPixelBudget as exc:
             return error(413, f"{exc.path}: {exc.reason}")
-        except UnreadableImage as exc:
-            return error(400, f"{exc.path}: {exc.reason}")
+        except TransferkitError as exc:  # an unreadable upload (path: reason), a bad coverage / max_error, a
+            return error(400, str(exc))  # model without the calibration
         hooks.after_predict(rows, files)
         return jsonify({"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}})
 
     return app
+
+
+def _guarantees(args) -> dict:
+    """``?coverage=`` / ``?max_error=`` as ``PredictOptions`` checks them (one-line OptionError)."""
+    from transferkit.errors import OptionError
+    from transferkit.options import PredictOptions
+
+    asked = {}
+    for name in ("coverage", "max_error"):
+        text = args.get(name)
+        if text is not None and text.strip():
+            try:
+                asked[name] = float(text)
+            except ValueError:
+                raise OptionError(name, "must be a number", text) from None
+    PredictOptions(**asked)
+    return asked
 
 
 def _explainer(model):
@@ -130,7 +149,8 @@ def _warm_up(model) -> None:
         model.predict_images(photos[np.arange(n) % len(photos)])
 
 
-def _predict_uploads(model, lock: threading.Lock, files, top_k: int, max_pixels: int, explainer=None) -> list[dict]:
+def _predict_uploads(model, lock: threading.Lock, files, top_k: int, max_pixels: int, explainer=None,
+                     asked: dict | None = None) -> list[dict]:
     """Check every upload's header and the request's pixel budget (OverPixelBudget) before decoding any, then
     decode them (in memory; the client's file name is echoed back, never used as a path) and make one batched
     prediction; an unreadable upload raises UnreadableImage naming it. With ``explainer``, each row gets its
@@ -143,7 +163,7 @@ def _predict_uploads(model, lock: threading.Lock, files, top_k: int, max_pixels:
     names = [name for name, _ in uploads]
     with lock:
         probs = model.predict_images(np.stack(images))
-    rows = decide(model, names, probs, top_k)
+    rows = decide(model, names, probs, top_k, **(asked or {}))
     for row in rows:
         row["filename"] = row.pop("path")
     if explainer is not None:

@@ -134,6 +134,6 @@ def _trusted_verdict(key: str, runtime: str, precision: str, path: str, size: in
     digest = _check_digest(key, path, size) if check is None else _sample_digest(check)
     if digest is not None and verdict.get("sample", {}).get("digest") != digest:
         return None
-    if auto and verdict["img_per_s"]["keras"] > verdict["img_per_s"]["engine"]:
+    if auto and runtimes.keras_faster(verdict["img_per_s"]):
         return None
     return verdict

@@ -42,13 +42,25 @@ def files_to_probs(predictor: Predictor, paths: list[str], batch_size: int = 32)
     return own(paths, batch_size) if own else predict_files(predictor, paths, batch_size=batch_size)
 
 
-def decide(predictor: Predictor, paths: list[str], outputs: np.ndarray, top_k: int, reject: bool = True) -> list[dict]:
+def decide(predictor: Predictor, paths: list[str], outputs: np.ndarray, top_k: int, reject: bool = True, *,
+           coverage: float | None = None, max_error: float | None = None) -> list[dict]:
     """Result rows of ``outputs`` by the predictor's task (``tasks.task_of`` its metadata; single-label:
-    ``SingleLabel.decide``)."""
+    ``SingleLabel.decide``); ``coverage`` / ``max_error``: the rows' conformal ``set`` / ``abstain``, from the
+    calibration the model file carries (one line saying so where it has none)."""
+    from transferkit.errors import TransferkitError
+    from transferkit.models.conformal import check_record
     from transferkit.tasks import task_of
 
-    metadata = predictor.metadata
-    return task_of(metadata).decide(paths, outputs, predictor.class_names, top_k, metadata.get("novelty"), reject)
+    metadata, task = predictor.metadata, task_of(predictor.metadata)
+    asked = {k: v for k, v in (("coverage", coverage), ("max_error", max_error)) if v is not None}
+    if asked:  # a multi-label model has no calibration (yet): a per-label one would be its task's record
+        conformal, name = metadata.get("conformal"), next(iter(asked))
+        if not isinstance(conformal, dict):
+            why = "a multi-label model" if task.multi_label else "made before transferkit stored one"
+            raise TransferkitError(f"{predictor.path or 'model'}: no conformal calibration in this model file "
+                                   f"({why}); {name} needs a single-label model trained by this version")
+        asked["conformal"] = check_record(conformal, predictor.path or "model")
+    return task.decide(paths, outputs, predictor.class_names, top_k, metadata.get("novelty"), reject, **asked)
 
 
 def predict_rows(predictor: Predictor, items, options: PredictOptions = DEFAULT_PREDICT) -> list[dict]:
@@ -66,7 +78,8 @@ def predict_rows(predictor: Predictor, items, options: PredictOptions = DEFAULT_
         if labelfile.is_label_source(item):
             given |= labelfile.listed_files(item)[1]
     outputs, kept, skipped = files_to_probs(predictor, files, options.batch_size)
-    rows = dict(zip(kept, decide(predictor, [files[i] for i in kept], outputs, options.top_k, options.reject)))
+    rows = dict(zip(kept, decide(predictor, [files[i] for i in kept], outputs, options.top_k, options.reject,
+                                      coverage=options.coverage, max_error=options.max_error)))
     errors = {s["path"]: s["reason"] for s in skipped}
     found = [rows.get(i) or {"path": f, "label": None, "probability": None, "top_k": [], "error": errors[f]}
              for i, f in enumerate(files)]

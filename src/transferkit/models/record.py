@@ -39,6 +39,7 @@ class ModelRecord:
     test: dict | None = None
     novelty: dict | None = None
     reference: dict | None = None  # the validation answers' summary (training/reference.py): monitor's reference
+    conformal: dict | None = None  # held-out scores for prediction sets and abstention (models.conformal)
     fine_tune: dict | None = None
     backbone_info: dict | None = None
     backbone_choice: dict | None = None
@@ -58,8 +59,9 @@ class ModelRecord:
             known["fit"] = {}
         if not isinstance(known.get("training"), dict):
             known["training"] = {}
-        if not isinstance(known.get("novelty"), dict):
-            known.pop("novelty", None)
+        for name in ("novelty", "conformal"):
+            if not isinstance(known.get(name), dict):
+                known.pop(name, None)
         extra = {k: v for k, v in metadata.items() if k not in names and k not in _DERIVED}
         return cls(**known, extra=extra)
 
@@ -107,6 +109,7 @@ class ModelRecord:
             changes["novelty"] = dict(state.novelty)
         if state.reference:
             changes["reference"] = state.reference
+        changes["conformal"] = state.conformal
         if state.fine_tune:
             changes["fine_tune"] = {k: state.fine_tune.get(k) for k in FINE_TUNE_KEYS}
         return dataclasses.replace(base, **changes) if base is not None else cls(**changes)
@@ -124,7 +127,7 @@ class ModelRecord:
         state.history, state.best_epoch = fit.get("history"), fit.get("best_epoch")
         state.feature_check, state.head_choice = fit.get("feature_check"), fit.get("head_choice")
         state.validation, state.test, state.fine_tune = self.validation, self.test, self.fine_tune
-        state.novelty, state.reference = self.novelty, self.reference
+        state.novelty, state.reference, state.conformal = self.novelty, self.reference, self.conformal
         state.timing = dict(fit.get("timing", {}))
         state.set_model(loaded.keras_model, features_current=False)
 

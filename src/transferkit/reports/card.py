@@ -179,6 +179,24 @@ def _trust(meta: dict) -> list[str]:
     return lines + [""]
 
 
+def _guarantees(meta: dict) -> list[str]:
+    """The conformal guarantees the model offers (``models.conformal``), with their assumption."""
+    found = meta.get("conformal")
+    if not isinstance(found, dict):
+        return []
+    fitted = found.get("fitted_on") or {}
+    delta = (found.get("risk") or {}).get("delta", 0.1)
+    return ["## Guarantees", "",
+            f"- Prediction sets (`predict --coverage 0.95`; {str(found.get('method')).upper()}, split conformal, "
+            f"on {found.get('n')} held-out photos: {fitted.get('validation', 0)} validation, "
+            f"{fitted.get('out_of_fold', 0)} out-of-fold training): a set holds the right label at least the asked "
+            f"share of the time, **on average over photos**; not for each class, not for each photo.",
+            f"- Abstention (`predict --max-error 0.02`): with probability ≥ {1 - delta:.0%} over those photos, the "
+            f"error among answered photos is at most the bound (binomial bound, binary search over cut-offs).",
+            "- Assumption: new photos are exchangeable with the training folder's (same source, same class mix). "
+            "Other cameras, a drifting class mix or photos of none of the classes void both.", ""]
+
+
 def limits(meta: dict) -> list[str]:
     """The limits that apply to this model, each a sentence computed from its metadata."""
     data, training, found = meta.get("data") or {}, meta.get("training") or {}, []
@@ -229,6 +247,7 @@ def model_card(metadata: dict) -> str:
     lines = [f"# Model card: {metadata.get('backbone')} classifier of {len(names)} classes", "",
              "*Written by transferkit from the model file's metadata; regenerate with `transferkit card MODEL`.*", ""]
     lines += _intended_use(metadata) + _data(metadata) + _model(metadata) + _metrics(metadata) + _trust(metadata)
+    lines += _guarantees(metadata)
     lines += ["## Limits", ""] + [f"- {line}" for line in limits(metadata)]
     return "\n".join(lines) + "\n"
 

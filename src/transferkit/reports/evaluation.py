@@ -18,6 +18,7 @@ from transferkit.files import write_json_atomic
 from transferkit.models.novelty import split_outputs
 from transferkit.reports.trust import trust_figures, trust_metrics
 from transferkit.reports.explain import report_overlays
+from transferkit.reports.guarantees import conformal_metrics, conformal_section
 from transferkit.reports.html import model_summary, write_report
 from transferkit.options import DEFAULT_PREDICT
 from transferkit.tasks import task_of
@@ -26,13 +27,14 @@ from transferkit.tasks import task_of
 def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None = None,
                        batch_size: int = DEFAULT_PREDICT.batch_size,
                        title: str | None = None, history_png: str | None = None,
-                       unknown_dir: str | None = None, explain: bool = True) -> dict:
+                       unknown_dir: str | None = None, explain: bool = True, max_error: float | None = None) -> dict:
     """Metrics of ``predictor`` on ``test_dir/<class>/``; with ``out``, writes metrics.json and report.html (with
     confusion_matrix.png, confusion_matrix_normalised.png, reliability.png) there. Class folders are matched to
     the model's classes by name, never by order. ``unknown_dir``: photos of none of the classes, to measure how
     many the novelty score rejects (metrics["unknown"], novelty.png, confusion_unknown.png). ``explain``: the
     report's galleries show each photo's heat map (a ``.keras`` model: its Keras model is loaded for them).
-    ``test_dir`` may be a label file: its test rows where it has a split column, else every row."""
+    ``test_dir`` may be a label file: its test rows where it has a split column, else every row. A model with a
+    conformal calibration gets ``conformal`` (``reports.guarantees``; ``max_error``: that bound too)."""
     from transferkit.data import labelfile
 
     task = task_of(predictor.metadata)
@@ -49,6 +51,7 @@ def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None =
                            data.skipped + skipped)
     found, arrays = trust_metrics(predictor, labels, probs, scores, unknown_dir, batch_size, task)
     metrics |= found
+    metrics |= conformal_metrics(predictor, labels, probs, max_error)
     if out:
         os.makedirs(out, exist_ok=True)
         write_json_atomic(os.path.join(out, "metrics.json"), metrics)
@@ -59,7 +62,7 @@ def evaluate_predictor(predictor: Predictor, test_dir: str, *, out: str | None =
                      history_png=history_png, model_info=model_summary(predictor.metadata),
                      extra_figures=trust_figures(found, arrays, out),
                      overlays=report_overlays(predictor, metrics) if explain and not task.multi_label else None,
-                     task=task)
+                     task=task, sections=conformal_section(metrics))
     return metrics
 
 

@@ -74,8 +74,10 @@ class Task:
 
     # ----- answers -----
     def decide(self, paths: list[str], outputs: np.ndarray, class_names: list[str], top_k: int,
-               novelty: dict | None = None, reject: bool = True) -> list[dict]:
-        """One result row per image from the model's outputs."""
+               novelty: dict | None = None, reject: bool = True, *, conformal: dict | None = None,
+               coverage: float | None = None, max_error: float | None = None) -> list[dict]:
+        """One result row per image from the model's outputs (with ``coverage`` / ``max_error``: the
+        guarantees of ``conformal`` = metadata["conformal"], rows' ``set`` / ``abstain``)."""
         raise NotImplementedError
 
     # ----- evaluation -----

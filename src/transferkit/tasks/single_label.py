@@ -19,6 +19,20 @@ def mean_log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(probs[np.arange(len(labels)), labels])))
 
 
+def _add_guarantees(rows, probs, class_names, conformal, coverage, max_error) -> None:
+    """Each row's conformal ``set`` (labels, most probable first) and/or ``abstain`` (its top probability under
+    the cut-off certified for ``max_error``)."""
+    from transferkit.models import conformal as cp
+
+    if coverage is not None:
+        for row, members in zip(rows, cp.prediction_sets(probs, conformal, coverage)):
+            row["set"] = [class_names[j] for j in members]
+    if max_error is not None:
+        cut = cp.answer_threshold(conformal["risk"], max_error)
+        for row, p in zip(rows, probs):
+            row["abstain"] = bool(float(p.max()) < cut)
+
+
 class SingleLabel(Task):
     """One label per photo: softmax outputs, integer labels, accuracy and log loss, top-k rows."""
 
@@ -104,12 +118,14 @@ class SingleLabel(Task):
         return softmax(logits, axis=1)
 
     # ----- answers -----
-    def decide(self, paths, outputs, class_names, top_k, novelty=None, reject=True):
+    def decide(self, paths, outputs, class_names, top_k, novelty=None, reject=True, *, conformal=None,
+               coverage=None, max_error=None):
         """One result dict per image: path, label, probability and the top-k (label, probability). For a model
         with a novelty score (``novelty`` = metadata["novelty"]) also ``novelty`` (the score over the model's
         threshold, as the model outputs it: above 1 is unknown) and ``unknown``; an unknown row's label and
         probability are None (``reject=False`` keeps the nearest class), and its top-k still lists the nearest
-        classes."""
+        classes. With ``coverage`` (and ``conformal`` = metadata["conformal"]) also ``set``, the conformal
+        prediction set; with ``max_error``, ``abstain`` (see ``models.conformal``)."""
         from transferkit.models.novelty import split_outputs
 
         probs, scores = split_outputs(outputs, len(class_names))
@@ -127,6 +143,8 @@ class SingleLabel(Task):
                 if row["unknown"] and reject:
                     row |= {"label": None, "probability": None}
             rows.append(row)
+        if coverage is not None or max_error is not None:
+            _add_guarantees(rows, probs, class_names, conformal, coverage, max_error)
         return rows
 
     # ----- evaluation -----

@@ -30,7 +30,7 @@ class FeatureSplit:
 # the learned fields, each an ImageClassifier attribute with a trailing "_" (scikit-learn's convention)
 LEARNED = ("classes", "options", "model", "history", "best_epoch", "validation", "test", "fine_tune", "skipped",
            "timing", "data", "out", "model_path", "extractor", "head", "check_images", "novelty", "feature_check",
-           "head_choice", "label_audit", "duplicates", "backbone_choice")
+           "head_choice", "label_audit", "duplicates", "backbone_choice", "conformal")
 
 
 @dataclass
@@ -62,6 +62,7 @@ class FitState:
     label_audit: object = None
     novelty: dict | None = None
     reference: dict | None = None  # the validation answers' summary, monitor's drift reference (reference.py)
+    conformal: dict | None = None  # models.conformal's calibration (metadata["conformal"])
     validation: dict | None = None
     test: dict | None = None
     fine_tune: dict | None = None

@@ -245,8 +245,22 @@ class Trainer:
         st.task.fit_decision(probs, features.y_val)  # multi-label: each label's threshold
         st.validation = st.task.metrics(features.y_val, probs, st.classes, features.val_paths, st.skipped)
         st.reference = reference.summary(probs, scores, st.classes)
+        self._fit_conformal(None if st.options.refit else (probs, features.y_val),
+                            (features.x_train[::views], features.y_train[::views]))
         st.feature_check = self._check_view_features(features)
         st.set_model(modelfile.assemble(st.extractor.model, st.head), features_current=True)
+
+    def _fit_conformal(self, val: tuple | None, train: tuple) -> None:
+        """The conformal calibration (``models.conformal``) on the held-out calibrated probabilities ``val`` of
+        the model (None: the validation photos trained it) and out-of-fold ones of the training ``features``."""
+        from transferkit.models.conformal import fit_held_out
+
+        st = self.state
+        if st.task.name != "single_label":  # a per-label variant belongs to the multi-label task
+            st.conformal = None
+            return
+        st.conformal = fit_held_out(val, train, len(st.classes))
+        logger.info(f"conformal calibration on {st.conformal['n']} held-out photos ({st.conformal['fitted_on']})")
 
     def _choose_head(self, features: FeatureSplit, dims: list[int]):
         """(the head to keep, every candidate compared): ``auto`` compares them on validation; an explicit head
@@ -405,7 +419,7 @@ class Trainer:
         """After fine-tuning the backbone's features moved: refit the temperature and the novelty statistics on
         them (training images for the statistics, validation for the temperature and threshold)."""
         from transferkit.engines.keras_step import run_model
-        from transferkit.models.novelty import feature_view, has_trust, novelty_dim
+        from transferkit.models.novelty import feature_view, has_trust, novelty_dim, split_outputs
 
         st = self.state
         if not has_trust(st.model):
@@ -416,6 +430,8 @@ class Trainer:
         head = st.model.get_layer("head")
         st.novelty = st.task.fit_trust(head, train, val, len(st.classes), st.options.keep_known,
                                        novelty_dim=novelty_dim(head))
+        probs, _ = split_outputs(run_model(head, val[0]), len(st.classes))
+        self._fit_conformal((probs, images.y_val), train)
 
     def _checkpoint(self, state: dict) -> None:
         self.state.fine_tune = state

@@ -1,0 +1,52 @@
+"""What an evaluation says about the conformal guarantees (``models.conformal``): on the test photos, the
+empirical coverage and mean set size at 0.80 / 0.90 / 0.95, the coverage per class (conditional coverage is not
+promised: a class covered less than asked, beyond its binomial noise, is named), and for each error bound the
+answered share and the error among answered photos; with the report's section in ``reports.html``'s style."""
+
+from __future__ import annotations
+
+import html
+
+from transferkit.models.conformal import MAX_ERRORS, check_record, evaluate_sets
+
+
+def conformal_metrics(predictor, labels, probs, max_error: float | None = None) -> dict:
+    """{"conformal": ...} for a model with the calibration, else {} (a file made before it)."""
+    stored = predictor.metadata.get("conformal")
+    if not isinstance(stored, dict) or len(labels) == 0:
+        return {}
+    check_record(stored, predictor.path or "model")
+    bounds = tuple(sorted(set(MAX_ERRORS) | ({max_error} if max_error is not None else set())))
+    found = evaluate_sets(probs, labels, predictor.class_names, stored, max_errors=bounds)
+    found["guarantee"] = ("coverage: a set holds the right label at least the asked share of the time, on average "
+                          "over photos exchangeable with the calibration photos (not per class, not per photo); "
+                          f"abstention: with probability >= {1 - stored['risk'].get('delta', 0.1):.0%} over the "
+                          "calibration photos, the error among answered photos is at most the bound")
+    return {"conformal": found}
+
+
+def conformal_section(metrics: dict) -> str:
+    """The report's "Guarantees" section (empty without ``metrics["conformal"]``)."""
+    found = metrics.get("conformal")
+    if not found:
+        return ""
+    e = html.escape
+    rows = "".join(f"<tr><td>{c['asked']:.2f}</td><td>{_pct(c['empirical'])}</td><td>{c['mean_set_size']}</td>"
+                   f"<td>{e(', '.join(c['under_covered'])) or '-'}</td></tr>" for c in found["coverage"])
+    answers = "".join(f"<tr><td>{s['max_error']:.2f}</td><td>{_pct(s['answered_share'])}</td>"
+                      f"<td>{_pct(s['error_answered'])}</td></tr>" for s in found["selective"])
+    under = [c for c in found["coverage"] if c["under_covered"]]
+    levels = ", ".join(f"{c['asked']:.2f}" for c in under)
+    note = (f"<p><b>Under-covered classes</b> (at {levels}): conformal "
+            f"sets promise coverage on average over photos, not per class; these classes get less.</p>"
+            if under else "")
+    return f"""<h2>Guarantees (conformal, {found['calibration_photos']} calibration photos)</h2>
+<p class="muted">{e(found['guarantee'])}</p>
+<table id="conformal-coverage"><thead><tr><th>coverage asked</th><th>empirical</th><th>mean set size</th>
+<th>under-covered classes</th></tr></thead><tbody>{rows}</tbody></table>{note}
+<table id="conformal-abstain"><thead><tr><th>max error</th><th>answered</th><th>error among answered</th></tr>
+</thead><tbody>{answers}</tbody></table>"""
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
