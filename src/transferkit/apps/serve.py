@@ -63,7 +63,6 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
     info, explainer = model_info(model), _explainer(model)
     _warm_up(model)
     page = resources.files("transferkit.apps").joinpath("static/index.html").read_text(encoding="utf-8")
-
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
     hooks = feedback.install(app, model, options, model_path, info)  # /metrics, /api/feedback, --collect
