@@ -1,14 +1,15 @@
 """Requests/second and latency of `transferkit serve` for single-image requests at 1, 4, 16 and 64 clients.
 
     python benchmarks/serve.py MODEL [--image PHOTO] [--seconds 10] [--workers 1] [--threads 4] [--first-use]
-                              [--runtime auto]
+                              [--runtime auto] [--collect]
 
 Starts a real server process on 127.0.0.1 (a free port), waits for /healthz (its start time is printed: on a model
 file used before, the worker loads the cached engine without TensorFlow), then each client posts one image per
 request, back to back, for the given time. Prints req/s, p50 and p95 latency per concurrency level, then the peak
 RSS (VmHWM) of the master and of each worker. ``--first-use`` starts on an empty cache: the master converts the
 model file once, in a child process, before gunicorn forks (``engines.convert``); a worker's peak, 2.9 GB when
-each converted it itself, is then the cached engine's.
+each converted it itself, is then the cached engine's. ``--collect``: every level again with ``serve --collect``
+(every answer stored in a fresh SQLite file), and both side by side.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--collect", action="store_true", help="also run every level with serve --collect (a fresh "
+                   "SQLite store) and print both, side by side")
     p.add_argument("--runtime", default="auto", help="the server's --runtime (default: auto)")
     p.add_argument("--first-use", action="store_true", help="start on a model file never converted (an empty "
                    "cache) instead of after one `transferkit predict`")
@@ -106,13 +109,33 @@ def main() -> None:
             open(photo, "wb").write(payload)
         subprocess.run([sys.executable, "-m", "transferkit", "predict", args.model, photo], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    modes = [("plain", [])]
+    if args.collect:  # the same levels again with the store on (a fresh SQLite file): the cost of collecting
+        modes.append(("collect", ["--collect", os.path.join(tempfile.mkdtemp(), "seen.db")]))
+    results = {}
+    for mode, extra in modes:
+        results[mode] = run_server(args, payload, env, extra, mode)
+    if args.collect:
+        print(f"{'clients':>8} {'req/s plain':>12} {'req/s collect':>14} {'slower':>7} {'p95 plain':>10} "
+              f"{'p95 collect':>12}")
+        for clients in LEVELS:
+            (a, _, pa, _), (b, _, pb, _) = results["plain"][clients], results["collect"][clients]
+            print(f"{clients:>8} {a:>12.1f} {b:>14.1f} {100 * (1 - b / a):>6.1f}% {pa:>10.1f} {pb:>12.1f}")
+
+
+LEVELS = (1, 4, 16, 64)
+
+
+def run_server(args, payload: bytes, env: dict, extra: list[str], mode: str) -> dict:
+    """Start a server (``extra``: more serve flags), run every level, print and return {clients: figures}."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", args.model, "--port", str(port),
                              "--workers", str(args.workers), "--threads", str(args.threads),
-                             "--runtime", args.runtime],
+                             "--runtime", args.runtime, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
+    found = {}
     try:
         deadline = time.time() + 180
         while True:
@@ -126,17 +149,18 @@ def main() -> None:
             time.sleep(0.5)
         ready = time.perf_counter() - started
         run_level(url, payload, 2, 2.0)  # warm-up
-        print(f"cpu cores: {os.cpu_count()}  image: {len(payload)} bytes  workers {args.workers} x threads "
+        print(f"[{mode}] cpu cores: {os.cpu_count()}  image: {len(payload)} bytes  workers {args.workers} x threads "
               f"{args.threads}  server ready in {ready:.1f} s ({'first use' if args.first_use else 'cached engine'})")
         print(f"{'clients':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7}")
-        for clients in (1, 4, 16, 64):
-            rps, p50, p95, errors = run_level(url, payload, clients, args.seconds)
+        for clients in LEVELS:
+            found[clients] = rps, p50, p95, errors = run_level(url, payload, clients, args.seconds)
             print(f"{clients:>8} {rps:>8.1f} {p50:>8.1f} {p95:>8.1f} {errors:>7}", flush=True)
         peaks = ", ".join(f"{peak_mb(pid):.0f} MB" for pid in workers(proc.pid))
         print(f"peak RSS: master {peak_mb(proc.pid):.0f} MB, worker(s) {peaks}")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    return found
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from transferkit.options import DEFAULT_ENGINE, DEFAULT_PREDICT, EngineOptions, 
 
 
 def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
-          callbacks=(), log_dir: str | None = None, ray: str | None = None, **options) -> dict:
+          callbacks=(), log_dir: str | None = None, ray: str | None = None, add=(), **options) -> dict:
     """Train with ``options`` (the fields of TrainOptions) and write the run folder; returns its metrics.
     ``data_dir``: a class folder, or a label file (``labels.csv``, ``LabelFile(...)``, a Hugging Face
     imagefolder); ``log_dir``: TensorBoard logs of the head and the fine-tuning; ``ray``: extract the features on
@@ -25,7 +25,7 @@ def train(data_dir: str, *, test_dir: str | None = None, out: str | None = None,
 
     clf = ImageClassifier(**options)
     return clf.fit(data_dir, test_dir=test_dir, out=out, resume=resume, callbacks=callbacks, log_dir=log_dir,
-                   ray=ray).summary()
+                   ray=ray, add=add).summary()
 
 
 def load_model(path, *, runtime: str = DEFAULT_ENGINE.runtime,

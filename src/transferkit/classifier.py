@@ -166,13 +166,14 @@ class ImageClassifier:
 
     # ----- training -----
     def fit(self, data_dir: str, *, test_dir: str | None = None, out: str | None = None, resume: bool = False,
-            callbacks=(), log_dir: str | None = None, ray: str | None = None) -> "ImageClassifier":
+            callbacks=(), log_dir: str | None = None, ray: str | None = None, add=()) -> "ImageClassifier":
         """Train on ``data_dir/<class>/<images>`` (or a label file: ``labels.csv``, a Hugging Face imagefolder)
         and write the run folder ``out``. ``resume`` continues the interrupted second stage of ``out`` (same
         options, same files); ``callbacks``: Keras callbacks for the second stage, and stage callbacks
         (``training.events.StageCallback``) for every stage; ``log_dir``: TensorBoard logs of both stages there
         (``training.tensorboard``); ``ray``: compute the features missing from the cache on the Ray cluster at
-        this address ("local": a local Ray instance; see transferkit.scale)."""
+        this address ("local": a local Ray instance; see transferkit.scale); ``add``: label files whose rows
+        join the training split only (data/added.py)."""
         from transferkit.reports.run import RunWriter
         from transferkit.training.events import PrefetchTest, StageCallback, StageEvents
 
@@ -182,7 +183,7 @@ class ImageClassifier:
 
             plugins.append(TensorBoardLogs(log_dir))  # the tensorboard package is checked here, first
         started = time.perf_counter()
-        self.prepare(data_dir, out=out, resume=resume, test_dir=test_dir, events=StageEvents(plugins))
+        self.prepare(data_dir, out=out, resume=resume, test_dir=test_dir, events=StageEvents(plugins), add=add)
         test_dir = test_dir or self.data_.test_source  # a label file's test rows
         keras_callbacks = [c for c in callbacks if not isinstance(c, StageCallback)]
         self._trainer.run(test_dir, resume, ray, keras_callbacks)
@@ -194,7 +195,7 @@ class ImageClassifier:
         return self
 
     def prepare(self, data_dir: str, *, out: str | None = None, resume: bool = False,
-                test_dir: str | None = None, events=None) -> "ImageClassifier":
+                test_dir: str | None = None, events=None, add=()) -> "ImageClassifier":
         """The first stage (``Trainer.prepare``): validate every option before any image is read, scan and split
         ``data_dir``, check ``test_dir``'s classes, then make the run folder ``out``. Forgets what an earlier
         fit learned. ``events``: the stage events (``training.events.StageEvents``) of the stages that follow."""
@@ -202,7 +203,7 @@ class ImageClassifier:
 
         self._state = self._state.fresh()
         self._trainer = Trainer(self._state, self, events)
-        self._trainer.prepare(self.get_params(), data_dir, out=out, resume=resume, test_dir=test_dir)
+        self._trainer.prepare(self.get_params(), data_dir, out=out, resume=resume, test_dir=test_dir, add=add)
         return self
 
     def extract_features(self, ray: str | None = None) -> FeatureSplit:

@@ -233,6 +233,12 @@ class ServeOptions(EngineOptions):
                                      "at its reduced decode size), read from their headers before decoding (413 "
                                      "above)", low=1)
     top_k: int = option(DEFAULT_PREDICT.top_k, "classes listed per image", low=1)
+    collect: str = option(None, "store each prediction, its upload (content-hash named) and the corrections given "
+                                "on the page in DB: a SQLite file (WAL), or a postgresql:// URL (off by default)",
+                          kind=str)
+    collect_files: str = option(None, "folder of the collected uploads (default: DB.files beside a SQLite file, "
+                                      "./collected-files for a URL)", kind=str)
+    feedback_token: str = option(None, "corrections (POST /api/feedback) need this in X-Feedback-Token", kind=str)
 
 
 DEFAULT_ENGINE = EngineOptions()  # the one default engine of every entry point (CLI, Python, server)

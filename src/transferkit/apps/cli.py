@@ -13,6 +13,7 @@ import os
 import sys
 
 from transferkit._version import __version__
+from transferkit.apps import loop_cli
 from transferkit.errors import OptionError, TransferkitError
 from transferkit.log import configure, logger
 from transferkit.options import EngineOptions, Options, PredictOptions, ServeOptions, TrainOptions
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     _data_commands(command)
     _model_commands(command)
     _ecosystem_commands(command)
+    loop_cli.add_commands(command)  # review, monitor
     return p
 
 
@@ -85,6 +87,9 @@ def _data_commands(command) -> None:
     t.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
     t.add_argument("--log-dir", help="write TensorBoard logs of the head and the fine-tuning here "
                                      "(tensorboard --logdir DIR)")
+    t.add_argument("--add", action="append", default=[], metavar="LABELS",
+                   help="a label file (e.g. from transferkit review --out) whose photos join the training split "
+                        "only, never validation (repeatable)")
     add_label_file_flags(t)
     _ray_flag(t, "compute the features missing from the cache on a Ray cluster (transferkit[ray])")
     add_options(t, TrainOptions)
@@ -240,7 +245,7 @@ def _train(args) -> None:
     from transferkit.api import train
 
     train(label_source(args, args.data_dir), test_dir=label_source(args, args.test_dir, strict=False), out=args.out,
-          resume=args.resume, log_dir=args.log_dir, ray=args.ray, **record_values(args, TrainOptions))
+          resume=args.resume, log_dir=args.log_dir, ray=args.ray, add=args.add, **record_values(args, TrainOptions))
 
 
 def _evaluate(args) -> None:
@@ -424,7 +429,8 @@ def _card(args) -> None:
 
 
 COMMANDS = {"compare": _compare, "card": _card, "train": _train, "evaluate": _evaluate, "predict": _predict, "inspect": _inspect, "serve": _serve,
-            "export": _export, "backbones": _backbones, "demo": _demo}
+            "export": _export, "backbones": _backbones, "demo": _demo, "review": loop_cli.review_command,
+            "monitor": loop_cli.monitor_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,9 @@ import numpy as np
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from transferkit.apps import feedback
+from transferkit.apps import metrics as prom
+from transferkit.apps.collect import close_all
 from transferkit.errors import TransferkitError
 from transferkit.log import logger
 from transferkit.options import ServeOptions
@@ -60,9 +63,9 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
     info, explainer = model_info(model), _explainer(model)
     _warm_up(model)
     page = resources.files("transferkit.apps").joinpath("static/index.html").read_text(encoding="utf-8")
-
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+    hooks = feedback.install(app, model, options, model_path, info)  # /metrics, /api/feedback, --collect
 
     def error(status: int, message: str):
         return jsonify({"error": message}), status
@@ -103,6 +106,7 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
             return error(413, f"{exc.path}: {exc.reason}")
         except TransferkitError as exc:  # an unreadable upload (path: reason), a bad coverage / max_error, a
             return error(400, str(exc))  # model without the calibration
+        hooks.after_predict(rows, files)
         return jsonify({"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}})
 
     return app
@@ -212,6 +216,8 @@ def serve(model_path: str, options: ServeOptions | None = None) -> None:
                 "accesslog": None,
                 "errorlog": "-",
                 "loglevel": "warning",
+                "worker_exit": lambda _arbiter, _worker: close_all(),  # the collect queue written first
+                "child_exit": lambda _arbiter, worker: prom.worker_gone(worker.pid),
             }
             for key, value in settings.items():
                 self.cfg.set(key, value)
@@ -221,4 +227,5 @@ def serve(model_path: str, options: ServeOptions | None = None) -> None:
 
     logger.info(f"serving {model_path} on http://{host}:{port}/ ({options.workers} worker(s) x "
                 f"{options.threads} threads)")
+    prom.prepare_multiprocess()  # before the fork: the workers' /metrics figures add up
     Server().run()

@@ -38,6 +38,7 @@ class ModelRecord:
     validation: dict | None = None
     test: dict | None = None
     novelty: dict | None = None
+    reference: dict | None = None  # the validation answers' summary (training/reference.py): monitor's reference
     conformal: dict | None = None  # held-out scores for prediction sets and abstention (models.conformal)
     fine_tune: dict | None = None
     backbone_info: dict | None = None
@@ -106,6 +107,8 @@ class ModelRecord:
             changes["backbone_choice"] = state.backbone_choice
         if state.novelty:
             changes["novelty"] = dict(state.novelty)
+        if state.reference:
+            changes["reference"] = state.reference
         changes["conformal"] = state.conformal
         if state.fine_tune:
             changes["fine_tune"] = {k: state.fine_tune.get(k) for k in FINE_TUNE_KEYS}
@@ -124,7 +127,7 @@ class ModelRecord:
         state.history, state.best_epoch = fit.get("history"), fit.get("best_epoch")
         state.feature_check, state.head_choice = fit.get("feature_check"), fit.get("head_choice")
         state.validation, state.test, state.fine_tune = self.validation, self.test, self.fine_tune
-        state.novelty, state.conformal = self.novelty, self.conformal
+        state.novelty, state.reference, state.conformal = self.novelty, self.reference, self.conformal
         state.timing = dict(fit.get("timing", {}))
         state.set_model(loaded.keras_model, features_current=False)
 

@@ -61,6 +61,7 @@ class FitState:
     feature_check: dict | None = None
     label_audit: object = None
     novelty: dict | None = None
+    reference: dict | None = None  # the validation answers' summary, monitor's drift reference (reference.py)
     conformal: dict | None = None  # models.conformal's calibration (metadata["conformal"])
     validation: dict | None = None
     test: dict | None = None

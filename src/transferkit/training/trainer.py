@@ -26,6 +26,7 @@ from transferkit import runs
 from transferkit.errors import TransferkitError
 from transferkit.log import logger
 from transferkit.options import EngineOptions, TrainOptions
+from transferkit.training import reference
 from transferkit.training.events import StageEvents
 from transferkit.training.state import FeatureSplit, FitState
 
@@ -38,7 +39,7 @@ class Trainer:
 
     # ----- prepare -----
     def prepare(self, params: dict, data_dir: str, *, out: str | None = None, resume: bool = False,
-                test_dir: str | None = None) -> FitState:
+                test_dir: str | None = None, add=()) -> FitState:
         """The first stage: validate every option (before any image is read), scan and split ``data_dir``, check
         that ``test_dir``'s classes are the training classes, and only then make the run folder ``out``."""
         import keras
@@ -58,6 +59,10 @@ class Trainer:
             keras.utils.set_random_seed(options.seed)
             st.data = split_training_folder(data_dir, options.val_split, options.seed,
                                             multi_label=options.multi_label, label_sep=options.label_sep)
+            if add:  # label files joined to the training side only (data/added.py)
+                from transferkit.data.added import add_training_rows
+
+                st.data = add_training_rows(st.data, list(add))
             if options.backbone == "auto":
                 st.options = self._choose_backbone(options)
             test = self._scan_test(test_dir)
@@ -237,9 +242,10 @@ class Trainer:
         st.timing["head_seconds"] = round(time.perf_counter() - t0, 2)
         # validation as the model answers (calibrated), or after a refit the head as chosen, before it saw them
         measured = chosen.model if st.options.refit else st.head
-        probs, _ = split_outputs(run_model(measured, features.x_val), len(st.classes))
+        probs, scores = split_outputs(run_model(measured, features.x_val), len(st.classes))
         st.task.fit_decision(probs, features.y_val)  # multi-label: each label's threshold
         st.validation = st.task.metrics(features.y_val, probs, st.classes, features.val_paths, st.skipped)
+        st.reference = reference.summary(probs, scores, st.classes)
         self._fit_conformal(None if st.options.refit else (probs, features.y_val),
                             (features.x_train[::views], features.y_train[::views]))
         st.feature_check = self._check_view_features(features)
@@ -413,9 +419,10 @@ class Trainer:
         from transferkit.models.novelty import split_outputs
 
         st = self.state
-        probs, _ = split_outputs(run_model(st.model, images.x_val), len(st.classes))
+        probs, scores = split_outputs(run_model(st.model, images.x_val), len(st.classes))
         st.task.fit_decision(probs, images.y_val)
         st.validation = st.task.metrics(images.y_val, probs, st.classes, st.val_paths, st.skipped)
+        st.reference = reference.summary(probs, scores, st.classes)
 
     def _refit_trust(self, images) -> None:
         """After fine-tuning the backbone's features moved: refit the temperature and the novelty statistics on

@@ -1,0 +1,44 @@
+"""``train DATA --add labels.csv``: rows of label files (the review queue's accepted photos, say) joined to the
+TRAINING side of a split, never to validation: the validation photos, and so the model's validation figures and
+the drift reference of ``transferkit monitor``, stay those of the original data and comparable between runs. The
+features of the original photos are cached, so a retrain with 50 added photos extracts only those 50.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from transferkit.data.folders import TrainingData, fingerprint
+from transferkit.errors import TransferkitError
+
+
+def add_training_rows(data: TrainingData, label_files) -> TrainingData:
+    """``data`` with the rows of ``label_files`` appended to its training split (their labels must be classes of
+    ``data``; a photo already in the split is not added twice); the fingerprint covers the added files too."""
+    from transferkit.data.labelfile import scan_label_file
+
+    if not label_files:
+        return data
+    if np.ndim(data.y_train) != 1:
+        raise TransferkitError(f"{label_files[0]}: --add joins single-label rows; this training data is multi-label")
+    known = set(data.train_paths) | set(data.val_paths)
+    seen = set(data.digests.get(p) for p in known)
+    paths, labels, digests = list(data.train_paths), list(data.y_train), dict(data.digests)
+    for source in label_files:
+        added = scan_label_file(source, class_names=data.class_names, min_classes=1)
+        for path, label in zip(added.paths, added.labels):
+            digest = added.digests[path]
+            if path in known or digest in seen:
+                continue
+            known.add(path)
+            seen.add(digest)
+            paths.append(path)
+            labels.append(int(label))
+            digests[path] = digest
+    if len(paths) == len(data.train_paths):
+        raise TransferkitError(f"{label_files[0]}: --add gave no photo that is not already in the training data")
+    extra = fingerprint("/", {p: d for p, d in digests.items() if p not in data.digests})
+    return dataclasses.replace(data, train_paths=paths, y_train=np.asarray(labels, dtype=data.y_train.dtype),
+                               digests=digests, fingerprint=f"{data.fingerprint}+{extra[:16]}")
