@@ -16,6 +16,10 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from transferkit import _quiet  # noqa: E402
+
+_quiet.install()  # TensorFlow's two C++ start-up lines off stderr (see _quiet)
+
 from transferkit._version import __version__  # noqa: E402
 from transferkit.errors import TransferkitError  # noqa: E402
 from transferkit.options import EngineOptions, ServeOptions, TrainOptions  # noqa: E402  (no Keras import)

@@ -50,17 +50,10 @@ class CachedPredictor:
     def find(cls, path: str, engine: EngineOptions = DEFAULT_ENGINE) -> "CachedPredictor | None":
         """The cached engine of the model file ``path`` for ``engine``, or None where there is none to trust. A
         damaged or foreign file is a one-line TransferkitError, as from the Keras path."""
-        if engine.runtime == "keras":
+        where = _conversion(path, engine)
+        if where is None:
             return None
-        runtime, precision = runtimes.resolve(engine.runtime, engine.precision)
-        if runtime == "keras":
-            return None
-        metadata = modelfile.read_metadata(path)
-        names = check_model_metadata(path, metadata)
-        size = metadata.get("image_size")
-        if not isinstance(size, int) or size < 8:
-            return None
-        key = classifier_key(path, size)
+        runtime, precision, metadata, names, size, key = where
         onnx = runtimes.cached_onnx(key)
         if onnx is None:
             return None
@@ -85,23 +78,33 @@ def missing(path: str, engine: EngineOptions = DEFAULT_ENGINE) -> bool:
     check photos (one without is checked on its first real batch, where it is used), and no conversion with its
     verdict in the cache (a verdict that refused the engine counts as there: Keras answers, nothing to redo). A
     damaged or foreign file is a one-line TransferkitError, as from ``find``."""
-    if engine.runtime == "keras":
+    where = _conversion(path, engine)
+    if where is None:
         return False
-    runtime, precision = runtimes.resolve(engine.runtime, engine.precision)
-    if runtime == "keras":
-        return False
-    metadata = modelfile.read_metadata(path)
-    check_model_metadata(path, metadata)
-    size = metadata.get("image_size")
-    if not isinstance(size, int) or size < 8:
-        return False
-    key = classifier_key(path, size)
+    runtime, precision, _, _, size, key = where
     if _check_digest(key, path, size) is None:
         return False
     check = modelfile.read_check_images(path, size) if precision == "int8" else None  # its calibration
     named = runtimes.variant_key(key, precision, check)
     verdict = runtimes.read_verdict(runtimes.verdict_path(named, runtime, precision))
     return runtimes.cached_onnx(key) is None or verdict is None
+
+
+def _conversion(path: str, engine: EngineOptions) -> tuple | None:
+    """(runtime, precision, metadata, class names, image size, cache key) of the model file ``path``'s conversion
+    for ``engine``, or None where it has none (Keras, or a file without a usable image size). A damaged or
+    foreign file is a one-line TransferkitError."""
+    if engine.runtime == "keras":
+        return None
+    runtime, precision = runtimes.resolve(engine.runtime, engine.precision)
+    if runtime == "keras":
+        return None
+    metadata = modelfile.read_metadata(path)
+    names = check_model_metadata(path, metadata)
+    size = metadata.get("image_size")
+    if not isinstance(size, int) or size < 8:
+        return None
+    return runtime, precision, metadata, names, size, classifier_key(path, size)
 
 
 def _sample_digest(check: np.ndarray) -> str:
