@@ -169,11 +169,16 @@ def _held_out_scores(x_fit: np.ndarray, y_fit: np.ndarray, x_held: np.ndarray, n
     shrinkage: a fold has fewer rows, hence more shrinkage; the whole set's made the held-out scores too large on
     5 photos per class, and the threshold with them), in float64: never stored in a model."""
     shared = SharedCovariance(x_fit, y_fit, n_classes)
-    means = shared.means
-    solved = shared.solve(np.concatenate([x_held, means]))
-    sx, sm = solved[: len(x_held)], solved[len(x_held):]
+    return nearest_distance(shared, shared.means, x_held)
+
+
+def nearest_distance(shared: SharedCovariance, means: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The squared Mahalanobis distance under ``shared`` of each row of ``x`` to the nearest of ``means``, in
+    float64 (held-out scores; multi-label passes its labels' means)."""
+    solved = shared.solve(np.concatenate([x, means]))
+    sx, sm = solved[: len(x)], solved[len(x):]
     # (x - m)' S^-1 (x - m) = x'S^-1 x - 2 m'S^-1 x + m'S^-1 m, in float64 (no cancellation at these magnitudes)
-    distances = (x_held * sx).sum(1, keepdims=True) - 2 * x_held @ sm.T + (means * sm).sum(1)
+    distances = (x * sx).sum(1, keepdims=True) - 2 * x @ sm.T + (means * sm).sum(1)
     return distances.min(axis=1)
 
 

@@ -284,7 +284,7 @@ def _out_of_fold(x: np.ndarray, y: np.ndarray, groups, folds: int = 5) -> np.nda
     """Novelty scores of training rows under statistics fitted without their image (grouped folds)."""
     from sklearn.model_selection import GroupKFold
 
-    from transferkit.models.novelty import SharedCovariance
+    from transferkit.models.novelty import SharedCovariance, nearest_distance
 
     x = np.asarray(x, np.float64)
     groups = np.arange(len(x)) if groups is None else np.asarray(groups)
@@ -294,9 +294,5 @@ def _out_of_fold(x: np.ndarray, y: np.ndarray, groups, folds: int = 5) -> np.nda
     out = []
     for fit_rows, held in GroupKFold(k).split(x, groups=groups):
         shared = SharedCovariance(x[fit_rows], np.zeros(len(fit_rows), np.int64), 1)
-        means = _label_means(x[fit_rows], y[fit_rows])
-        solved = shared.solve(np.concatenate([x[held], means]))
-        sx, sm = solved[: len(held)], solved[len(held):]
-        distances = (x[held] * sx).sum(1, keepdims=True) - 2 * x[held] @ sm.T + (means * sm).sum(1)
-        out.append(distances.min(axis=1))
+        out.append(nearest_distance(shared, _label_means(x[fit_rows], y[fit_rows]), x[held]))
     return np.concatenate(out)

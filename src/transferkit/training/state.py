@@ -6,7 +6,6 @@ and writes it; ``ImageClassifier``'s learned attributes (``classes_``, ``validat
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +80,3 @@ class FitState:
     def fresh(self) -> "FitState":
         """An empty state for a new fit, with the same task."""
         return FitState(task=self.task)
-
-    def replace(self, **changes) -> "FitState":
-        return dataclasses.replace(self, **changes)
