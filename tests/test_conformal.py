@@ -16,6 +16,7 @@ import transferkit
 from transferkit.errors import TransferkitError
 from transferkit.models import conformal as cp
 
+from children import predict_in_child
 from conftest import CLASSES
 
 
@@ -133,14 +134,7 @@ def test_sets_on_the_cached_engine_import_neither_tensorflow_nor_scipy(trained, 
     photo = _photos(dataset)[0]
     expected = transferkit.predict(model_path, [photo], runtime="keras", coverage=0.9, max_error=0.3)
     transferkit.predict(model_path, [photo])  # a first use leaves the converted engine in the cache
-    script = (
-        "import json, sys\n"
-        "from transferkit.apps.cli import main\n"
-        f"main(['predict', {model_path!r}, {photo!r}, '--format', 'json', '--coverage', '0.9', '--max-error', '0.3'])\n"
-        "print(json.dumps({m: m in sys.modules for m in ('tensorflow', 'keras', 'scipy')}))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    rows_text, _, modules = proc.stdout.rpartition("\n{")
-    assert json.loads("{" + modules) == {"tensorflow": False, "keras": False, "scipy": False}
-    row = json.loads(rows_text)[0]
+    rows, modules, _ = predict_in_child(model_path, photo, "--coverage", "0.9", "--max-error", "0.3")
+    assert modules == {"tensorflow": False, "keras": False, "scipy": False}
+    row = rows[0]
     assert row["set"] == expected[0]["set"] and row["abstain"] == expected[0]["abstain"]

@@ -27,6 +27,7 @@ from transferkit.engines.keras_step import run_model
 from transferkit.export import export_model
 from transferkit.models import modelfile, novelty
 
+from children import predict_in_child
 from conftest import IMAGE_SIZE
 from photos import PHOTOS, photo_crop
 
@@ -113,19 +114,10 @@ def test_predict_and_serve_on_a_cached_model_never_import_tensorflow(trained, da
     photo = os.path.join(dataset[1], sorted(os.listdir(dataset[1]))[0])
     expected = transferkit.predict(model_path, [photo], runtime="keras")  # what the model file says, on Keras
     transferkit.predict(model_path, [photo])  # a first use leaves the converted engine in the cache
-    script = (
-        "import json, sys\n"
-        "from transferkit.apps.cli import main\n"
-        f"main(['predict', {model_path!r}, {photo!r}, '--format', 'json'])\n"
-        "from transferkit.apps.serve import create_app\n"
-        f"app = create_app({model_path!r})\n"
-        "print(json.dumps({m: m in sys.modules for m in ('tensorflow', 'keras', 'scipy')}))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    rows_text, _, modules = proc.stdout.rpartition("\n{")
-    rows = json.loads(rows_text)
+    rows, modules, _ = predict_in_child(model_path, photo, then="from transferkit.apps.serve import create_app\n"
+                                                                f"app = create_app({model_path!r})\n")
     # nor SciPy (18 MB of the 139 MB of one cached prediction, once imported for a softmax)
-    assert json.loads("{" + modules) == {"tensorflow": False, "keras": False, "scipy": False}
+    assert modules == {"tensorflow": False, "keras": False, "scipy": False}
     assert rows[0]["label"] == expected[0]["label"] and rows[0]["novelty"] == pytest.approx(
         expected[0]["novelty"], rel=1e-3)
 

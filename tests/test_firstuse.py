@@ -21,15 +21,11 @@ from transferkit.engines import cached, convert, runtimes
 from transferkit.files import cache_dir
 from transferkit.options import DEFAULT_ENGINE, EngineOptions
 
+from children import predict_in_child
 from conftest import IMAGE_SIZE
 
 pytestmark = pytest.mark.skipif(not runtimes.installed("openvino"),
                                 reason="the default engine converts to OpenVINO")
-
-NO_TF = ("import json, sys\n"
-         "from transferkit.apps.cli import main\n"
-         "main(['predict', {model!r}, {photo!r}, '--format', 'json'])\n"
-         "print(json.dumps({{m: m in sys.modules for m in ('tensorflow', 'keras')}}))\n")
 
 
 def _cache_without_classifiers(tmp_path) -> str:
@@ -54,13 +50,10 @@ def test_after_train_a_predict_process_imports_no_tensorflow(trained, dataset, t
     assert not cached.missing(model), "train left the converted, checked engine in the cache"
     photo = _photo(dataset)
     expected = transferkit.predict(model, [photo], runtime="keras")[0]
-    proc = subprocess.run([sys.executable, "-c", NO_TF.format(model=model, photo=photo)], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    rows_text, _, modules = proc.stdout.rpartition("\n{")
-    assert json.loads("{" + modules) == {"tensorflow": False, "keras": False}
+    rows, modules, proc = predict_in_child(model, photo, modules=("tensorflow", "keras"))
+    assert modules == {"tensorflow": False, "keras": False}
     assert "child process" not in proc.stderr  # nothing was left to convert
-    row = json.loads(rows_text)[0]
+    row = rows[0]
     assert row["label"] == expected["label"]
     assert row["probability"] == pytest.approx(expected["probability"], abs=1e-4)
 
