@@ -151,11 +151,22 @@ class Collector:
 
 
 def row_record(row: dict, created: float, seconds: float, worker: int, model_hash: str) -> dict:
-    """The stored columns of one answered row (its top-k as JSON)."""
+    """The stored columns of one answered row (its top-k as JSON; a multi-label answer whole, see
+    :func:`answer_of`)."""
     return {"created": created, "model": model_hash, "filename": str(row.get("filename") or "")[:200],
             "label": row.get("label"), "probability": row.get("probability"), "novelty": row.get("novelty"),
             "unknown": row.get("unknown"), "latency_ms": round(seconds * 1000, 3), "worker": worker,
-            "top_k": json.dumps(row.get("top_k") or [], ensure_ascii=False)}
+            "top_k": json.dumps(row.get("top_k") or [], ensure_ascii=False), "answer": answer_of(row)}
+
+
+def answer_of(row: dict) -> str | None:
+    """A multi-label row's whole answer as JSON: ``labels`` (every label over its threshold, most probable
+    first; none for an unknown photo) and ``scores`` (every label's probability), what review's per-label
+    margin and monitor's per-label rates read; None for a single-label row (``label`` and ``top_k`` say it)."""
+    if "labels" not in row:
+        return None
+    scores = {str(k): round(float(v), 6) for k, v in (row.get("scores") or {}).items()}
+    return json.dumps({"labels": list(row["labels"]), "scores": scores}, ensure_ascii=False)
 
 
 def close_all() -> None:

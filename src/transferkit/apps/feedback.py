@@ -51,7 +51,8 @@ def install(app: Flask, model, options, model_path: str, info: dict) -> Hooks:
         from transferkit.apps.collect import Collector
         from transferkit.files import known_digest
 
-        summary = {"class_names": model.class_names, "reference": model.metadata.get("reference")} | {
+        summary = {"class_names": model.class_names} | {  # task_params: a multi-label model's thresholds
+            k: model.metadata.get(k) for k in ("reference", "task", "task_params")} | {
             k: info.get(k) for k in ("backbone", "image_size", "validation")}
         collector = Collector(options.collect, known_digest(model_path)[:16], options.collect_files,
                               (os.path.abspath(model_path), summary))

@@ -8,6 +8,8 @@ import os
 
 
 def add_commands(command) -> None:
+    from transferkit.apps.cli import _ray_flag
+
     r = command("review", "rank collected photos (serve --collect DB) or an unlabelled FOLDER (--model) for "
                           "labelling: uncertainty, novelty, diversity; queue.csv, review.html, a label file")
     r.add_argument("source", help="the store (a SQLite file or a postgresql:// URL), or a folder of photos")
@@ -19,6 +21,8 @@ def add_commands(command) -> None:
     r.add_argument("--accept", metavar="QUEUE.csv", help="an edited queue.csv: its rows marked yes in 'accept'")
     r.add_argument("--collect-files", help="the store's uploads folder (default: DB.files, ./collected-files)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    _ray_flag(r, "a folder's answers and features computed on a Ray cluster (transferkit[ray]; answers kept in "
+                 "DIR/ray-<model>.parquet, a rerun predicts only new files)")
 
     m = command("monitor", "drift: compare the collected window (serve --collect DB) with the model's validation "
                            "reference; one line, and drift.html with the figures")
@@ -31,10 +35,14 @@ def add_commands(command) -> None:
 
 
 def review_command(args) -> None:
+    from transferkit.errors import TransferkitError
     from transferkit.reports.review import review
 
+    if args.ray not in (None, "local") and os.path.exists(args.ray):  # `review --ray photos/`: taken as address
+        raise TransferkitError(f"--ray {args.ray}: that is a path, not a cluster address (write --ray=ADDRESS, "
+                               f"or put --ray after the folder)")
     done = review(args.source, model=args.model, n=args.size, out_dir=args.dir, labels=args.out,
-                  accept=args.accept, files=args.collect_files)
+                  accept=args.accept, files=args.collect_files, ray=args.ray)
     if args.json:
         print(json.dumps(done, ensure_ascii=False))
         return

@@ -19,6 +19,7 @@ import time
 
 from transferkit.errors import TransferkitError
 from transferkit.files import atomic_path
+from transferkit.log import logger
 
 BUSY_MS = 2000  # how long a writer waits on a locked SQLite file before the batch counts as not collected
 KINDS = ("wrong", "none", "right")  # a correction: "wrong: it is X", "none of these", or "right"
@@ -53,7 +54,11 @@ def files_folder(target: str, files: str | None = None) -> str:
     return os.path.abspath("collected-files")
 
 
-def _tables():
+ADDED = ("answer",)  # columns of ``predictions`` after the first schema (nullable TEXT, added when missing)
+
+
+def _tables(missing: tuple[str, ...] = ()):
+    """The tables; ``missing``: the later columns an older store lacks (left out, so it reads as it is)."""
     import sqlalchemy as sa
 
     meta = sa.MetaData()
@@ -72,7 +77,8 @@ def _tables():
         sa.Column("unknown", sa.Boolean),
         sa.Column("top_k", sa.Text),
         sa.Column("latency_ms", sa.Float),
-        sa.Column("worker", sa.Integer))
+        sa.Column("worker", sa.Integer),
+        *[sa.Column(name, sa.Text) for name in ADDED if name not in missing])  # answer: JSON, multi-label
     feedback = sa.Table(
         "feedback", meta,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -110,17 +116,49 @@ class Store:
             raise StoreError(f"{_shown(self.target)}: cannot open the store ({_reason(exc)})") from None
         if create:
             self._create()
+        else:
+            self._read_as_is()
 
     def _create(self) -> None:
-        """CREATE the tables; two workers starting together may race on it, so a failure is retried."""
+        """CREATE the tables, and ADD the later columns an older store lacks; two workers starting together may
+        race on either, so a failure is retried."""
         for attempt in range(3):
             try:
                 self.meta.create_all(self.engine, checkfirst=True)
+                self._upgrade()
                 return
             except Exception as exc:  # noqa: BLE001 - corrupt file, lost race, unreachable server
                 if attempt == 2:
                     raise StoreError(f"{_shown(self.target)}: cannot open the store ({_reason(exc)})") from None
                 time.sleep(0.2 * (attempt + 1))
+
+    def _missing(self) -> tuple[str, ...]:
+        import sqlalchemy as sa
+
+        have = {c["name"] for c in sa.inspect(self.engine).get_columns("predictions")}
+        return tuple(name for name in ADDED if name not in have)
+
+    def _upgrade(self) -> None:
+        """ALTER TABLE ADD COLUMN for each later column missing (a store written by an earlier version)."""
+        import sqlalchemy as sa
+
+        for name in self._missing():
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.text(f"ALTER TABLE predictions ADD COLUMN {name} TEXT"))
+                logger.info(f"{_shown(self.target)}: column predictions.{name} added (a store of an earlier schema)")
+            except Exception:  # noqa: BLE001 - another worker added it first: checked again below
+                if name in self._missing():
+                    raise
+
+    def _read_as_is(self) -> None:
+        """A reader never alters the store: the table as an older store has it (its later columns read None)."""
+        try:
+            missing = self._missing() if sa_has_table(self.engine, "predictions") else ()
+        except Exception:  # noqa: BLE001 - unreadable: read() says so in one line
+            return
+        if missing:
+            self.meta, self.predictions, self.feedback, self.models = _tables(missing)
 
     def write_image(self, digest: str, data: bytes) -> str:
         """The upload's file (written once, atomically; an existing one is kept): its extension."""
@@ -190,6 +228,7 @@ class Store:
             raise StoreError(f"{_shown(self.target)}: cannot read the store ({_reason(exc)})") from None
         for row in rows:
             row["top_k"] = json.loads(row["top_k"] or "[]")
+            row["answer"] = json.loads(row["answer"]) if row.get("answer") else None
         return rows, {f.prediction_uid: dict(f._mapping) for f in fixes}
 
     def count(self) -> int:
@@ -200,6 +239,12 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def sa_has_table(engine, name: str) -> bool:
+    import sqlalchemy as sa
+
+    return sa.inspect(engine).has_table(name)
 
 
 def image_ext(data: bytes) -> str:

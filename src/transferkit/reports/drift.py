@@ -9,6 +9,12 @@ the class mix and a one-sided binomial test of the unknown rate. "Moved" needs b
 an effect that matters (PSI >= 0.1, or an unknown rate at least twice the reference's and 5 points above it), so
 a big window does not flag a trivial shift. On the held-out case (a class absent from training: 30 % of the
 window) it said moved, on photos of the training classes it did not (tests/test_review.py).
+
+A multi-label model gives each photo any number of labels, so its mix is not a top-1 class mix: each label's
+answer rate in the window (the stored answers' labels; a row of the first schema: its scores over the
+thresholds) is compared with the reference's ``label_rates`` by a two-sided binomial test (Bonferroni over the
+labels) and its two-bin PSI; a label moved needs both, as above (tests/test_feedback_multilabel.py: a window
+where one label is on every photo moved on that label alone; a window like validation did not move).
 """
 
 from __future__ import annotations
@@ -64,8 +70,9 @@ def _psi(actual: np.ndarray, expected: np.ndarray, eps: float = 1e-4) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def compare(rows: list[dict], reference: dict, keep_known: float = 0.95) -> dict:
-    """The figures and tests of the window ``rows`` (stored predictions) against ``reference``."""
+def compare(rows: list[dict], reference: dict, keep_known: float = 0.95, thresholds: dict | None = None) -> dict:
+    """The figures and tests of the window ``rows`` (stored predictions) against ``reference``
+    (``thresholds``: a multi-label model's, for rows stored without their whole answer)."""
     from scipy.stats import binomtest, chisquare
 
     confidence = np.array([r["top_k"][0]["probability"] for r in rows if r["top_k"]], dtype=float)
@@ -86,7 +93,10 @@ def compare(rows: list[dict], reference: dict, keep_known: float = 0.95) -> dict
         found["checks"]["unknown_rate"] = {
             "window": unknown / len(novelty), "reference": expected,
             "p": float(binomtest(unknown, len(novelty), expected, alternative="greater").pvalue)}
-    found["checks"]["class_mix"] = _class_mix(rows, reference["class_mix"], chisquare)
+    if reference.get("label_rates"):  # multi-label: per-label answer rates, not a top-1 mix
+        found["checks"]["label_rates"] = _label_rates(rows, reference["label_rates"], thresholds or {})
+    else:
+        found["checks"]["class_mix"] = _class_mix(rows, reference["class_mix"], chisquare)
     found["moved"] = sorted(name for name, c in found["checks"].items() if _moved(name, c))
     return found
 
@@ -101,7 +111,39 @@ def _class_mix(rows: list[dict], mix: dict, chisquare) -> dict:
             "window": dict(zip(names, (counts / max(counts.sum(), 1)).round(4).tolist())), "reference": mix}
 
 
+def window_label_rates(rows: list[dict], names: list[str], thresholds: dict) -> dict[str, float]:
+    """The share of ``rows`` (multi-label answers) each label of ``names`` was given to."""
+    from transferkit.reports.review import answer_labels
+
+    counts = dict.fromkeys(names, 0)
+    for row in rows:
+        for label in answer_labels(row, thresholds):
+            if label in counts:
+                counts[label] += 1
+    return {name: c / max(len(rows), 1) for name, c in counts.items()}
+
+
+def _label_rates(rows: list[dict], rates: dict, thresholds: dict) -> dict:
+    """Each label's window answer rate against the reference's: a two-sided binomial test (its p x the number
+    of labels: Bonferroni) and the PSI of (given, not given); ``labels_moved``: those with both."""
+    from scipy.stats import binomtest
+
+    window, n, per = window_label_rates(rows, list(rates), thresholds), len(rows), {}
+    for name, ref in rates.items():
+        expected = min(max(float(ref), 1e-3), 1 - 1e-3)
+        k = int(round(window[name] * n))
+        p = min(1.0, float(binomtest(k, n, expected).pvalue) * len(rates))
+        per[name] = {"window": round(window[name], 4), "reference": ref, "p": p,
+                     "psi": _psi(np.array([k / n, 1 - k / n]), np.array([expected, 1 - expected]))}
+    moved = [name for name, c in per.items() if c["p"] < ALPHA and c["psi"] >= PSI_MOVED]
+    return {"p": min(c["p"] for c in per.values()), "psi": max(c["psi"] for c in per.values()),
+            "labels_moved": moved, "per_label": per, "window": {k: c["window"] for k, c in per.items()},
+            "reference": rates}
+
+
 def _moved(name: str, check: dict) -> bool:
+    if name == "label_rates":
+        return bool(check["labels_moved"])
     if check["p"] >= ALPHA:
         return False
     if name == "unknown_rate":
@@ -116,13 +158,19 @@ def verdict_line(found: dict) -> str:
     parts = []
     for name in found["moved"]:
         c = found["checks"][name]
+        if name == "label_rates":
+            per = c["per_label"]
+            parts.append("label_rates (" + ", ".join(f"{k} {per[k]['window']:.0%} vs {per[k]['reference']:.0%}, "
+                                                     f"p {per[k]['p']:.1e}" for k in c["labels_moved"]) + ")")
+            continue
         parts.append(f"{name} (window {c['window']:.1%} vs {c['reference']:.1%}, p {c['p']:.1e})"
                      if name == "unknown_rate" else f"{name} (PSI {c['psi']:.2f}, p {c['p']:.1e})")
     return f"inputs have moved: {', '.join(parts)} over {found['window']} predictions"
 
 
-def _plot(rows: list[dict], reference: dict) -> str:
-    """A PNG data URI: confidence and novelty CDFs (window vs reference), class mix bars."""
+def _plot(rows: list[dict], reference: dict, thresholds: dict | None = None) -> str:
+    """A PNG data URI: confidence and novelty CDFs (window vs reference), class mix bars (multi-label: each
+    label's answer rate)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,13 +186,20 @@ def _plot(rows: list[dict], reference: dict) -> str:
             ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", label="window")
             ax.set_title(f"{name} (CDF)")
             ax.legend()
-    names = list(reference["class_mix"])
-    window = [sum(1 for r in rows if r["top_k"] and r["top_k"][0]["label"] == n) / max(len(rows), 1) for n in names]
+    mix = reference.get("label_rates") or reference["class_mix"]
+    names = list(mix)
+    if reference.get("label_rates"):
+        found = window_label_rates(rows, names, thresholds or {})
+        window = [found[n] for n in names]
+    else:
+        window = [sum(1 for r in rows if r["top_k"] and r["top_k"][0]["label"] == n) / max(len(rows), 1)
+                  for n in names]
     pos = np.arange(len(names))
-    axes[2].bar(pos - 0.2, [reference["class_mix"][n] for n in names], 0.4, label="reference")
+    axes[2].bar(pos - 0.2, [mix[n] for n in names], 0.4, label="reference")
     axes[2].bar(pos + 0.2, window, 0.4, label="window")
     axes[2].set_xticks(pos, names, rotation=30, ha="right")
-    axes[2].set_title("class mix of the answers")
+    axes[2].set_title("share of photos given each label" if reference.get("label_rates") else
+                      "class mix of the answers")
     axes[2].legend()
     fig.tight_layout()
     buf = io.BytesIO()
@@ -167,18 +222,21 @@ def monitor(target: str, *, model: str | None = None, out: str = "monitor", last
     rows = rows[-last:] if last else rows
     if not rows:
         raise TransferkitError(f"{target}: no predictions in the window")
-    reference, keep_known = _reference(model, infos, rows[-1]["model"], target)
-    found = compare(rows, reference, keep_known)
+    reference, keep_known, thresholds = _reference(model, infos, rows[-1]["model"], target)
+    found = compare(rows, reference, keep_known, thresholds)
     found["line"] = verdict_line(found)
     os.makedirs(out, exist_ok=True)
     found["json"] = os.path.join(out, "drift.json")
     found["html"] = os.path.join(out, "drift.html")
     write_json_atomic(found["json"], {k: v for k, v in found.items() if k not in ("json", "html")})
-    write_text_atomic(found["html"], _page(found, _plot(rows, reference), target))
+    write_text_atomic(found["html"], _page(found, _plot(rows, reference, thresholds), target))
     return found
 
 
-def _reference(model: str | None, infos: dict, latest: str, target: str) -> tuple[dict, float]:
+def _reference(model: str | None, infos: dict, latest: str, target: str) -> tuple[dict, float, dict]:
+    """(the reference, keep_known, a multi-label model's thresholds) of ``--model`` or of the serving model."""
+    from transferkit.reports.review import model_thresholds
+
     if model:
         from transferkit.models.modelfile import read_metadata
 
@@ -190,13 +248,18 @@ def _reference(model: str | None, infos: dict, latest: str, target: str) -> tupl
         where = model or f"{target} (model {latest})"
         raise TransferkitError(f"{where}: no validation reference (trained before transferkit stored one: "
                                f"retrain, or give --model a model file that has it)")
-    return reference, float((meta.get("training") or {}).get("keep_known", 0.95))
+    return reference, float((meta.get("training") or {}).get("keep_known", 0.95)), model_thresholds(meta)
 
 
 def _page(found: dict, plot: str, target: str) -> str:
     rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{c.get('ks', float('nan')):.3f}</td><td>{c['p']:.2e}</td>"
                    f"<td>{c.get('psi', float('nan')):.3f}</td><td>{'moved' if name in found['moved'] else ''}</td>"
                    f"</tr>" for name, c in found["checks"].items())
+    per = (found["checks"].get("label_rates") or {}).get("per_label") or {}
+    rows += "".join(f"<tr><td>&nbsp; {html.escape(k)}: {c['window']:.1%} of the window, {c['reference']:.1%} of "
+                    f"validation</td><td></td><td>{c['p']:.2e}</td><td>{c['psi']:.3f}</td><td>"
+                    f"{'moved' if k in found['checks']['label_rates']['labels_moved'] else ''}</td></tr>"
+                    for k, c in per.items())
     return (f"<!doctype html><html lang=en><meta charset=utf-8><title>drift</title><style>body{{font-family:"
             f"system-ui,sans-serif;margin:2rem}}td,th{{padding:.2rem .8rem;text-align:left}}</style>"
             f"<h1>Drift of {html.escape(target)}</h1><p><b>{html.escape(found['line'])}</b></p>"

@@ -9,6 +9,13 @@ near-copies of one photo give it one place in the queue, not 50, while distinct 
 (An untruncated k-center, score-weighted, was tried first: it spread the queue over the feature space and its
 top 50 held 15 photos of the held-out class, no more than a random 50.)
 
+A multi-label answer is a yes / no per label, so its margin is the distance of the score nearest its own
+threshold (min over labels of |p - t|: the label the answer would flip first) and its entropy the mean binary
+entropy of the labels' scores; the labels and scores are the stored answer (``answer``), the thresholds the
+model's (the store's model record, or ``--model``). ``--ray [ADDRESS]`` on a folder (the archive case) computes
+the answers with ``predict --ray`` (into DIR/ray-<model>.parquet, resumable) and the features with ``train
+--ray``'s cache filling, then ranks as here: the same rows as the local path (tests/test_scale.py).
+
 Outputs: ``queue.csv`` (rank, path, the model's answer, the scores, the correction already given, and the columns
 ``accept`` and ``label`` to fill in), ``review.html`` (the queue with thumbnails and corrections), and with
 ``--out labels.csv`` a label file of the corrected photos and the queue rows marked ``accept=yes`` (their files
@@ -40,6 +47,7 @@ def store_candidates(target: str, files: str | None = None) -> list[dict]:
     store = Store(target, files, create=False)
     try:
         rows, fixes = store.read()
+        infos = store.model_infos()
     finally:
         store.close()
     by_image: dict[str, dict] = {}
@@ -47,10 +55,13 @@ def store_candidates(target: str, files: str | None = None) -> list[dict]:
         seen = by_image.get(row["image"], {}).get("seen", 0) + 1
         fix = fixes.get(row["uid"]) or by_image.get(row["image"], {}).get("correction")
         path = store.image_path(row["image"], row["ext"] or "img")
+        info = infos.get(row["model"]) or {}
         by_image[row["image"]] = {"path": path, "image": row["image"], "label": row["label"],
                                   "probability": row["probability"], "novelty": row["novelty"],
                                   "unknown": row["unknown"], "top_k": row["top_k"], "seen": seen,
-                                  "correction": fix}
+                                  "correction": fix, "answer": row.get("answer"),
+                                  "multi_label": row.get("answer") is not None or info.get("task") == "multi_label",
+                                  "thresholds": ((info.get("task_params") or {}).get("thresholds"))}
     found = [c for c in by_image.values() if os.path.isfile(c["path"])]
     if len(found) < len(by_image):
         logger.warning(f"{target}: {len(by_image) - len(found)} stored photo(s) missing from {store.files}")
@@ -63,16 +74,73 @@ def folder_candidates(folder: str, predictor) -> list[dict]:
     from transferkit.options import PredictOptions
 
     rows = predict_rows(predictor, [folder], PredictOptions(top_k=len(predictor.class_names)))
-    return [{"path": r["path"], "image": "", "label": r["label"], "probability": r["probability"],
-             "novelty": r.get("novelty"), "unknown": r.get("unknown"), "top_k": r["top_k"], "seen": 1,
-             "correction": None} for r in rows if not r.get("error")]
+    return [candidate(r, "labels" in r) for r in rows if not r.get("error")]
 
 
-def uncertainty(candidates: list[dict], n_classes: int) -> dict[str, np.ndarray]:
+def candidate(row: dict, multi_label: bool) -> dict:
+    """A review candidate of a predict row (a multi-label row's labels and scores kept as its ``answer``)."""
+    answer = {"labels": row["labels"], "scores": row["scores"]} if multi_label else None
+    return {"path": row["path"], "image": "", "label": row["label"], "probability": row["probability"],
+            "novelty": row.get("novelty"), "unknown": row.get("unknown"), "top_k": row["top_k"], "seen": 1,
+            "correction": None, "answer": answer, "multi_label": multi_label, "thresholds": None}
+
+
+def ray_folder_candidates(folder: str, model: str, predictor, address: str, out_dir: str) -> list[dict]:
+    """The candidates of ``folder`` answered on a Ray cluster (``scale.predict``, every label in the top-k),
+    as :func:`folder_candidates` gives them: the rows read back from DIR/ray-<model hash>.parquet (a rerun
+    predicts only the files added or changed since)."""
+    import pyarrow.parquet as pq
+
+    from transferkit.files import file_digest
+    from transferkit.scale.predict import output_files, predict_on_ray
+
+    names = list(predictor.class_names)
+    out = os.path.join(out_dir, f"ray-{file_digest(model)[:16]}.parquet")
+    predict_on_ray(model, [folder], out, address=address, top_k=len(names))
+    root, wanted = os.path.abspath(folder), {os.path.abspath(p): p for p in _folder_files(folder)}
+    found = {}
+    for part in output_files(out, "parquet"):  # oldest first; one row per path after compact
+        for r in pq.read_table(part).to_pylist():
+            if r["path"] in wanted and not r["error"] and r["path"].startswith(root):
+                found[r["path"]] = r
+    from transferkit.tasks import task_of
+    from transferkit.tasks.multi_label import DEFAULT_THRESHOLD
+
+    multi, given = task_of(predictor.metadata).multi_label, model_thresholds(predictor.metadata)
+    thresholds = {name: given.get(name, DEFAULT_THRESHOLD) for name in names}
+    order = {p: i for i, p in enumerate(wanted)}  # the local path's order: expand_paths of the folder
+    rows = []
+    for path in sorted(found, key=order.__getitem__):
+        r = found[path]
+        top = [{"label": r[f"top{i}_label"], "probability": r[f"top{i}_probability"]}
+               for i in range(1, len(names) + 1) if r.get(f"top{i}_label") is not None]
+        row = {"path": wanted[path], "label": r["label"], "probability": r["probability"],
+               "novelty": r["novelty"], "unknown": r["unknown"], "top_k": top}
+        if multi:  # the answer decide gave: the labels over their thresholds, none for a rejected unknown photo
+            row["scores"] = {t["label"]: t["probability"] for t in top}
+            row["labels"] = [] if r["label"] is None else [t["label"] for t in top
+                                                           if t["probability"] >= thresholds[t["label"]]]
+        rows.append(candidate(row, multi))
+    return rows
+
+
+def _folder_files(folder: str) -> list[str]:
+    from transferkit.data.folders import expand_paths
+
+    return expand_paths([folder])
+
+
+def uncertainty(candidates: list[dict], n_classes: int, thresholds: dict | None = None) -> dict[str, np.ndarray]:
     """margin, entropy (normalised to 0-1; what the top-k leaves is spread over the other classes), novelty, and
-    the combined score in 0-1 (the mean percentile rank: high = label this first)."""
+    the combined score in 0-1 (the mean percentile rank: high = label this first). A multi-label candidate:
+    :func:`label_margin` (``thresholds``: the model's, where a candidate brings none)."""
     margin, entropy = [], []
     for c in candidates:
+        if c.get("multi_label"):
+            m, e = label_margin(c, c.get("thresholds") or thresholds or {})
+            margin.append(m)
+            entropy.append(e)
+            continue
         p = np.array([t["probability"] for t in c["top_k"]], dtype=float)
         rest = max(0.0, 1.0 - p.sum())
         others = max(0, n_classes - len(p))
@@ -84,6 +152,41 @@ def uncertainty(candidates: list[dict], n_classes: int) -> dict[str, np.ndarray]
     margin, entropy = np.asarray(margin, dtype=float), np.asarray(entropy, dtype=float)
     parts = [_ranks(-margin), _ranks(entropy)] + ([_ranks(novelty)] if novelty.any() else [])
     return {"margin": margin, "entropy": entropy, "novelty": novelty, "score": np.mean(parts, axis=0)}
+
+
+def label_scores(c: dict) -> dict[str, float]:
+    """Every label's score of a multi-label candidate: its stored answer's, else (a row of the first schema)
+    what its top-k lists."""
+    scores = (c.get("answer") or {}).get("scores")
+    return {k: float(v) for k, v in (scores or {t["label"]: t["probability"] for t in c["top_k"]}).items()}
+
+
+def label_margin(c: dict, thresholds: dict) -> tuple[float, float]:
+    """(min over labels of |score - threshold|, mean binary entropy of the scores / log 2) of a multi-label
+    candidate; a label without a recorded threshold has the default 0.5."""
+    from transferkit.tasks.multi_label import DEFAULT_THRESHOLD
+
+    scores = label_scores(c)
+    if not scores:
+        return 0.0, 1.0
+    p = np.clip(np.array(list(scores.values()), dtype=float), 1e-12, 1 - 1e-12)
+    t = np.array([float(thresholds.get(k, DEFAULT_THRESHOLD)) for k in scores], dtype=float)
+    binary = -(p * np.log(p) + (1 - p) * np.log(1 - p)) / np.log(2)
+    return float(np.abs(p - t).min()), float(binary.mean())
+
+
+def answer_labels(c: dict, thresholds: dict) -> list[str]:
+    """A multi-label candidate's labels: its stored answer's, else (the first schema stored the first label
+    only) those of its scores over their thresholds; none for an unknown photo."""
+    if c.get("answer") is not None:
+        return list(c["answer"]["labels"])
+    if c.get("unknown") and c.get("label") is None:
+        return []
+    from transferkit.tasks.multi_label import DEFAULT_THRESHOLD
+
+    scores = label_scores(c)
+    found = [k for k in sorted(scores, key=lambda k: -scores[k]) if scores[k] >= thresholds.get(k, DEFAULT_THRESHOLD)]
+    return found or ([c["label"]] if c.get("label") else [])
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -129,34 +232,53 @@ def _median_nearest(x: np.ndarray, limit: int = 2000) -> float:
     return float(np.median(np.maximum(d.min(axis=1), 0.0)))
 
 
-def features_of(paths: list[str], metadata: dict) -> tuple[np.ndarray, list[int]]:
+def features_of(paths: list[str], metadata: dict, ray_address: str | None = None) -> tuple[np.ndarray, list[int]]:
     """Pooled backbone features of ``paths`` (the model's backbone and size, ImageNet weights unless it was
-    trained from a local weights file that still exists), through the feature cache."""
+    trained from a local weights file that still exists), through the feature cache; with ``ray_address`` the
+    missing ones computed on that Ray cluster first (``scale.features.prefill``), then read from the cache."""
     from transferkit.training.features import FeatureExtractor
 
     weights = (metadata.get("training") or {}).get("weights")
     weights = weights if isinstance(weights, str) and os.path.isfile(weights) else "imagenet"
     extractor = FeatureExtractor(metadata.get("backbone") or "efficientnet_lite0", metadata.get("image_size"),
                                  weights=weights)
+    if ray_address is not None:
+        from transferkit.files import file_digest
+        from transferkit.scale.features import prefill
+
+        prefill(extractor, paths, 0, {p: file_digest(p) for p in paths}, ray_address)
     found = extractor.extract(paths, desc="review features")
     feats, kept, _ = found
     return feats[:, 0].reshape(len(kept), -1), kept
 
 
-def rank(candidates: list[dict], metadata: dict, n: int) -> tuple[list[int], dict[str, np.ndarray]]:
-    """(the queue: indices of ``candidates``, the scores of every candidate)."""
+def model_thresholds(metadata: dict) -> dict[str, float]:
+    """{label: threshold} of a multi-label model's metadata ({} otherwise)."""
+    params = metadata.get("task_params") or {}
+    found = params.get("thresholds") if isinstance(params, dict) else None
+    return {str(k): float(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
+def rank(candidates: list[dict], metadata: dict, n: int, ray: str | None = None) -> tuple[list[int], dict]:
+    """(the queue: indices of ``candidates``, the scores of every candidate); ``ray``: the cluster address
+    whose workers compute the missing features."""
     n_classes = len(metadata.get("class_names") or []) or max(len(c["top_k"]) for c in candidates)
-    scores = uncertainty(candidates, n_classes)
-    feats, kept = features_of([c["path"] for c in candidates], metadata)
+    scores = uncertainty(candidates, n_classes, model_thresholds(metadata))
+    feats, kept = features_of([c["path"] for c in candidates], metadata, ray)
     order = kcenter_greedy(feats, scores["score"][kept], n)
     return [kept[i] for i in order], scores
 
 
-def queue_rows(candidates: list[dict], order: list[int], scores: dict) -> list[dict]:
+LABEL_SEP = "|"  # a multi-label answer's labels, joined as a label file's cell (LabelSource.label_sep)
+
+
+def queue_rows(candidates: list[dict], order: list[int], scores: dict, thresholds: dict | None = None) -> list[dict]:
     rows = []
     for r, i in enumerate(order, 1):
         c, fix = candidates[i], candidates[i]["correction"] or {}
         answer = "unknown" if c.get("unknown") and c["label"] is None else c["label"] or ""
+        if c.get("multi_label") and answer != "unknown":  # every label, as a label file's cell lists them
+            answer = LABEL_SEP.join(answer_labels(c, c.get("thresholds") or thresholds or {})) or "none"
         correction = {"wrong": f"wrong: {fix.get('label')}", "none": "none of these", "right": "right"}.get(
             fix.get("kind"), "")
         rows.append({"rank": r, "path": c["path"], "image": c["image"], "answer": answer,
@@ -164,7 +286,7 @@ def queue_rows(candidates: list[dict], order: list[int], scores: dict) -> list[d
                      "novelty": f"{scores['novelty'][i]:.3f}", "margin": f"{scores['margin'][i]:.3f}",
                      "entropy": f"{scores['entropy'][i]:.3f}", "score": f"{scores['score'][i]:.3f}",
                      "seen": c["seen"], "correction": correction, "accept": "",
-                     "label": fix.get("label") or (c["label"] if fix.get("kind") == "right" else "")})
+                     "label": fix.get("label") or (answer if fix.get("kind") == "right" else "")})
     return rows
 
 
@@ -206,7 +328,8 @@ def accepted_rows(candidates: list[dict], accept_csv: str | None) -> list[tuple[
         if fix.get("kind") == "wrong" and fix.get("label"):
             chosen[c["path"]] = fix["label"]
         elif fix.get("kind") == "right" and c["label"]:
-            chosen[c["path"]] = c["label"]
+            chosen[c["path"]] = LABEL_SEP.join(answer_labels(c, c.get("thresholds") or {})) \
+                if c.get("multi_label") else c["label"]
     if accept_csv:
         with open(accept_csv, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
@@ -234,21 +357,28 @@ def write_labels(chosen: list[tuple[str, str]], path: str) -> str:
 
 
 def review(source: str, *, model: str | None = None, n: int = 50, out_dir: str = "review", labels: str | None = None,
-           accept: str | None = None, files: str | None = None) -> dict:
+           accept: str | None = None, files: str | None = None, ray: str | None = None) -> dict:
     """The review queue of a store (``source``: a SQLite file or URL) or of an unlabelled folder (with
-    ``model``); returns the paths written and the queue."""
+    ``model``; ``ray``: answers and features computed on the Ray cluster at that address, "local": a local
+    one); returns the paths written and the queue."""
     metadata, predictor = _model_metadata(model)
     if os.path.isdir(source):
         if predictor is None:
             raise TransferkitError(f"{source}: a folder is reviewed with --model M (its answers are computed)")
-        candidates = folder_candidates(source, predictor)
+        candidates = folder_candidates(source, predictor) if ray is None else \
+            ray_folder_candidates(source, os.path.abspath(model), predictor, ray, out_dir)
+    elif ray is not None:
+        raise TransferkitError(f"{source}: --ray reviews a folder of photos (a store's answers are already there)")
     else:
         candidates = store_candidates(source, files)
     if not candidates:
         raise TransferkitError(f"{source}: no collected photo to review")
+    if metadata.get("task") == "multi_label":  # --model: rows a store's first schema kept without their task
+        for c in candidates:
+            c["multi_label"] = True
     chosen = accepted_rows(candidates, accept) if labels else None  # read before queue.csv is written again
-    order, scores = rank(candidates, metadata, n)
-    rows = queue_rows(candidates, order, scores)
+    order, scores = rank(candidates, metadata, n, ray)
+    rows = queue_rows(candidates, order, scores, model_thresholds(metadata))
     queue_path = os.path.join(out_dir, "queue.csv")
     _keep_edits(rows, queue_path)
     os.makedirs(out_dir, exist_ok=True)

@@ -245,7 +245,7 @@ class Trainer:
         probs, scores = split_outputs(run_model(measured, features.x_val), len(st.classes))
         st.task.fit_decision(probs, features.y_val)  # multi-label: each label's threshold
         st.validation = st.task.metrics(features.y_val, probs, st.classes, features.val_paths, st.skipped)
-        st.reference = reference.summary(probs, scores, st.classes)
+        st.reference = reference.summary(probs, scores, st.classes, st.task)
         self._fit_conformal(None if st.options.refit else (probs, features.y_val),
                             (features.x_train[::views], features.y_train[::views]))
         st.feature_check = self._check_view_features(features)
@@ -422,7 +422,7 @@ class Trainer:
         probs, scores = split_outputs(run_model(st.model, images.x_val), len(st.classes))
         st.task.fit_decision(probs, images.y_val)
         st.validation = st.task.metrics(images.y_val, probs, st.classes, st.val_paths, st.skipped)
-        st.reference = reference.summary(probs, scores, st.classes)
+        st.reference = reference.summary(probs, scores, st.classes, st.task)
 
     def _refit_trust(self, images) -> None:
         """After fine-tuning the backbone's features moved: refit the temperature and the novelty statistics on
