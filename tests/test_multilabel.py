@@ -250,7 +250,7 @@ def held_out(run, tmp_path_factory):
     assert len(kept) == len(paths)
     names = predictor.class_names
     y = np.array([[n in truth[p] for n in names] for p in paths])
-    decision = task_of(predictor.metadata)._thresholds(len(names))
+    decision = task_of(predictor.metadata).decision_thresholds(len(names))
     return table, split_outputs(outputs, len(names))[0], y, names, decision
 
 

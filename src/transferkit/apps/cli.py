@@ -203,7 +203,7 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
                 print(f"{r['path']}\tERROR: {r['error']}")
             elif "labels" in r and not r.get("unknown"):  # multi-label: every label over its threshold
                 shown = ", ".join(f"{name} {r['scores'][name]:.3f}" for name in r["labels"]) or "none of the labels"
-                print(f"{r['path']}\t{shown}" + (f"\tgiven {r['given']}" if "given" in r else ""))
+                print(f"{r['path']}\t{shown}" + (f"\tgiven {r['given']}" if "given" in r else "") + _guarantee_text(r))
             elif r["label"] is None:  # unknown: none of the classes; the nearest ones in brackets
                 nearest = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
                 print(f"{r['path']}\tunknown\tnovelty {r['novelty']:.2f}\t(nearest: {nearest})" + _guarantee_text(r))

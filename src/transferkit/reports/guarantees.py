@@ -21,7 +21,7 @@ def conformal_metrics(predictor, labels, probs, max_error: float | None = None) 
     confidence = f"with probability >= {1 - stored['risk'].get('delta', 0.1):.0%} over the calibration photos"
     if task_of(predictor.metadata).multi_label:
         check_labels_record(stored, predictor.class_names, predictor.path or "model")
-        decision = task_of(predictor.metadata)._thresholds(len(predictor.class_names))
+        decision = task_of(predictor.metadata).decision_thresholds(len(predictor.class_names))
         found = evaluate_label_sets(probs, labels, predictor.class_names, stored, decision, max_errors=bounds)
         found["guarantee"] = ("coverage: for each label, a photo that shows it has it in its set at least the asked "
                               "share of the time, over photos exchangeable with the calibration photos (per "

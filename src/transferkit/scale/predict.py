@@ -243,7 +243,7 @@ def _check_manifest(out: str, model: str, predictor, top_k: int, reject: bool, e
             k = differs[0]
             what = "another model file" if k in ("model_sha", "classes") else f"{k} {found.get(k)!r}"
             raise TransferkitError(f"--out {out}: its rows were written with {what} (this run: "
-                                   f"{wanted[k]!r}); use another --out, or delete this one to start over")
+                                   f"{wanted.get(k)!r}); use another --out, or delete this one to start over")
         return
     os.makedirs(out, exist_ok=True)
     write_json_atomic(path, wanted | {"model": model})

@@ -72,7 +72,8 @@ class MultiLabel(Task):
         return {"thresholds": {n: round(float(t), 4) for n, t in zip(class_names, self.thresholds)},
                 "threshold_rule": "maximum F1 per label on the validation split"}
 
-    def _thresholds(self, n: int) -> np.ndarray:
+    def decision_thresholds(self, n: int) -> np.ndarray:
+        """Each label's F1 threshold (0.5 for a model without them): what ``labels`` and the abstention use."""
         return self.thresholds if self.thresholds is not None and len(self.thresholds) == n else \
             np.full(n, DEFAULT_THRESHOLD)
 
@@ -169,7 +170,7 @@ class MultiLabel(Task):
         probs, scores = split_outputs(outputs, len(class_names))
         if not novelty:
             scores = None
-        thresholds = self._thresholds(len(class_names))
+        thresholds = self.decision_thresholds(len(class_names))
         k = max(1, min(int(top_k), len(class_names)))
         rows = []
         for i, (path, p) in enumerate(zip(paths, probs)):
@@ -202,7 +203,7 @@ class MultiLabel(Task):
                 row["set"] = [class_names[j] for j in members]
         if max_error is not None:
             cut = cp.answer_threshold(conformal["risk"], max_error)
-            confidence = cl.set_confidence(probs, self._thresholds(len(class_names)))
+            confidence = cl.set_confidence(probs, self.decision_thresholds(len(class_names)))
             for row, c in zip(rows, confidence):
                 row["abstain"] = bool(float(c) < cut)
 
@@ -211,7 +212,7 @@ class MultiLabel(Task):
         from transferkit.reports.multilabel import multilabel_metrics
 
         return multilabel_metrics(np.asarray(y_true), np.asarray(probs), class_names,
-                                  self._thresholds(len(class_names)), paths, skipped)
+                                  self.decision_thresholds(len(class_names)), paths, skipped)
 
     def text_report(self, metrics):
         from transferkit.reports.multilabel import text_report

@@ -284,7 +284,7 @@ class Trainer:
             val, extra = extra, None
         if val is None:
             return None
-        return fit_label_conformal(val[0], val[1], list(st.classes), st.task._thresholds(len(st.classes)),
+        return fit_label_conformal(val[0], val[1], list(st.classes), st.task.decision_thresholds(len(st.classes)),
                                    fitted_on, extra)
 
     def _held_out_logits(self, chosen, features: FeatureSplit, dims: list[int]):
