@@ -15,6 +15,7 @@ import pytest
 import transferkit
 from transferkit.errors import OptionError, TransferkitError
 
+from children import predict_in_child
 from mosaics import LABELS, write_mosaics
 
 SIZE = 64
@@ -313,8 +314,13 @@ def test_every_predictor_gives_the_same_label_sets_and_abstentions(run, held_out
                 h.close()
         assert reply.status_code == 200, reply.get_data(as_text=True)
         served += reply.get_json()["predictions"]
+    transferkit.predict(model, files[:1])  # a first use leaves the converted engine in the cache
+    cached = transferkit.predict(model, files, **asked)  # the default runtime: that engine
+    child, modules, _ = predict_in_child(model, files[0], "--coverage", "0.9", "--max-error", "0.1")
+    assert modules == {"tensorflow": False, "keras": False, "scipy": False}
+    assert (child[0]["set"], child[0]["abstain"]) == (cached[0]["set"], cached[0]["abstain"])
     same = {name: (np.mean([a["set"] == b["set"] for a, b in zip(rows, other)]),
                    np.mean([a["abstain"] == b["abstain"] for a, b in zip(rows, other)]))
-            for name, other in (("onnx", exported), ("server", served))}
+            for name, other in (("onnx", exported), ("server", served), ("cached", cached))}
     print(f"same sets / abstentions as Keras on {len(files)} photos: {same}")
     assert all(s >= 0.998 and a >= 0.998 for s, a in same.values()), same

@@ -216,12 +216,10 @@ def _label_guarantees(found: dict, fitted: dict, delta: float) -> list[str]:
     positives = {n: r.get("n", 0) for n, r in (found.get("labels") or {}).items()}
     short = [f"{level:.2f}: {', '.join(n for n, k in positives.items() if k < math.ceil(level / (1 - level) - 1e-9))}"
              for level in (0.8, 0.9, 0.95) if any(k < math.ceil(level / (1 - level) - 1e-9) for k in positives.values())]
-    joined = fitted.get("out_of_fold_labels") or []
     return ["## Guarantees", "",
             f"- Label sets (`predict --coverage 0.9`; per-label split conformal thresholds, Mondrian by label, on "
-            f"{found.get('n')} held-out photos: {fitted.get('validation', 0)} validation"
-            + (f", plus {fitted.get('out_of_fold', 0)} out-of-fold training photos for {', '.join(joined)}"
-               if joined else "") + "; positives per label: "
+            f"{found.get('n')} held-out photos: {fitted.get('validation', 0)} validation, "
+            f"{fitted.get('out_of_fold', 0)} out-of-fold training; positives per label: "
             + ", ".join(f"{n} {k}" for n, k in positives.items()) + "): **for each label**, a photo that shows "
             "it has it in its set at least the asked share of the time. Not per photo, and a set may hold extra "
             "labels.",

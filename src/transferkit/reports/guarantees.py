@@ -1,7 +1,10 @@
 """What an evaluation says about the conformal guarantees (``models.conformal``): on the test photos, the
 empirical coverage and mean set size at 0.80 / 0.90 / 0.95, the coverage per class (conditional coverage is not
 promised: a class covered less than asked, beyond its binomial noise, is named), and for each error bound the
-answered share and the error among answered photos; with the report's section in ``reports.html``'s style."""
+answered share and the error among answered photos; with the report's section in ``reports.html``'s style. A
+multi-label model (``models.conformal_labels``): each label's coverage among the photos showing it (promised per
+label, so an under-covered one is named as a failure of exchangeability or of too few held-out photos), the
+labels without a guarantee at a level, and the error as "label set not exactly right"."""
 
 from __future__ import annotations
 

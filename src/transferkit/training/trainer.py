@@ -267,25 +267,22 @@ class Trainer:
             logger.info(f"conformal calibration on {st.conformal['n']} held-out photos ({st.conformal['fitted_on']})")
 
     def _fit_label_conformal(self, val: tuple | None, out_of_fold: tuple | None) -> dict | None:
-        """The multi-label calibration: validation ``val`` (probs, y), with ``out_of_fold`` (logits, y) of
-        training photos, through the model's per-label temperatures, joining the labels that validation shows
-        too rarely (``fit_label_conformal``); out of fold alone after a refit."""
+        """The multi-label calibration (``models.conformal_labels``) on validation ``val`` (probs, y) and
+        ``out_of_fold`` (logits, y) of the training photos through the model's per-label temperatures."""
         from transferkit.models.conformal_labels import fit_label_conformal
         from transferkit.tasks.multi_label import sigmoid
 
-        st, extra = self.state, None
+        st, parts = self.state, [] if val is None else [(np.asarray(val[0], np.float64), np.asarray(val[1]))]
         if out_of_fold is not None and len(out_of_fold[1]):
-            logits, y = np.asarray(out_of_fold[0], np.float64), np.asarray(out_of_fold[1])
+            logits = np.asarray(out_of_fold[0], np.float64)
             temperatures = np.asarray((st.novelty or {}).get("temperatures") or np.ones(logits.shape[1]), np.float64)
-            extra = (sigmoid(logits / temperatures), y)
-        fitted_on = {"validation": 0 if val is None else int(len(val[1])),
-                     "out_of_fold": 0 if extra is None else int(len(extra[1]))}
-        if val is None:
-            val, extra = extra, None
-        if val is None:
+            parts.append((sigmoid(logits / temperatures), np.asarray(out_of_fold[1])))
+        if not parts:
             return None
-        return fit_label_conformal(val[0], val[1], list(st.classes), st.task.decision_thresholds(len(st.classes)),
-                                   fitted_on, extra)
+        fitted_on = {"validation": 0 if val is None else int(len(val[1])),
+                     "out_of_fold": 0 if out_of_fold is None else int(len(out_of_fold[1]))}
+        return fit_label_conformal(np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts]),
+                                   list(st.classes), st.task.decision_thresholds(len(st.classes)), fitted_on)
 
     def _held_out_logits(self, chosen, features: FeatureSplit, dims: list[int]):
         """The temperature's held-out (logits, labels): out-of-fold training photos and validation."""
