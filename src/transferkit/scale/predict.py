@@ -270,7 +270,7 @@ def _read_table(path: str, fmt: str):
             f.seek(max(0, os.path.getsize(path) - 1))
             if f.read(1) != b"\n":
                 return None  # the last row was cut
-        types = {c: pa.string() for c in ("path", "sha", "label", "error")}
+        types = {c: pa.string() for c in ("path", "sha", "label", "error", "set")}  # "7": a label, not 7
         return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=types,
                                                                          strings_can_be_null=True))
     except pa.ArrowInvalid:
