@@ -50,7 +50,7 @@ def load_predictor(path, *, runtime: str = DEFAULT_ENGINE.runtime,
     """What ``predict``, ``evaluate`` and the server run: a ``.keras`` file's converted engine straight from the
     cache where ``train`` or an earlier use left one, checked (no TensorFlow import: one photo in well under a
     second); where none is cached yet, converted first by a child process that exits (``engines.convert``:
-    this process still imports no TensorFlow); else :func:`load_model`."""
+    this process still imports no TensorFlow); else ``load_model``."""
     engine = EngineOptions(runtime=runtime, precision=precision)
     if not str(path).lower().endswith(".onnx"):
         from transferkit.engines.cached import CachedPredictor
