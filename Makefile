@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # test files run on this many pytest-xdist workers, each a whole file (its module fixtures built once)
 TEST_WORKERS ?= 2
 
-.PHONY: demo test clean
+.PHONY: demo test docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +22,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
+# the documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or anchor fails the build
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs demo_data .pytest_cache
+	rm -rf $(VENV) runs demo_data .pytest_cache site

@@ -1,6 +1,6 @@
 """Requests/second and latency of `transferkit serve` for single-image requests at 1, 4, 16 and 64 clients.
 
-    python benchmarks/serve.py MODEL [--image PHOTO] [--seconds 10] [--workers 1] [--threads 4] [--first-use]
+    python benchmarks/serve.py MODEL [--image PHOTO] [--seconds 10] [--rounds 5] [--workers 1] [--threads 4] [--first-use]
                               [--runtime auto] [--collect]
 
 Starts a real server process on 127.0.0.1 (a free port), waits for /healthz (its start time is printed: on a model
@@ -9,7 +9,9 @@ request, back to back, for the given time. Prints req/s, p50 and p95 latency per
 RSS (VmHWM) of the master and of each worker. ``--first-use`` starts on an empty cache: the master converts the
 model file once, in a child process, before gunicorn forks (``engines.convert``); a worker's peak, 2.9 GB when
 each converted it itself, is then the cached engine's. ``--collect``: every level again with ``serve --collect``
-(every answer stored in a fresh SQLite file), and both side by side.
+(every answer stored in a fresh SQLite file) on a second server, the two taking turns in short rounds (a busy
+spell of the machine slows both alike: one after the other, identical runs differed by 15 %), and both side by
+side.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--image", help="a photo to send (default: a 640x480 synthetic JPEG)")
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=10.0, help="per level and server")
+    p.add_argument("--rounds", type=int, default=5, help="turns per level (the servers alternate)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--collect", action="store_true", help="also run every level with serve --collect (a fresh "
@@ -109,13 +112,48 @@ def main() -> None:
             open(photo, "wb").write(payload)
         subprocess.run([sys.executable, "-m", "transferkit", "predict", args.model, photo], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    modes = [("plain", [])]
-    if args.collect:  # the same levels again with the store on (a fresh SQLite file): the cost of collecting
-        modes.append(("collect", ["--collect", os.path.join(tempfile.mkdtemp(), "seen.db")]))
-    results = {}
-    for mode, extra in modes:
-        results[mode] = run_server(args, payload, env, extra, mode)
-    if args.collect:
+    modes = {"plain": []}
+    if args.collect:  # the same levels on a second server with the store on (a fresh SQLite file)
+        modes["collect"] = ["--collect", os.path.join(tempfile.mkdtemp(), "seen.db")]
+    servers = {mode: start_server(args, env, extra) for mode, extra in modes.items()}
+    try:
+        for mode, (proc, url, ready) in servers.items():
+            run_level(url, payload, 2, 2.0)  # warm-up
+            print(f"[{mode}] server ready in {ready:.1f} s "
+                  f"({'first use' if args.first_use else 'cached engine'})")
+        print(f"cpu cores: {os.cpu_count()}  image: {len(payload)} bytes  workers {args.workers} x threads "
+              f"{args.threads}; each level: {args.rounds} rounds of {args.seconds / args.rounds:.1f} s per server, "
+              "the servers taking turns; medians")
+        results = {mode: {} for mode in servers}
+        for clients in LEVELS:
+            rounds = {mode: [] for mode in servers}
+            for _ in range(args.rounds):
+                for mode, (_, url, _) in servers.items():
+                    rounds[mode].append(run_level(url, payload, clients, args.seconds / args.rounds))
+                    time.sleep(0.3)  # the collector's writer finishes its batch before the other server's turn
+            for mode in servers:
+                results[mode][clients] = tuple(statistics.median(r[i] for r in rounds[mode]) for i in range(3)) + (
+                    sum(r[3] for r in rounds[mode]),)
+        show(results, servers)
+    finally:
+        for proc, _, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+LEVELS = (1, 4, 16, 64)
+
+
+def show(results: dict, servers: dict) -> None:
+    """Print each server's levels, its peak RSS, and with --collect both side by side."""
+    for mode, levels in results.items():
+        print(f"[{mode}]\n{'clients':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7}")
+        for clients, (rps, p50, p95, errors) in levels.items():
+            print(f"{clients:>8} {rps:>8.1f} {p50:>8.1f} {p95:>8.1f} {errors:>7}")
+        proc = servers[mode][0]
+        peaks = ", ".join(f"{peak_mb(pid):.0f} MB" for pid in workers(proc.pid))
+        print(f"peak RSS: master {peak_mb(proc.pid):.0f} MB, worker(s) {peaks}")
+    if "collect" in results:
         print(f"{'clients':>8} {'req/s plain':>12} {'req/s collect':>14} {'slower':>7} {'p95 plain':>10} "
               f"{'p95 collect':>12}")
         for clients in LEVELS:
@@ -123,44 +161,25 @@ def main() -> None:
             print(f"{clients:>8} {a:>12.1f} {b:>14.1f} {100 * (1 - b / a):>6.1f}% {pa:>10.1f} {pb:>12.1f}")
 
 
-LEVELS = (1, 4, 16, 64)
-
-
-def run_server(args, payload: bytes, env: dict, extra: list[str], mode: str) -> dict:
-    """Start a server (``extra``: more serve flags), run every level, print and return {clients: figures}."""
+def start_server(args, env: dict, extra: list[str]) -> tuple:
+    """A server process (``extra``: more serve flags) on a free port, ready: (process, url, seconds to ready)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", args.model, "--port", str(port),
                              "--workers", str(args.workers), "--threads", str(args.threads),
                              "--runtime", args.runtime, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
-    found = {}
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                sys.exit("server did not start")
-            time.sleep(0.5)
-        ready = time.perf_counter() - started
-        run_level(url, payload, 2, 2.0)  # warm-up
-        print(f"[{mode}] cpu cores: {os.cpu_count()}  image: {len(payload)} bytes  workers {args.workers} x threads "
-              f"{args.threads}  server ready in {ready:.1f} s ({'first use' if args.first_use else 'cached engine'})")
-        print(f"{'clients':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7}")
-        for clients in LEVELS:
-            found[clients] = rps, p50, p95, errors = run_level(url, payload, clients, args.seconds)
-            print(f"{clients:>8} {rps:>8.1f} {p50:>8.1f} {p95:>8.1f} {errors:>7}", flush=True)
-        peaks = ", ".join(f"{peak_mb(pid):.0f} MB" for pid in workers(proc.pid))
-        print(f"peak RSS: master {peak_mb(proc.pid):.0f} MB, worker(s) {peaks}")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    return found
+    started, deadline = time.perf_counter(), time.time() + 180
+    while True:
+        try:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                return proc, url, time.perf_counter() - started
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            sys.exit("server did not start")
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,35 @@ def test_the_binomial_bound_and_the_abstention_cut_off():
     assert cp.answer_threshold({"confidence": [0.9] * 20, "correct": [1] * 20}, 0.02) == math.inf  # 20: too few
 
 
+def test_per_label_thresholds_are_the_conformal_order_statistic_of_each_labels_positives(caplog):
+    from transferkit.models import conformal_labels as cl
+    from transferkit.tasks import MultiLabel
+
+    nine = {"n": 9, "scores": [i / 10 for i in range(1, 10)]}
+    assert cl.label_threshold(nine, 0.9) == 0.1  # k = ceil(10 * 0.9) = 9: the 10 - 9 = 1st smallest
+    assert cl.label_threshold(nine, 0.8) == 0.2  # k = 8: the 2nd smallest
+    assert cl.label_threshold(nine, 0.95) is None  # k = 10 > 9: no order statistic is low enough
+    many = {"n": 5000, "scores": cl._floor_bounded(np.linspace(0, 1, 5000))[0]}
+    exact = np.sort(np.linspace(0, 1, 5000))[5000 - int(np.ceil(5001 * 0.9))]
+    assert len(many["scores"]) == cp.MAX_SCORES and exact - 1e-3 < cl.label_threshold(many, 0.9) <= exact
+    y = np.array([[1, 0], [1, 1], [1, 0], [0, 1]] * 5, bool)  # a: 15 positives, b: 10
+    probs = np.where(y, np.linspace(0.55, 0.99, 20)[:, None], 0.2)
+    with caplog.at_level("WARNING", logger="transferkit"):
+        record = cl.fit_label_conformal(probs, y, ["a", "b"], np.array([0.5, 0.5]), {"validation": 20})
+    assert record["labels"]["a"]["n"] == 15 and record["labels"]["b"]["n"] == 10
+    assert record["labels"]["a"]["scores"] == sorted(record["labels"]["a"]["scores"])
+    assert "coverage 0.95: no set guarantee for a, b" in caplog.text  # 15 and 10 < 19
+    assert "coverage 0.9: no set guarantee" not in caplog.text  # 9 positives suffice at 0.9
+    rows = MultiLabel([0.5, 0.5]).decide(["x.jpg", "y.jpg"], np.array([[0.3, 0.9], [0.97, 0.1]]), ["a", "b"], 2,
+                                         conformal=record, coverage=0.95, max_error=0.1)
+    assert [r["set"] for r in rows] == [["b", "a"], ["a", "b"]]  # no guarantee at 0.95: every label, conservatively
+    assert all(r["abstain"] for r in rows)  # 20 calibration photos certify no error bound
+    low = MultiLabel([0.5, 0.5]).decide(["x.jpg"], np.array([[0.3, 0.9]]), ["a", "b"], 2, conformal=record,
+                                        coverage=0.8)
+    t_b = cl.label_threshold(record["labels"]["b"], 0.8)
+    assert low[0]["set"] == ["b"] and 0.3 < cl.label_threshold(record["labels"]["a"], 0.8) and t_b <= 0.9
+
+
 def test_a_model_file_without_the_calibration_says_so_in_one_line():
     from transferkit.engines.predict import decide
 
@@ -61,8 +90,12 @@ def test_a_model_file_without_the_calibration_says_so_in_one_line():
         decide(damaged, ["x.jpg"], np.array([[0.9, 0.1]]), 1, max_error=0.1)
     multi = types.SimpleNamespace(metadata={"class_names": ["a", "b"], "task": "multi_label"},
                                   class_names=["a", "b"], path="multi.keras")
-    with pytest.raises(TransferkitError, match=r"multi.keras: .*a multi-label model.*max_error needs"):
+    with pytest.raises(TransferkitError, match=r"multi.keras: no conformal calibration.*max_error needs"):
         decide(multi, ["x.jpg"], np.array([[0.9, 0.1]]), 1, max_error=0.1)
+    multi.metadata["conformal"] = {"task": "multi_label", "labels": {"a": {"n": 2, "scores": [0.5, 0.7]}},
+                                   "risk": {"confidence": [], "correct": []}}  # label b missing
+    with pytest.raises(TransferkitError, match="multi.keras: damaged transferkit metadata .multi-label"):
+        decide(multi, ["x.jpg"], np.array([[0.9, 0.1]]), 1, coverage=0.9)
     with pytest.raises(TransferkitError, match="coverage must be"):
         transferkit.predict(old, ["x.jpg"], coverage=1.5)
 

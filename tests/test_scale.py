@@ -110,6 +110,26 @@ def test_predict_on_ray_gives_local_rows_and_skips_what_is_done(trained, archive
     _assert_same_as_local(_table(csv_out), {p: r for p, r in local_rows.items() if p.startswith(camera0)})
 
 
+def test_predict_on_ray_gives_local_sets_and_abstentions(trained, archive, ray_local, tmp_path):
+    model = os.path.join(trained[1], "model.keras")
+    asked = {"coverage": 0.9, "max_error": 0.3}
+    local = {r["path"]: r for r in transferkit.predict(model, [archive], **asked)}
+    out = str(tmp_path / "sets.parquet")
+    done = transferkit.predict_on_ray(model, [archive], out, batch_size=16, **asked)
+    assert (done["rows"], done["errors"]) == (241, 1)
+    rows = _table(out)
+    _assert_same_as_local(rows, local)
+    for path, want in local.items():
+        got = rows[path]
+        if not want.get("error"):
+            assert got["set"] == "|".join(want["set"]) and got["abstain"] == want["abstain"], path
+    assert {r["abstain"] for r in local.values() if "abstain" in r} == {True, False}  # both kinds of answer
+    with pytest.raises(transferkit.TransferkitError, match="coverage"):  # not mixed into rows without sets
+        transferkit.predict_on_ray(model, [archive], out, batch_size=16)
+    with pytest.raises(transferkit.TransferkitError, match="coverage must be"):
+        transferkit.predict_on_ray(model, [archive], str(tmp_path / "bad.parquet"), coverage=1.5)
+
+
 def _actor_pids(marker: str = PREDICT_ACTOR) -> set[int]:
     """Live processes whose title names ``marker`` (Ray titles its workers ``ray::<actor class>``)."""
     found = set()

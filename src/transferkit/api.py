@@ -50,7 +50,7 @@ def load_predictor(path, *, runtime: str = DEFAULT_ENGINE.runtime,
     """What ``predict``, ``evaluate`` and the server run: a ``.keras`` file's converted engine straight from the
     cache where ``train`` or an earlier use left one, checked (no TensorFlow import: one photo in well under a
     second); where none is cached yet, converted first by a child process that exits (``engines.convert``:
-    this process still imports no TensorFlow); else :func:`load_model`."""
+    this process still imports no TensorFlow); else ``load_model``."""
     engine = EngineOptions(runtime=runtime, precision=precision)
     if not str(path).lower().endswith(".onnx"):
         from transferkit.engines.cached import CachedPredictor
@@ -87,16 +87,19 @@ def predict(model, paths, *, top_k: int = DEFAULT_PREDICT.top_k, batch_size: int
 
 def predict_on_ray(model, paths, out: str, *, address: str | None = "local", top_k: int = DEFAULT_PREDICT.top_k,
                    batch_size: int = DEFAULT_PREDICT.batch_size, runtime: str = DEFAULT_ENGINE.runtime,
-                   precision: str = DEFAULT_ENGINE.precision, reject: bool = DEFAULT_PREDICT.reject) -> dict:
+                   precision: str = DEFAULT_ENGINE.precision, reject: bool = DEFAULT_PREDICT.reject,
+                   coverage: float | None = None, max_error: float | None = None) -> dict:
     """``predict``'s rows for every image in ``paths`` (files, folders, globs), computed on the Ray cluster at
     ``address`` ("local": a local Ray instance) and written to the folder ``out`` (``*.parquet`` or ``*.csv``);
     files already predicted there are skipped, so a killed job resumes. ``model``: the path of a model file
-    every worker can read. Returns the summary (rows, new, errors, seconds, images_per_second)."""
+    every worker can read. ``coverage`` / ``max_error``: the rows' conformal ``set`` (labels joined by |) and
+    ``abstain`` columns, as ``predict``'s. Returns the summary (rows, new, errors, seconds, images_per_second)."""
     from transferkit.scale.predict import predict_on_ray as run
 
+    PredictOptions(coverage=coverage, max_error=max_error)  # checked before the model is read
     engine = EngineOptions(runtime=runtime, precision=precision)
     return run(str(model), paths, out, address=address, top_k=top_k, reject=reject, batch_size=batch_size,
-               engine=engine)
+               engine=engine, coverage=coverage, max_error=max_error)
 
 
 def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = DEFAULT_PREDICT.batch_size,

@@ -39,7 +39,7 @@ __all__ = ["ImageClassifier", "FeatureSplit"]
 
 class ImageClassifier:
     """An image classifier trained by transfer learning. Keyword-only options: every field of
-    :class:`transferkit.options.TrainOptions` (``backbone``, ``epochs``, ``augment_views``, ...)."""
+    ``transferkit.options.TrainOptions`` (``backbone``, ``epochs``, ``augment_views``, ...)."""
 
     def _setup(self, params: dict, unknown: dict) -> None:
         TrainOptions.check_names(unknown)  # a misspelt name fails here; values are checked by fit

@@ -210,7 +210,8 @@ class PredictOptions(Options):
     reject: bool = option(True, "label photos unlike every class with their nearest class instead of 'unknown'",
                           flag="--no-reject")
     coverage: float | None = option(None, "add each photo's conformal prediction set: the fewest labels holding the "
-                                    "right one this share of the time (e.g. 0.95)", low=0.0, high=1.0,
+                                    "right one this share of the time (multi-label: each label it shows, this "
+                                    "share of the time) (e.g. 0.95)", low=0.0, high=1.0,
                                     low_open=True, high_open=True, kind=float, shown="off")
     max_error: float | None = option(None, "mark 'abstain' where answering would break this error rate among "
                                      "answered photos (e.g. 0.02)", low=0.0, high=1.0, low_open=True,

@@ -203,7 +203,7 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
                 print(f"{r['path']}\tERROR: {r['error']}")
             elif "labels" in r and not r.get("unknown"):  # multi-label: every label over its threshold
                 shown = ", ".join(f"{name} {r['scores'][name]:.3f}" for name in r["labels"]) or "none of the labels"
-                print(f"{r['path']}\t{shown}" + (f"\tgiven {r['given']}" if "given" in r else ""))
+                print(f"{r['path']}\t{shown}" + (f"\tgiven {r['given']}" if "given" in r else "") + _guarantee_text(r))
             elif r["label"] is None:  # unknown: none of the classes; the nearest ones in brackets
                 nearest = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
                 print(f"{r['path']}\tunknown\tnovelty {r['novelty']:.2f}\t(nearest: {nearest})" + _guarantee_text(r))
@@ -303,12 +303,8 @@ def _predict_on_ray(args, options: PredictOptions) -> None:
     if args.ray != "local" and os.path.exists(args.ray):  # `predict M a b --ray c`: c taken as the address
         raise TransferkitError(f"--ray {args.ray}: that is a path, not a cluster address (write --ray=ADDRESS, "
                                f"or --ray local before more paths)")
-    if options.coverage is not None or options.max_error is not None:
-        raise TransferkitError("--coverage and --max-error: not with --ray yet (its Parquet columns are fixed); "
-                               "predict without --ray")
     items = [label_source(args, p, strict=False) for p in args.paths]
-    ray_options = {k: v for k, v in options.to_dict().items() if k not in ("coverage", "max_error")}
-    done = predict_on_ray(args.model, items, args.out, address=args.ray, **ray_options,
+    done = predict_on_ray(args.model, items, args.out, address=args.ray, **options.to_dict(),
                           **record_values(args, EngineOptions))
     rate = f", {done['images_per_second']:.1f} img/s" if done["images_per_second"] else ""
     print(f"transferkit: predicted {done['new']} image(s) in {done['seconds']:.1f} s{rate}; "

@@ -49,17 +49,18 @@ def decide(predictor: Predictor, paths: list[str], outputs: np.ndarray, top_k: i
     calibration the model file carries (one line saying so where it has none)."""
     from transferkit.errors import TransferkitError
     from transferkit.models.conformal import check_record
+    from transferkit.models.conformal_labels import check_labels_record
     from transferkit.tasks import task_of
 
     metadata, task = predictor.metadata, task_of(predictor.metadata)
     asked = {k: v for k, v in (("coverage", coverage), ("max_error", max_error)) if v is not None}
-    if asked:  # a multi-label model has no calibration (yet): a per-label one would be its task's record
-        conformal, name = metadata.get("conformal"), next(iter(asked))
+    if asked:  # the task's own record: single-label APS scores, multi-label per-label scores
+        conformal, name, where = metadata.get("conformal"), next(iter(asked)), predictor.path or "model"
         if not isinstance(conformal, dict):
-            why = "a multi-label model" if task.multi_label else "made before transferkit stored one"
-            raise TransferkitError(f"{predictor.path or 'model'}: no conformal calibration in this model file "
-                                   f"({why}); {name} needs a single-label model trained by this version")
-        asked["conformal"] = check_record(conformal, predictor.path or "model")
+            raise TransferkitError(f"{where}: no conformal calibration in this model file (made before "
+                                   f"transferkit stored one); {name} needs a model trained by this version")
+        asked["conformal"] = (check_labels_record(conformal, predictor.class_names, where) if task.multi_label
+                              else check_record(conformal, where))
     return task.decide(paths, outputs, predictor.class_names, top_k, metadata.get("novelty"), reject, **asked)
 
 

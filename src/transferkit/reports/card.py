@@ -195,6 +195,8 @@ def _guarantees(meta: dict) -> list[str]:
         return []
     fitted = found.get("fitted_on") or {}
     delta = (found.get("risk") or {}).get("delta", 0.1)
+    if found.get("task") == "multi_label":
+        return _label_guarantees(found, fitted, delta)
     return ["## Guarantees", "",
             f"- Prediction sets (`predict --coverage 0.95`; {str(found.get('method')).upper()}, split conformal, "
             f"on {found.get('n')} held-out photos: {fitted.get('validation', 0)} validation, "
@@ -204,6 +206,30 @@ def _guarantees(meta: dict) -> list[str]:
             f"error among answered photos is at most the bound (binomial bound, binary search over cut-offs).",
             "- Assumption: new photos are exchangeable with the training folder's (same source, same class mix). "
             "Other cameras, a drifting class mix or photos of none of the classes void both.", ""]
+
+
+def _label_guarantees(found: dict, fitted: dict, delta: float) -> list[str]:
+    """A multi-label model's guarantees (``models.conformal_labels``): per label, with the labels too rare for a
+    level named."""
+    import math
+
+    positives = {n: r.get("n", 0) for n, r in (found.get("labels") or {}).items()}
+    short = [f"{level:.2f}: {', '.join(n for n, k in positives.items() if k < math.ceil(level / (1 - level) - 1e-9))}"
+             for level in (0.8, 0.9, 0.95) if any(k < math.ceil(level / (1 - level) - 1e-9) for k in positives.values())]
+    return ["## Guarantees", "",
+            f"- Label sets (`predict --coverage 0.9`; per-label split conformal thresholds, Mondrian by label, on "
+            f"{found.get('n')} held-out photos: {fitted.get('validation', 0)} validation, "
+            f"{fitted.get('out_of_fold', 0)} out-of-fold training; positives per label: "
+            + ", ".join(f"{n} {k}" for n, k in positives.items()) + "): **for each label**, a photo that shows "
+            "it has it in its set at least the asked share of the time. Not per photo, and a set may hold extra "
+            "labels.",
+            "- No guarantee where a label has too few held-out photos for the level (the set then always holds "
+            "it): " + ("; ".join(short) if short else "none") + ".",
+            f"- Abstention (`predict --max-error 0.05`): with probability ≥ {1 - delta:.0%} over those photos, "
+            "the share of answered photos whose label set is not exactly right is at most the bound (binomial "
+            "bound over 20 cut-offs of the answer's confidence).",
+            "- Assumption: new photos are exchangeable with the training folder's (same source, same label mix). "
+            "Other cameras, a drifting label mix or photos of none of the labels void both.", ""]
 
 
 def limits(meta: dict) -> list[str]:

@@ -46,15 +46,18 @@ def output_format(out: str) -> str:
     return fmt
 
 
-def schema(top_k: int):
-    """The columns of every output file: those of ``predict --format csv``, plus the content hash."""
+def schema(top_k: int, guarantees: dict | None = None):
+    """The columns of every output file: those of ``predict --format csv``, plus the content hash (with
+    ``guarantees`` {coverage, max_error}: ``set``, its labels joined by |, and ``abstain``, as that CSV has them)."""
     import pyarrow as pa
 
     tops = [f for i in range(top_k) for f in (pa.field(f"top{i + 1}_label", pa.string()),
                                               pa.field(f"top{i + 1}_probability", pa.float64()))]
     return pa.schema([pa.field("path", pa.string()), pa.field("sha", pa.string()), pa.field("label", pa.string()),
                       pa.field("probability", pa.float64()), pa.field("novelty", pa.float64()),
-                      pa.field("unknown", pa.bool_())] + tops + [pa.field("error", pa.string())])
+                      pa.field("unknown", pa.bool_())] + tops + [pa.field("error", pa.string())]
+                     + [pa.field("set", pa.string())] * ("coverage" in (guarantees or {}))
+                     + [pa.field("abstain", pa.bool_())] * ("max_error" in (guarantees or {})))
 
 
 def flat_row(row: dict, sha: str | None, top_k: int) -> dict:
@@ -64,6 +67,10 @@ def flat_row(row: dict, sha: str | None, top_k: int) -> dict:
     for i in range(top_k):
         top = row["top_k"][i] if i < len(row.get("top_k") or []) else {}
         flat[f"top{i + 1}_label"], flat[f"top{i + 1}_probability"] = top.get("label"), top.get("probability")
+    if "set" in row:
+        flat["set"] = "|".join(row["set"])
+    if "abstain" in row:
+        flat["abstain"] = row["abstain"]
     return flat
 
 
@@ -100,7 +107,7 @@ class Predict:
     path and content hash are already in the output)."""
 
     def __init__(self, model: str, engine: dict, top_k: int, reject: bool, done: dict, threads: int,
-                 batch_size: int):
+                 batch_size: int, guarantees: dict | None = None):
         os.environ["TRANSFERKIT_THREADS"] = str(threads)  # the CPUs Ray reserved for this actor
         logging.getLogger("transferkit").setLevel(logging.WARNING)
         import ray
@@ -108,9 +115,9 @@ class Predict:
         from transferkit.api import load_predictor
 
         self.predictor = load_predictor(model, **engine)
-        self.top_k, self.reject, self.batch_size = top_k, reject, batch_size
+        self.top_k, self.reject, self.batch_size, self.guarantees = top_k, reject, batch_size, guarantees or {}
         self.done = ray.get(done["rows"])  # {path: content hash} of the rows already written
-        self.schema = schema(top_k)
+        self.schema = schema(top_k, self.guarantees)
 
     def __call__(self, batch: dict):
         import pyarrow as pa
@@ -130,7 +137,8 @@ class Predict:
                 todo.append(path)
                 shas[path] = sha
         outputs, kept, skipped = files_to_probs(self.predictor, todo, self.batch_size)
-        answered = decide(self.predictor, [todo[i] for i in kept], outputs, self.top_k, self.reject)
+        answered = decide(self.predictor, [todo[i] for i in kept], outputs, self.top_k, self.reject,
+                          **self.guarantees)
         rows += [flat_row(r, shas[r["path"]], self.top_k) for r in answered]
         rows += [flat_row({"path": s["path"], "top_k": [], "error": s["reason"]}, shas[s["path"]], self.top_k)
                  for s in skipped]
@@ -139,11 +147,11 @@ class Predict:
 
 def predict_on_ray(model: str, items, out: str, *, address: str | None = LOCAL, top_k: int = 3,
                    reject: bool = True, batch_size: int = 32, engine: EngineOptions = DEFAULT_ENGINE,
-                   cpus_per_actor: int = 1) -> dict:
+                   cpus_per_actor: int = 1, coverage: float | None = None, max_error: float | None = None) -> dict:
     """Predict every image below ``items`` (files, folders, globs, label files) with the model file ``model`` on
     the Ray cluster at ``address`` (None or "local": a local instance) into the folder ``out`` (``*.parquet``
-    or ``*.csv``); files already predicted there (same path, same content, no error) are skipped. Returns the
-    summary."""
+    or ``*.csv``); files already predicted there (same path, same content, no error) are skipped. ``coverage`` /
+    ``max_error``: the rows' conformal ``set`` / ``abstain`` (``engines.predict.decide``). Returns the summary."""
     from transferkit.api import load_predictor
 
     fmt = output_format(out)
@@ -151,7 +159,12 @@ def predict_on_ray(model: str, items, out: str, *, address: str | None = LOCAL, 
     _check_items(items)
     model = os.path.abspath(model)
     predictor = load_predictor(model, **engine.to_dict())  # a bad model file: its one-line error, here
-    _check_manifest(out, model, predictor, top_k, reject, engine)
+    guarantees = {k: v for k, v in (("coverage", coverage), ("max_error", max_error)) if v is not None}
+    if guarantees:  # a model without the calibration: its one line, before a job starts
+        from transferkit.engines.predict import decide
+
+        decide(predictor, [], np.zeros((0, len(predictor.class_names)), np.float32), top_k, reject, **guarantees)
+    _check_manifest(out, model, predictor, top_k, reject, engine, guarantees)
     ray = connect(address)
     before, done = compact(out, fmt)
     before = set(before)
@@ -167,7 +180,8 @@ def predict_on_ray(model: str, items, out: str, *, address: str | None = LOCAL, 
                         compute=ray.data.ActorPoolStrategy(size=max(1, cluster_cpus() // cpus_per_actor)),
                         fn_constructor_kwargs=dict(model=model, engine=engine.to_dict(), top_k=int(top_k),
                                                    reject=bool(reject), done={"rows": ray.put(done)},
-                                                   threads=cpus_per_actor, batch_size=batch_size))
+                                                   threads=cpus_per_actor, batch_size=batch_size,
+                                                   guarantees=guarantees))
     try:  # the actors hold every CPU; writing is I/O and must not wait for one (it did: a deadlock)
         getattr(ds, f"write_{fmt}")(os.path.abspath(out), min_rows_per_file=chunk,
                                     ray_remote_args={"num_cpus": 0})
@@ -209,7 +223,8 @@ def _check_items(items: list[str]) -> None:
 MANIFEST = "_transferkit.json"  # beside the output files (readers skip names starting with _)
 
 
-def _check_manifest(out: str, model: str, predictor, top_k: int, reject: bool, engine: EngineOptions) -> None:
+def _check_manifest(out: str, model: str, predictor, top_k: int, reject: bool, engine: EngineOptions,
+                    guarantees: dict | None = None) -> None:
     """What wrote ``out``: a later run must be the same model and options, or its rows would be mixed with the
     earlier ones (and the files those predicted skipped)."""
     import json
@@ -218,16 +233,17 @@ def _check_manifest(out: str, model: str, predictor, top_k: int, reject: bool, e
 
     wanted = {"model_sha": file_digest(model), "classes": list(predictor.class_names), "top_k": int(top_k),
               "reject": bool(reject), "runtime": engine.runtime, "precision": engine.precision}
+    wanted |= guarantees or {}  # absent when not asked: folders written before still match
     path = os.path.join(out, MANIFEST)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             found = json.load(f)
-        differs = [k for k in wanted if found.get(k) != wanted[k]]
+        differs = [k for k in [*wanted, "coverage", "max_error"] if found.get(k) != wanted.get(k)]
         if differs:
             k = differs[0]
             what = "another model file" if k in ("model_sha", "classes") else f"{k} {found.get(k)!r}"
             raise TransferkitError(f"--out {out}: its rows were written with {what} (this run: "
-                                   f"{wanted[k]!r}); use another --out, or delete this one to start over")
+                                   f"{wanted.get(k)!r}); use another --out, or delete this one to start over")
         return
     os.makedirs(out, exist_ok=True)
     write_json_atomic(path, wanted | {"model": model})
@@ -254,7 +270,7 @@ def _read_table(path: str, fmt: str):
             f.seek(max(0, os.path.getsize(path) - 1))
             if f.read(1) != b"\n":
                 return None  # the last row was cut
-        types = {c: pa.string() for c in ("path", "sha", "label", "error")}
+        types = {c: pa.string() for c in ("path", "sha", "label", "error", "set")}  # "7": a label, not 7
         return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=types,
                                                                          strings_can_be_null=True))
     except pa.ArrowInvalid:

@@ -72,7 +72,8 @@ class MultiLabel(Task):
         return {"thresholds": {n: round(float(t), 4) for n, t in zip(class_names, self.thresholds)},
                 "threshold_rule": "maximum F1 per label on the validation split"}
 
-    def _thresholds(self, n: int) -> np.ndarray:
+    def decision_thresholds(self, n: int) -> np.ndarray:
+        """Each label's F1 threshold (0.5 for a model without them): what ``labels`` and the abstention use."""
         return self.thresholds if self.thresholds is not None and len(self.thresholds) == n else \
             np.full(n, DEFAULT_THRESHOLD)
 
@@ -156,18 +157,20 @@ class MultiLabel(Task):
         self.thresholds = best_thresholds(np.asarray(probs), np.asarray(y))
 
     # ----- answers -----
-    def decide(self, paths, outputs, class_names, top_k, novelty=None, reject=True):
+    def decide(self, paths, outputs, class_names, top_k, novelty=None, reject=True, *, conformal=None,
+               coverage=None, max_error=None):
         """One row per image: ``labels`` (those over their thresholds, most probable first; possibly none),
         ``scores`` ({label: probability}), ``label`` / ``probability`` (the most probable of ``labels``, None
         when there is none), ``top_k`` (the most probable labels, over their threshold or not), and with a
         novelty score ``novelty`` / ``unknown`` (an unknown photo's ``labels`` are empty, ``reject=False``
-        keeps them)."""
+        keeps them). With ``coverage`` (``conformal`` = metadata["conformal"]) also ``set``, the labels over
+        their per-label conformal thresholds; with ``max_error``, ``abstain``."""
         from transferkit.models.novelty import split_outputs
 
         probs, scores = split_outputs(outputs, len(class_names))
         if not novelty:
             scores = None
-        thresholds = self._thresholds(len(class_names))
+        thresholds = self.decision_thresholds(len(class_names))
         k = max(1, min(int(top_k), len(class_names)))
         rows = []
         for i, (path, p) in enumerate(zip(paths, probs)):
@@ -183,14 +186,33 @@ class MultiLabel(Task):
                 if row["unknown"] and reject:
                     row |= {"labels": [], "label": None, "probability": None}
             rows.append(row)
+        if coverage is not None or max_error is not None:
+            self._add_guarantees(rows, probs, class_names, conformal, coverage, max_error)
         return rows
+
+    def _add_guarantees(self, rows, probs, class_names, conformal, coverage, max_error) -> None:
+        """Each row's conformal ``set`` (the labels over their per-label conformal threshold at ``coverage``,
+        most probable first) and/or ``abstain`` (the answer's confidence under the cut-off certified for
+        ``max_error``; see ``models.conformal_labels``)."""
+        from transferkit.models import conformal as cp
+        from transferkit.models import conformal_labels as cl
+
+        if coverage is not None:
+            thresholds, _ = cl.label_thresholds(conformal, class_names, coverage)
+            for row, members in zip(rows, cl.label_sets(probs, thresholds)):
+                row["set"] = [class_names[j] for j in members]
+        if max_error is not None:
+            cut = cp.answer_threshold(conformal["risk"], max_error)
+            confidence = cl.set_confidence(probs, self.decision_thresholds(len(class_names)))
+            for row, c in zip(rows, confidence):
+                row["abstain"] = bool(float(c) < cut)
 
     # ----- evaluation -----
     def metrics(self, y_true, probs, class_names, paths=None, skipped=None):
         from transferkit.reports.multilabel import multilabel_metrics
 
         return multilabel_metrics(np.asarray(y_true), np.asarray(probs), class_names,
-                                  self._thresholds(len(class_names)), paths, skipped)
+                                  self.decision_thresholds(len(class_names)), paths, skipped)
 
     def text_report(self, metrics):
         from transferkit.reports.multilabel import text_report

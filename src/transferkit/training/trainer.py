@@ -235,10 +235,11 @@ class Trainer:
                           "refit": bool(st.options.refit)}
         st.head = trusted_head(head, novelty_dim=dims[0], activation=st.task.activation)
         views = st.options.augment_views + 1  # flatten_views: an image's views are consecutive rows
+        held_out = self._held_out_logits(chosen, features, dims)
         st.novelty = st.task.fit_trust(st.head, (features.x_train, features.y_train),
                                        (features.x_val, features.y_val), len(st.classes), st.options.keep_known,
                                        groups=np.arange(len(features.y_train)) // views, novelty_dim=dims[0],
-                                       held_out=self._held_out_logits(chosen, features, dims))
+                                       held_out=held_out)
         st.timing["head_seconds"] = round(time.perf_counter() - t0, 2)
         # validation as the model answers (calibrated), or after a refit the head as chosen, before it saw them
         measured = chosen.model if st.options.refit else st.head
@@ -247,21 +248,41 @@ class Trainer:
         st.validation = st.task.metrics(features.y_val, probs, st.classes, features.val_paths, st.skipped)
         st.reference = reference.summary(probs, scores, st.classes, st.task)
         self._fit_conformal(None if st.options.refit else (probs, features.y_val),
-                            (features.x_train[::views], features.y_train[::views]))
+                            (features.x_train[::views], features.y_train[::views]),
+                            None if held_out is None else tuple(a[: -len(features.y_val)] for a in held_out))
         st.feature_check = self._check_view_features(features)
         st.set_model(modelfile.assemble(st.extractor.model, st.head), features_current=True)
 
-    def _fit_conformal(self, val: tuple | None, train: tuple) -> None:
+    def _fit_conformal(self, val: tuple | None, train: tuple, out_of_fold: tuple | None = None) -> None:
         """The conformal calibration (``models.conformal``) on the held-out calibrated probabilities ``val`` of
-        the model (None: the validation photos trained it) and out-of-fold ones of the training ``features``."""
+        the model (None: the validation photos trained it) and out-of-fold ones of the training ``features``;
+        multi-label (``models.conformal_labels``): ``val`` and ``out_of_fold``, the out-of-fold training rows of
+        the temperature's held-out (logits, labels), through the model's per-label temperatures."""
         from transferkit.models.conformal import fit_held_out
 
         st = self.state
-        if st.task.name != "single_label":  # a per-label variant belongs to the multi-label task
-            st.conformal = None
-            return
-        st.conformal = fit_held_out(val, train, len(st.classes))
-        logger.info(f"conformal calibration on {st.conformal['n']} held-out photos ({st.conformal['fitted_on']})")
+        st.conformal = (self._fit_label_conformal(val, out_of_fold) if st.task.multi_label
+                        else fit_held_out(val, train, len(st.classes)))
+        if st.conformal:
+            logger.info(f"conformal calibration on {st.conformal['n']} held-out photos ({st.conformal['fitted_on']})")
+
+    def _fit_label_conformal(self, val: tuple | None, out_of_fold: tuple | None) -> dict | None:
+        """The multi-label calibration (``models.conformal_labels``) on validation ``val`` (probs, y) and
+        ``out_of_fold`` (logits, y) of the training photos through the model's per-label temperatures."""
+        from transferkit.models.conformal_labels import fit_label_conformal
+        from transferkit.tasks.multi_label import sigmoid
+
+        st, parts = self.state, [] if val is None else [(np.asarray(val[0], np.float64), np.asarray(val[1]))]
+        if out_of_fold is not None and len(out_of_fold[1]):
+            logits = np.asarray(out_of_fold[0], np.float64)
+            temperatures = np.asarray((st.novelty or {}).get("temperatures") or np.ones(logits.shape[1]), np.float64)
+            parts.append((sigmoid(logits / temperatures), np.asarray(out_of_fold[1])))
+        if not parts:
+            return None
+        fitted_on = {"validation": 0 if val is None else int(len(val[1])),
+                     "out_of_fold": 0 if out_of_fold is None else int(len(out_of_fold[1]))}
+        return fit_label_conformal(np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts]),
+                                   list(st.classes), st.task.decision_thresholds(len(st.classes)), fitted_on)
 
     def _held_out_logits(self, chosen, features: FeatureSplit, dims: list[int]):
         """The temperature's held-out (logits, labels): out-of-fold training photos and validation."""
