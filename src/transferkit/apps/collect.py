@@ -166,7 +166,8 @@ def answer_of(row: dict) -> str | None:
     if "labels" not in row:
         return None
     scores = {str(k): round(float(v), 6) for k, v in (row.get("scores") or {}).items()}
-    return json.dumps({"labels": list(row["labels"]), "scores": scores}, ensure_ascii=False)
+    whole = {"labels": list(row["labels"]), "scores": scores} | ({"set": list(row["set"])} if "set" in row else {})
+    return json.dumps(whole, ensure_ascii=False)  # set: the conformal labels, when ?coverage= asked for them
 
 
 def close_all() -> None:

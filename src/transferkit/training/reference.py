@@ -26,7 +26,7 @@ def summary(probs: np.ndarray, scores: np.ndarray | None, class_names: list[str]
         scores = np.asarray(scores, dtype=float).reshape(-1)
         found |= {"novelty": _quantiles(scores), "unknown_rate": round(float((scores > 1.0).mean()), 6)}
     if getattr(task, "multi_label", False):
-        given = probs >= task._thresholds(len(class_names))[None, :]
+        given = probs >= task.decision_thresholds(len(class_names))[None, :]
         if scores is not None:
             given &= (scores <= 1.0)[:, None]  # an unknown photo is given no label
         found["label_rates"] = {name: round(float(r), 6) for name, r in zip(class_names, given.mean(axis=0))}
