@@ -1,4 +1,4 @@
-# The two set-up commands of the README. Each creates .venv (Python 3.10+) and installs what it needs.
+# The two set-up commands of the README. Each creates .venv (Python 3.11+) and installs what it needs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -8,6 +8,7 @@ broken preprocessing or random weights lose accuracy on them (tests/test_pipelin
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 from PIL import Image
@@ -47,3 +48,33 @@ def photo_crop(kind: int, rng: np.random.Generator, size=CROP_SIZE) -> np.ndarra
     if rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out)
+
+
+def levelled_grey_crop(kind: int, rng: np.random.Generator) -> np.ndarray:
+    """``photo_crop`` made grey and levelled to one brightness and contrast (mean 128, standard deviation 45): only
+    the content (shapes, texture) tells these classes apart, never their colour or exposure."""
+    grey = photo_crop(kind, rng).astype(np.float64).mean(axis=-1)
+    grey = (grey - grey.mean()) / (grey.std() + 1e-6) * 45 + 128
+    return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+# Channel orders of one colour photograph (chelsea, a ginger cat): the same content in each class, so only the
+# colours tell them apart, and a pipeline that swaps red and blue when it predicts turns "natural" into "swapped".
+CHANNEL_ORDERS = {"natural": (0, 1, 2), "swapped": (2, 1, 0), "rolled": (1, 2, 0)}
+
+
+def channel_crop(order: str, rng: np.random.Generator) -> np.ndarray:
+    """A ``photo_crop`` of chelsea with its channels in CHANNEL_ORDERS[order]."""
+    return np.ascontiguousarray(photo_crop(PHOTOS.index("chelsea"), rng)[..., list(CHANNEL_ORDERS[order])])
+
+
+def write_classes(root, make: dict, per_class: int, seed: int) -> str:
+    """``root/<class>/photo_NNN.jpg`` for each class name -> ``make[name](rng)`` (an RGB uint8 array); JPEG quality
+    70-94, as conftest.write_dataset."""
+    rng = np.random.default_rng(seed)
+    for name, crop in make.items():
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(crop(rng)).save(os.path.join(root, name, f"photo_{i:03d}.jpg"), "JPEG",
+                                            quality=int(rng.integers(70, 95)))
+    return str(root)

@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 import transferkit
@@ -30,10 +31,16 @@ SRC = ROOT / "src" / "transferkit"
 
 # ----- 3. model files from elsewhere -----
 def test_keras_floor_is_the_safe_mode_fix_and_safe_mode_is_never_off():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    keras = [Requirement(d) for d in deps if d.startswith("keras")]
-    py311 = [r for r in keras if r.marker is None or r.marker.evaluate({"python_version": "3.12"})]
-    assert py311 and all(not r.specifier.contains("3.13.9") and r.specifier.contains("3.14.0") for r in py311)
+    """Every Python that requires-python admits gets Keras 3.14+ (Keras 3.13+ needs Python 3.11, so the project
+    can admit no older Python), and the interpreter running the suite is one of them."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    admitted = SpecifierSet(project["requires-python"])
+    assert not admitted.contains("3.10.14") and admitted.contains(".".join(map(str, sys.version_info[:3])))
+    keras = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "keras"]
+    for python in ("3.11", "3.12", "3.13", "3.14"):
+        floors = [r for r in keras if r.marker is None or r.marker.evaluate({"python_version": python})]
+        assert floors and all(not r.specifier.contains("3.13.9") and r.specifier.contains("3.14.0")
+                              for r in floors), python
     import keras as k
 
     assert Version(k.__version__) >= Version("3.14")

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -22,7 +23,7 @@ from transferkit.data.images import load_image
 from transferkit.training.callbacks import KeepBestEpoch
 
 from conftest import CLASSES, IMAGE_SIZE, write_dataset
-from photos import photo_crop
+from photos import CHANNEL_ORDERS, PHOTOS, channel_crop, levelled_grey_crop, photo_crop, write_classes
 
 
 def test_learning_happens_and_outputs_are_written(trained):
@@ -72,6 +73,69 @@ def test_broken_preprocessing_and_random_weights_lose_the_accuracy(trained, data
           f"random weights {random['test']['accuracy']:.3f}")
     assert broken["test"]["accuracy"] <= correct - 0.3
     assert random["test"]["accuracy"] <= correct - 0.3
+
+
+def _wrong_scaling(monkeypatch):
+    """Plant the fault: the backbone fed images/255 (the common 0-1 scaling, in front of its own (x - 127) / 128)."""
+    spec = backbones.get_spec("efficientnet_lite0")
+    wrong = dataclasses.replace(spec, preprocess=lambda: [keras.layers.Rescaling(1 / 255, name="wrong_0_1_scaling")])
+    monkeypatch.setitem(backbones.REGISTRY, "efficientnet_lite0", wrong)
+
+
+def test_the_default_recipe_fails_on_wrong_scaling_or_random_weights(tmp_path, monkeypatch):
+    """The default recipe (head auto: gap or logistic on 0, 2 or 4 depths) on content that only a pretrained
+    backbone reads: 16 classes, one photograph each, grey and levelled to one brightness and contrast, 4 training
+    crops a class. Its intermediate depths still read the three grey photos above under images/255 (0.89), not
+    these. Measured (three crop seeds): correct 0.91-0.98, images/255 0.43-0.49, random weights 0.06 (chance)."""
+    make = {name: functools.partial(levelled_grey_crop, k) for k, name in enumerate(PHOTOS)}
+    train = write_classes(tmp_path / "train", make, 4, seed=1)
+    # keras runtime and no feature cache: a converted model or cached features are keyed by the backbone's name
+    kw = dict(test_dir=write_classes(tmp_path / "test", make, 6, seed=2), image_size=IMAGE_SIZE, runtime="keras",
+              cache=False)
+    correct = transferkit.train(train, out=str(tmp_path / "correct"), **kw)["test"]["accuracy"]
+    random = transferkit.train(train, out=str(tmp_path / "random"), weights=None, **kw)["test"]["accuracy"]
+    _wrong_scaling(monkeypatch)
+    broken = transferkit.train(train, out=str(tmp_path / "broken"), **kw)
+    monkeypatch.undo()
+    layers = [layer.name for layer in modelfile.load(broken["model_path"]).keras_model.layers]
+    assert "wrong_0_1_scaling" in layers  # the broken run did run the broken preprocessing
+    print(f"16 grey classes, test accuracy: correct {correct:.3f}, images/255 {broken['test']['accuracy']:.3f}, "
+          f"random weights {random:.3f}")
+    assert correct >= 0.85  # chance is 1/16
+    assert broken["test"]["accuracy"] <= correct - 0.35
+    assert random <= 0.25
+
+
+def _accuracy(rows: list[dict]) -> float:
+    return float(np.mean([r["label"] == os.path.basename(os.path.dirname(r["path"])) for r in rows]))
+
+
+def test_the_default_recipe_fails_on_a_red_blue_swap_when_predicting(tmp_path, monkeypatch):
+    """Colour decides these classes (one colour photograph with its channels in three orders): the default recipe
+    learns them, and the same model predicting through a decoder that hands it BGR (OpenCV's order) gets the
+    natural and swapped photos backwards. Random weights lose them too. Measured (two runs): correct 0.89,
+    BGR at prediction 0.11-0.28, random weights 0.33 (chance)."""
+    from transferkit.engines import predict as engine
+
+    make = {name: functools.partial(channel_crop, name) for name in CHANNEL_ORDERS}
+    train, test = write_classes(tmp_path / "train", make, 16, seed=1), write_classes(tmp_path / "test", make, 6, seed=2)
+    kw = dict(test_dir=test, image_size=IMAGE_SIZE, runtime="keras", cache=False)
+    model = transferkit.train(train, out=str(tmp_path / "run"), **kw)["model_path"]
+    random = transferkit.train(train, out=str(tmp_path / "random"), weights=None, **kw)["test"]["accuracy"]
+    correct = _accuracy(transferkit.predict(model, [test], runtime="keras", reject=False))
+    real = engine.decode_batch
+
+    def bgr(paths, size, pool):
+        arrays, reasons = real(paths, size, pool)
+        return [None if a is None else np.ascontiguousarray(a[..., ::-1]) for a in arrays], reasons
+
+    monkeypatch.setattr(engine, "decode_batch", bgr)  # plant the fault: prediction only, training was right
+    swapped = _accuracy(transferkit.predict(model, [test], runtime="keras", reject=False))
+    monkeypatch.undo()
+    print(f"colour classes, accuracy: correct {correct:.3f}, BGR at prediction {swapped:.3f}, random {random:.3f}")
+    assert correct >= 0.8  # chance is 1/3
+    assert swapped <= correct - 0.4
+    assert random <= correct - 0.4
 
 
 def test_model_file_carries_class_names_size_and_metadata(trained, dataset):
