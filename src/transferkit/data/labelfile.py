@@ -395,7 +395,8 @@ def _class_names(source, rows: list[Row], class_names, min_classes: int) -> list
         return list(class_names)
     names = sorted({name for r in rows for name in _row_labels(r, source)})
     if not names:
-        raise TransferkitError(f"{source}: no rows" + (f" in split {source.only!r}" if source.only else ""))
+        raise TransferkitError(f"{source}: no labels in any row" if rows else f"{source}: no rows in split "
+                               f"{source.only!r}" if source.only else f"{source}: no rows below its header")
     if len(names) < min_classes:
         raise TransferkitError(f"{source}: only one label ('{names[0]}'); a classifier needs at least 2")
     return names
