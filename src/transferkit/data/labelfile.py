@@ -345,7 +345,7 @@ def scan_label_file(source, class_names: list[str] | None = None, min_classes: i
     ``strict``: bad rows are an error (else returned in ``bad_rows``, for the health report)."""
     source = as_label_file(source)
     root, rows, bad = read_rows(source)
-    if bad and strict:
+    if bad and (strict or not rows):  # every row bad: that is the answer, not "no rows"
         raise TransferkitError(bad_rows_message(source, bad))
     has_splits = bool(rows) and all(r.split for r in rows)
     if source.only:
