@@ -288,3 +288,132 @@ def test_a_resumed_stage_continues_the_tensorboard_steps(tmp_path):
     steps = _events(tmp_path / "fine_tune" / "train")
     assert [s for s, _ in steps["epoch_loss"]] == [3, 4]  # epochs 4 and 5 of a stage resumed after 3
     assert [v for _, v in steps["epoch_learning_rate"]] == pytest.approx([0.01, 0.01])
+
+
+def _refused(proc: subprocess.CompletedProcess) -> str:
+    """The one stderr line of a command refused with a user's error (exit code 2, no traceback)."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, proc.stderr[-3000:]
+    return err.removeprefix("transferkit: error: ")
+
+
+def test_cli_label_file_errors_name_the_file_and_the_reason(tmp_path):
+    files = _listed(tmp_path, 2)
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(f"path,label\n{files[0][0]},café\n".encode("latin-1"))  # a spreadsheet's default
+    byte = next(i for i, b in enumerate(latin1.read_bytes()) if b >= 0x80)  # î of fraîche, the first one
+    empty, header = tmp_path / "empty.csv", tmp_path / "header.csv"
+    empty.write_bytes(b"")
+    header.write_text("path,label\n", encoding="utf-8")
+    one = _write(tmp_path / "one.csv", ["path", "label"], [(p, "grenade") for p, _ in files])
+    hf = tmp_path / "hf"  # a Hugging Face imagefolder whose metadata.jsonl has a broken line
+    write_dataset(hf, 2, seed=3)
+    (hf / "metadata.jsonl").write_text(json.dumps({"file_name": f"{CLASSES[0]}/photo_000.jpg"}) + "\n"
+                                       '{"file_name": "grenade/photo_001.jpg", "label": }\n', encoding="utf-8")
+    expected = {latin1: f"{latin1}: not UTF-8 text (byte {byte}); save the label file as UTF-8",
+                empty: f"{empty}: empty file (a header row naming the columns is required)",
+                header: f"{header}: no rows below its header",
+                one: f"{one}: only one label ('grenade'); a classifier needs at least 2",
+                hf: f"{hf / 'metadata.jsonl'}: line 2: not JSON (Expecting value)"}
+    for source, message in expected.items():
+        assert _refused(_cli("train", source, "--out", tmp_path / "run")) == message
+        assert not (tmp_path / "run").exists()  # refused before the run folder is made
+    for source in (latin1, hf):  # inspect lists bad rows in its report; an unreadable file is still refused
+        assert _refused(_cli("inspect", source, "--out", tmp_path / "health")) == expected[source]
+
+
+def _beside(tmp_path, per_class=6) -> tuple[str, str, list]:
+    """``data/labels.csv`` listing ``<class>/photo_NNN.jpg`` of ``images/``, a folder beside ``data/``: (the
+    label file, the images folder, the rows)."""
+    images = tmp_path / "images"
+    write_dataset(images, per_class, seed=1)
+    (tmp_path / "data").mkdir()
+    rows = [(f"{c}/photo_{i:03d}.jpg", c) for c in CLASSES for i in range(per_class)]
+    return _write(tmp_path / "data" / "labels.csv", ["path", "label"], rows), str(images), rows
+
+
+def test_root_takes_the_images_beside_the_label_files_folder(tmp_path):
+    labels, images, rows = _beside(tmp_path)
+    with pytest.raises(TransferkitError, match=r"18 bad row\(s\): line 2 \('[^']+'\): no such file;"):
+        scan_folder(labels)  # relative to data/: nothing there
+    err = _refused(_cli("inspect", labels, "--out", tmp_path / "health"))  # every row bad: the rows named
+    assert err.startswith(f"{labels}: 18 bad row(s): line 2 (") and err.endswith("no such file; and 8 more")
+    data = scan_folder(labelfile.LabelFile(labels, root=images))
+    assert data.counts() == {c: 6 for c in sorted(CLASSES)}
+    assert data.paths == [os.path.join(images, p) for p, _ in rows]
+    split = split_training_folder(labelfile.LabelFile(labels, root=images), 0.25, 0)
+    assert len(split.train_paths) + len(split.val_paths) == 18 and split.root == images
+    proc = _cli("inspect", labels, "--root", images, "--json", "--out", tmp_path / "health", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["counts"]["train"] == {c: 6 for c in sorted(CLASSES)}
+    # the flag is for a label file, and its folder must exist
+    assert _refused(_cli("train", images, "--root", images)) == (
+        f"{images}: --root is for a label file (.csv, .tsv, or a folder with metadata.csv), not a class folder")
+    assert _refused(_cli("train", labels, "--root", tmp_path / "nowhere")) == (
+        f"{labels}: --root {tmp_path / 'nowhere'}: no such folder")
+
+
+def test_root_refuses_paths_and_links_that_leave_it(tmp_path):
+    labels, images, rows = _beside(tmp_path, 2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(os.path.join(images, rows[0][0]), outside / "x.jpg")  # a real photo, outside the root
+    os.symlink(outside / "x.jpg", os.path.join(images, "grenade", "link.jpg"))
+    os.symlink(outside, os.path.join(images, "elsewhere"))
+    os.makedirs(os.path.join(images, "alias"))
+    os.symlink(os.path.join("..", rows[1][0]), os.path.join(images, "alias", "same.jpg"))  # stays inside
+    inside_abs = os.path.join(images, rows[2][0])
+    escaping = [("../outside/x.jpg", "grenade"), (str(outside / "x.jpg"), "grenade"), ("grenade/link.jpg", "grenade"),
+                ("elsewhere/x.jpg", "grenade"), ("grenade/../../outside/x.jpg", "grenade")]
+    kept = rows[3:] + [(inside_abs, rows[2][1]), ("alias/same.jpg", rows[1][1])]
+    bad = _write(tmp_path / "data" / "bad.csv", ["path", "label"], kept + escaping)
+    with pytest.raises(TransferkitError) as err:
+        scan_folder(labelfile.LabelFile(bad, root=images))
+    message, where = str(err.value), f"--root {images}"
+    first = len(kept) + 2
+    assert "\n" not in message and message == (
+        f"{bad}: 5 bad row(s): line {first} ('../outside/x.jpg'): '..' leads out of {where}; "
+        f"line {first + 1} ('{outside / 'x.jpg'}'): absolute path outside {where}; "
+        f"line {first + 2} ('grenade/link.jpg'): a symbolic link leads out of {where}; "
+        f"line {first + 3} ('elsewhere/x.jpg'): a symbolic link leads out of {where}; "
+        f"line {first + 4} ('grenade/../../outside/x.jpg'): '..' leads out of {where}")
+    good = scan_folder(labelfile.LabelFile(_write(tmp_path / "data" / "good.csv", ["path", "label"], kept),
+                                           root=images))
+    assert len(good.paths) == len(kept) and inside_abs in good.paths  # an absolute path inside the root is taken
+    # without --root, the label file's own folder is the root, with the same rule for links
+    os.symlink(outside / "x.jpg", tmp_path / "data" / "link.jpg")
+    own = _write(tmp_path / "data" / "own.csv", ["path", "label"], [("link.jpg", "grenade"), ("../images/" +
+                                                                                              rows[0][0], "b")])
+    with pytest.raises(TransferkitError, match=r"own.csv: 2 bad row\(s\): line 2 \('link.jpg'\): a symbolic link "
+                                               r"leads out of the label file's folder; line 3 .*'\.\.' leads out"):
+        scan_folder(own)
+    # from the CLI: one line, before the run folder is made
+    err = _refused(_cli("train", bad, "--root", images, "--out", tmp_path / "run"))
+    assert err == message and not (tmp_path / "run").exists()
+
+
+def test_cli_trains_with_root_and_python_evaluates_with_it(tmp_path):
+    from transferkit import ImageClassifier, LabelFile
+
+    images = tmp_path / "images"
+    write_dataset(images / "train", 10, seed=1)
+    write_dataset(images / "test", 4, seed=2)
+    (tmp_path / "data").mkdir()
+    listed = {split: [(f"{split}/{c}/photo_{i:03d}.jpg", c) for c in CLASSES for i in range(n)]
+              for split, n in (("train", 10), ("test", 4))}
+    train_csv = _write(tmp_path / "data" / "train.csv", ["path", "label"], listed["train"])
+    test_csv = _write(tmp_path / "data" / "test.csv", ["path", "label"], listed["test"])
+    out = tmp_path / "run"
+    proc = _cli("train", train_csv, "--test-dir", test_csv, "--root", images, "--image-size", IMAGE_SIZE,
+                "--epochs", 5, "--head", "gap", "--runtime", "keras", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    split = json.loads((out / "split.json").read_text(encoding="utf-8"))
+    assert split["validation"] and all(p.startswith("train/") for p in split["validation"])  # below --root
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["test"]["n_images"] == 12  # --root read --test-dir's paths too
+    clf = ImageClassifier.load(str(out / "model.keras"), runtime="keras")
+    found = clf.evaluate(LabelFile(test_csv, root=str(images)))
+    assert found["n_images"] == 12 and found["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert found["accuracy"] >= 0.75  # of 12 photos of 3 classes (chance: 4)
+    with pytest.raises(TransferkitError, match="no such file"):
+        clf.evaluate(test_csv)  # relative to data/: nothing there

@@ -94,10 +94,12 @@ def predict_on_ray(model, paths, out: str, *, address: str | None = "local", top
     files already predicted there are skipped, so a killed job resumes. ``model``: the path of a model file
     every worker can read. ``coverage`` / ``max_error``: the rows' conformal ``set`` (labels joined by |) and
     ``abstain`` columns, as ``predict``'s. Returns the summary (rows, new, errors, seconds, images_per_second)."""
+    from transferkit.scale.cluster import preflight
     from transferkit.scale.predict import predict_on_ray as run
 
     PredictOptions(coverage=coverage, max_error=max_error)  # checked before the model is read
     engine = EngineOptions(runtime=runtime, precision=precision)
+    preflight(address)  # Ray installed, the cluster reachable: before the model is read or OUT is made
     return run(str(model), paths, out, address=address, top_k=top_k, reject=reject, batch_size=batch_size,
                engine=engine, coverage=coverage, max_error=max_error)
 

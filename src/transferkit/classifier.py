@@ -177,6 +177,10 @@ class ImageClassifier:
         from transferkit.reports.run import RunWriter
         from transferkit.training.events import PrefetchTest, StageCallback, StageEvents
 
+        if ray is not None:  # Ray installed and the cluster reachable, before any image is read
+            from transferkit.scale.cluster import preflight
+
+            preflight(ray)
         plugins = [PrefetchTest()] + [c for c in callbacks if isinstance(c, StageCallback)]
         if log_dir:
             from transferkit.training.tensorboard import TensorBoardLogs

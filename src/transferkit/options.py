@@ -226,7 +226,7 @@ class ServeOptions(EngineOptions):
     """The web server's options (``transferkit serve``)."""
 
     host: str = option("127.0.0.1", "address to bind (default: this machine only)")
-    port: int = option(8000, "TCP port", low=0, high=65535)
+    port: int = option(8000, "TCP port (0: a free one, the one bound printed)", low=0, high=65535)
     workers: int = option(1, "processes, each with its own copy of the model", low=1, high=64)
     threads: int = option(4, "request threads per worker", low=1, high=256)
     max_upload_mb: float = option(20.0, "largest request body accepted (413 above)", low=0.0, low_open=True)

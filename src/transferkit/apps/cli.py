@@ -72,6 +72,7 @@ def _ecosystem_commands(command) -> None:
     c.add_argument("--test-dir", help="a separate labelled folder: its accuracy and macro F1 too (not used to pick)")
     c.add_argument("--out", default=os.path.join("runs", "compare"), help="folder for compare.json, compare.png")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_label_file_flags(c)
     add_options(c, TrainOptions, only=COMPARE_OPTIONS)
 
     m = command("card", "print (or write) the model card of MODEL, rendered from its metadata")
@@ -175,6 +176,8 @@ def add_label_file_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--label-col", help="the column of labels (default: label)")
     g.add_argument("--split-col", help="the column of train / valid / test, honoured instead of the random split "
                                        "where present (default: split)")
+    g.add_argument("--root", metavar="DIR", help="the folder the label file's paths are relative to (default: the "
+                                                 "label file's own); a path that leaves it is refused")
 
 
 def label_source(args, item, strict: bool = True):
@@ -183,13 +186,13 @@ def label_source(args, item, strict: bool = True):
     from transferkit.data.labelfile import LabelFile, is_label_source
 
     if item is None or not is_label_source(item):
-        given = [f for f in ("path_col", "label_col", "split_col") if getattr(args, f) is not None]
+        given = [f for f in ("path_col", "label_col", "split_col", "root") if getattr(args, f) is not None]
         if item is not None and strict and given:
             raise TransferkitError(f"{item}: --{given[0].replace('_', '-')} is for a label file (.csv, .tsv, or a "
                                    f"folder with metadata.csv), not a class folder")
         return item
     return LabelFile(str(item), path_col=args.path_col, label_col=args.label_col or "label",
-                     split_col=args.split_col or "split")
+                     split_col=args.split_col or "split", root=args.root)
 
 
 def _print_rows(rows: list[dict], fmt: str) -> None:
@@ -405,7 +408,8 @@ def _compare(args) -> None:
     from transferkit.training.compare import text_table
 
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    found = compare(args.data_dir, backbones=names, test_dir=args.test_dir, out=args.out,
+    found = compare(label_source(args, args.data_dir), backbones=names,
+                    test_dir=label_source(args, args.test_dir, strict=False), out=args.out,
                     **record_values(args, TrainOptions))
     if args.json:
         print(json.dumps(found, ensure_ascii=False))

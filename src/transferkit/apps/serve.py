@@ -32,7 +32,8 @@ from transferkit.log import logger
 from transferkit.options import ServeOptions
 from transferkit.data.images import OverPixelBudget, check_pixel_budget, load_image
 
-MAX_FILES = 64
+MAX_FILES = 64  # images per request; past MAX_FILES + FORM_SLACK form parts werkzeug stops reading the body
+FORM_SLACK = 16  # parts of a request besides its images (none is read today)
 
 
 def model_info(model) -> dict:
@@ -65,6 +66,8 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
     page = resources.files("transferkit.apps").joinpath("static/index.html").read_text(encoding="utf-8")
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+    app.config["MAX_FORM_PARTS"] = MAX_FILES + FORM_SLACK  # werkzeug's 413 past it: answered as too many files
+    app.config["MAX_FORM_MEMORY_SIZE"] = None  # a text field is bounded by MAX_CONTENT_LENGTH, as files are
     hooks = feedback.install(app, model, options, model_path, info)  # /metrics, /api/feedback, --collect
 
     def error(status: int, message: str):
@@ -73,6 +76,9 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         if isinstance(exc, RequestEntityTooLarge):
+            size = request.content_length
+            if size is not None and size <= app.config["MAX_CONTENT_LENGTH"]:  # not the body: its parts
+                return error(413, f"at most {MAX_FILES} files per request")
             return error(413, f"upload larger than the {max_upload_mb:g} MB limit")
         return error(exc.code or 500, exc.description or exc.name)
 
@@ -94,7 +100,7 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
         if not files:
             return error(400, "no file in multipart field 'image'")
         if len(files) > MAX_FILES:
-            return error(400, f"at most {MAX_FILES} files per request")
+            return error(413, f"at most {MAX_FILES} files per request ({len(files)} sent)")
         k = request.args.get("top_k", default=top_k, type=int)
         explain = request.args.get("explain", "").strip().lower() in ("1", "true", "yes")
         if explain and explainer is None:
@@ -218,6 +224,9 @@ def serve(model_path: str, options: ServeOptions | None = None) -> None:
                 "loglevel": "warning",
                 "worker_exit": lambda _arbiter, _worker: close_all(),  # the collect queue written first
                 "child_exit": lambda _arbiter, worker: prom.worker_gone(worker.pid),
+                "when_ready": lambda arbiter: logger.info(  # bound: the real port, also for --port 0
+                    f"serving {model_path} on {', '.join(f'{a}/' for a in arbiter.LISTENERS)} "
+                    f"({options.workers} worker(s) x {options.threads} threads)"),
             }
             for key, value in settings.items():
                 self.cfg.set(key, value)
@@ -225,7 +234,5 @@ def serve(model_path: str, options: ServeOptions | None = None) -> None:
         def load(self):
             return create_app(model_path, options)
 
-    logger.info(f"serving {model_path} on http://{host}:{port}/ ({options.workers} worker(s) x "
-                f"{options.threads} threads)")
     prom.prepare_multiprocess()  # before the fork: the workers' /metrics figures add up
     Server().run()

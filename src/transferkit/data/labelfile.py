@@ -7,9 +7,12 @@ Why a file: labels exported from a labelling tool or a spreadsheet arrive as a t
 folder per class just to train duplicates them and loses the split the team agreed on. A ``split`` column
 (train / valid / test) is honoured instead of the random split; without one, the usual seeded stratified split.
 
-Paths are relative to the label file's folder and must stay inside it: an absolute path or one whose ``..`` leaves
-the folder is a bad row (a label file copied from another machine then fails loudly on every row instead of
-reading files that happen to exist elsewhere). Bad rows (no such file, empty label, unknown split, a path listed
+Paths are relative to the label file's folder and must stay inside it: an absolute path, one whose ``..`` leaves
+the folder, or one that a symbolic link leads out of, is a bad row (a label file copied from another machine then
+fails loudly on every row instead of reading files that happen to exist elsewhere). ``root`` (``--root DIR``)
+names another folder: ``data/labels.csv`` listing ``cat/1.jpg`` with ``--root images`` reads ``images/cat/1.jpg``;
+the paths are relative to DIR (an absolute one is taken when it is inside DIR) and are refused likewise when,
+links resolved, they leave DIR. Bad rows (no such file, empty label, unknown split, a path listed
 twice) are refused together, each with its line number; an unreadable image is skipped and reported, as in a
 folder scan.
 """
@@ -56,6 +59,7 @@ class LabelFile(os.PathLike):
     only: str | None = None
     multi_label: bool = False  # a label cell lists any number of labels, separated by label_sep ("" = none)
     label_sep: str = "|"
+    root: str | None = None  # the folder the paths are relative to (default: the label file's own), never left
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -201,20 +205,36 @@ def _column(path: str, header: list[str], wanted: str | None, role: str, flag: s
                            f"{', '.join(map(repr, header))}); choose it with {flag}")
 
 
-def _resolve(root: str, base: str, given: str) -> tuple[str | None, str | None]:
-    """(path, None) for a path inside ``root``, else (None, the reason)."""
+def _resolve(root: str, base: str, given: str, named: bool = False) -> tuple[str | None, str | None]:
+    """(path, None) for a path inside ``root``, links resolved, else (None, the reason); ``named``: ``root`` is
+    the ``--root`` folder (an absolute path inside it is taken)."""
+    where = f"--root {root}" if named else "the label file's folder"
     if not given:
         return None, "empty path"
-    if os.path.isabs(given) or (len(given) > 2 and given[0].isalpha() and given[1] == ":" and given[2] in "/\\"):
-        return None, "absolute path (paths are relative to the label file's folder)"
+    absolute = os.path.isabs(given) or (len(given) > 2 and given[0].isalpha() and given[1] == ":"
+                                        and given[2] in "/\\")
+    if absolute and not named:
+        return None, "absolute path (paths are relative to the label file's folder; --root DIR takes another)"
+    if absolute and not os.path.isabs(given):  # C:/... read on a POSIX system
+        return None, f"absolute path outside {where}"
     if os.sep == "/" and "\\" in given and not os.path.exists(os.path.join(base, given)):
         given = given.replace("\\", "/")  # written on Windows: images\cat\1.jpg
     path = os.path.normpath(os.path.join(base, given))
-    if os.path.relpath(path, root).split(os.sep)[0] == "..":
-        return None, "'..' leads out of the label file's folder"
+    if not _inside(path, root):
+        return None, f"absolute path outside {where}" if absolute else f"'..' leads out of {where}"
     if not os.path.isfile(path):  # typed on one system, written by another: the accents' other Unicode form
         path = next((p for p in (nfc(path), unicodedata.normalize("NFD", path)) if os.path.isfile(p)), None)
-    return (path, None) if path else (None, "no such file")
+    if path is None:
+        return None, "no such file"
+    if not _inside(os.path.realpath(path), os.path.realpath(root)):
+        return None, f"a symbolic link leads out of {where}"
+    return path, None
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or below it (both absolute, or both as typed)."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    return rel != ".." and not rel.startswith(".." + os.sep)
 
 
 def _split_of(value: str | None, has_column: bool) -> tuple[str | None, str | None]:
@@ -239,7 +259,7 @@ def _rows_of_table(path: str, root: str, base: str, source: LabelFile, folder_sp
     good, bad = [], []
     for line, rec in records:
         given = rec.get(path_col, "")
-        resolved, reason = _resolve(root, base, given)
+        resolved, reason = _resolve(root, base, given, named=source.root is not None)
         label = nfc(rec.get(label_col, "") if label_col else _parent_label(resolved, base) if hf else "")
         split, split_reason = _split_of(rec.get(source.split_col), has_split)
         split = split or folder_split or (_path_split(given) if hf else None)
@@ -268,17 +288,11 @@ def _path_split(given: str) -> str | None:
 def read_rows(source: LabelFile, need_labels: bool = True) -> tuple[str, list[Row], list[dict]]:
     """(root, good rows, bad rows) of a label file or a Hugging Face imagefolder; a path listed twice is bad."""
     target = str(source.path)
-    if os.path.isfile(target):
-        root = os.path.dirname(target) or "."  # paths as a folder scan gives them: below the folder as typed
-        tables = [(target, None)]
-    elif os.path.isdir(target) and _metadata_files(target):
-        root, tables = target, _metadata_files(target)
-    else:
-        raise TransferkitError(f"{target}: not a label file (.csv, .tsv) nor a folder with metadata.csv")
+    root, tables = _tables(source)
     good, bad = [], []
     for table, folder_split in tables:
-        rows, wrong = _rows_of_table(table, root, os.path.dirname(table) or ".", source, folder_split,
-                                     need_labels)
+        base = root if source.root is not None else os.path.dirname(table) or "."
+        rows, wrong = _rows_of_table(table, root, base, source, folder_split, need_labels)
         good += rows
         bad += wrong
     first: dict[str, Row] = {}
@@ -294,6 +308,23 @@ def read_rows(source: LabelFile, need_labels: bool = True) -> tuple[str, list[Ro
         return root, kept, bad
     logger.warning(f"{target}: only some images have a split (train/valid/test): the split is ignored")
     return root, [replace(r, split=None) for r in kept], bad
+
+
+def _tables(source: LabelFile) -> tuple[str, list[tuple[str, str | None]]]:
+    """(the folder the paths stay in, [(table, the split its folder names)]) of a label source."""
+    target = str(source.path)
+    if os.path.isfile(target):
+        if source.root is not None:
+            if not os.path.isdir(source.root):
+                raise TransferkitError(f"{target}: --root {source.root}: no such folder")
+            return str(source.root), [(target, None)]
+        return os.path.dirname(target) or ".", [(target, None)]  # paths as a folder scan gives them
+    if os.path.isdir(target) and _metadata_files(target):
+        if source.root is not None:
+            raise TransferkitError(f"{target}: --root is for a CSV/TSV label file; a Hugging Face imagefolder's "
+                                   f"paths are relative to its metadata files")
+        return target, _metadata_files(target)
+    raise TransferkitError(f"{target}: not a label file (.csv, .tsv) nor a folder with metadata.csv")
 
 
 def bad_rows_message(source, bad: list[dict]) -> str:
@@ -314,7 +345,7 @@ def scan_label_file(source, class_names: list[str] | None = None, min_classes: i
     ``strict``: bad rows are an error (else returned in ``bad_rows``, for the health report)."""
     source = as_label_file(source)
     root, rows, bad = read_rows(source)
-    if bad and strict:
+    if bad and (strict or not rows):  # every row bad: that is the answer, not "no rows"
         raise TransferkitError(bad_rows_message(source, bad))
     has_splits = bool(rows) and all(r.split for r in rows)
     if source.only:
@@ -364,7 +395,8 @@ def _class_names(source, rows: list[Row], class_names, min_classes: int) -> list
         return list(class_names)
     names = sorted({name for r in rows for name in _row_labels(r, source)})
     if not names:
-        raise TransferkitError(f"{source}: no rows" + (f" in split {source.only!r}" if source.only else ""))
+        raise TransferkitError(f"{source}: no labels in any row" if rows else f"{source}: no rows in split "
+                               f"{source.only!r}" if source.only else f"{source}: no rows below its header")
     if len(names) < min_classes:
         raise TransferkitError(f"{source}: only one label ('{names[0]}'); a classifier needs at least 2")
     return names

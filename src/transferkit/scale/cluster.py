@@ -5,16 +5,21 @@ cluster (``ray start --head`` on one machine, ``ray start --address HEAD:6379`` 
 ``ray.init(address=...)`` does (``--ray auto``: the cluster ``ray start`` runs on this machine). A process that
 has already called ``ray.init`` keeps its cluster.
 Starting Ray takes about 5 s here (2 cores); that is the fixed cost of ``--ray`` on one machine.
+
+An address is tried with a plain TCP connection first (``REACH_SECONDS``): Ray 2.60's ``ray.init`` on an address
+where nothing listens logs a warning every 40 s and was still retrying after 5 minutes.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 
 from transferkit.errors import TransferkitError
 from transferkit.log import logger, show_progress
 
 LOCAL = "local"  # ``--ray`` without an address
+REACH_SECONDS = 5.0  # the TCP connection to a cluster's address
 
 
 def require_ray():
@@ -38,6 +43,7 @@ def connect(address: str | None = LOCAL):
         if address in (None, "", LOCAL):  # a new instance, even where `ray start` left one (that is "auto")
             kwargs |= dict(address="local", include_dashboard=False)  # Ray counts the cores (cgroup limits too)
         else:
+            check_reachable(address)
             kwargs["address"] = address
         try:
             ray.init(**kwargs)
@@ -54,6 +60,27 @@ def connect(address: str | None = LOCAL):
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING if show_progress() else logging.ERROR)
     return ray
+
+
+def preflight(address: str | None) -> None:
+    """Before a run reads any image: Ray is installed and ``address`` (unless local or auto) answers."""
+    require_ray()
+    if address not in (None, "", LOCAL):
+        check_reachable(address)
+
+
+def check_reachable(address: str, timeout: float = REACH_SECONDS) -> None:
+    """A one-line error unless a TCP connection to ``address`` (HOST:PORT, ray://HOST:PORT) opens within
+    ``timeout`` seconds; an address without a port (``auto``) is left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else \
+            exc.strerror or type(exc).__name__
+        raise TransferkitError(f"--ray {address}: cannot reach a Ray cluster there ({reason})") from None
 
 
 def cluster_cpus() -> int:
