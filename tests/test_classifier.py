@@ -201,6 +201,7 @@ def test_resume_refuses_another_split_or_other_features(dataset, tmp_path):
     extra.unlink()
     clf = ImageClassifier(**kw).fit(str(data), out=out, resume=True)  # the same options and files: continues
     assert clf.fine_tune_["epochs_done"] == 2 and clf.fine_tune_["status"] == "done"
+    assert [(s["first_epoch"], s["epochs_run"]) for s in clf.fine_tune_["sessions"]] == [(1, 1), (2, 1)]  # continued
     assert json.load(open(os.path.join(out, "split.json"), encoding="utf-8")) == split
     assert set(SPLIT_AND_FEATURES) <= set(TrainOptions.names())
 
@@ -212,7 +213,7 @@ def test_resume_after_sigkill_in_the_second_stage(dataset, tmp_path):
     args = [sys.executable, "-m", "transferkit", "train", dataset[0], "--out", str(out), "--image-size",
             str(IMAGE_SIZE), "--epochs", "3", "--augment-views", "0", "--fine-tune-epochs", "5", "--unfreeze-top", "1",
             "--fine-tune-lr", "1e-3", "--quiet"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # --quiet: nothing to read
     state_path, deadline, state = out / "finetune_state.json", time.time() + 300, {}
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -230,11 +231,17 @@ def test_resume_after_sigkill_in_the_second_stage(dataset, tmp_path):
     split = (out / "split.json").read_text()
     loaded = transferkit.load_model(str(out / "model.keras"), runtime="keras")  # a loadable model was left
     assert loaded.classes_ == sorted(CLASSES)
-    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = subprocess.Popen(args + ["--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
     state = json.loads(state_path.read_text())
     assert state["status"] == "done" and state["epochs_done"] == 5
     done = killed["epochs_done"]
+    # the epochs each process ran: the killed one from epoch 1, the resumed one only the rest (a run that ignored
+    # --resume and restarted would record one process, from epoch 1, with the same history, training being
+    # bit-identical per seed)
+    assert [s["pid"] for s in state["sessions"]] == [proc.pid, resumed.pid]
+    assert state["sessions"][1] == {"pid": resumed.pid, "first_epoch": done + 1, "epochs_run": 5 - done}
     assert state["history"]["val_loss"][:done] == killed["history"]["val_loss"]  # continued, not restarted
     assert len(state["history"]["val_loss"]) == 5
     assert (out / "split.json").read_text() == split  # the same split

@@ -60,6 +60,9 @@ def test_interrupted_fine_tuning_leaves_a_good_model_and_resumes(dataset, tmp_pa
     state = json.load(open(os.path.join(out, "finetune_state.json")))
     assert state["status"] == "done" and state["epochs_done"] == 3
     assert len(state["history"]["val_accuracy"]) == 3
+    # this process ran epoch 1, was interrupted, then ran epochs 2-3 only (a restart would run 1-3 again)
+    assert state["sessions"] == [{"pid": os.getpid(), "first_epoch": 1, "epochs_run": 1},
+                                 {"pid": os.getpid(), "first_epoch": 2, "epochs_run": 2}]
     assert result["fine_tune"]["epochs"] == 3
     with pytest.raises(TransferkitError, match="already finished"):
         transferkit.train(dataset[0], out=out, resume=True, **KW)

@@ -64,23 +64,11 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
     info, explainer = model_info(model), _explainer(model)
     _warm_up(model)
     page = resources.files("transferkit.apps").joinpath("static/index.html").read_text(encoding="utf-8")
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
-    app.config["MAX_FORM_PARTS"] = MAX_FILES + FORM_SLACK  # werkzeug's 413 past it: answered as too many files
-    app.config["MAX_FORM_MEMORY_SIZE"] = None  # a text field is bounded by MAX_CONTENT_LENGTH, as files are
+    app = _flask_app(max_upload_mb)
     hooks = feedback.install(app, model, options, model_path, info)  # /metrics, /api/feedback, --collect
 
     def error(status: int, message: str):
         return jsonify({"error": message}), status
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        if isinstance(exc, RequestEntityTooLarge):
-            size = request.content_length
-            if size is not None and size <= app.config["MAX_CONTENT_LENGTH"]:  # not the body: its parts
-                return error(413, f"at most {MAX_FILES} files per request")
-            return error(413, f"upload larger than the {max_upload_mb:g} MB limit")
-        return error(exc.code or 500, exc.description or exc.name)
 
     @app.get("/")
     def index():
@@ -114,6 +102,25 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
             return error(400, str(exc))  # model without the calibration
         hooks.after_predict(rows, files)
         return jsonify({"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}})
+
+    return app
+
+
+def _flask_app(max_upload_mb: float) -> Flask:
+    """The Flask app with its upload limits, every HTTP error answered as one JSON line ``{"error": ...}``."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+    app.config["MAX_FORM_PARTS"] = MAX_FILES + FORM_SLACK  # werkzeug's 413 past it: answered as too many files
+    app.config["MAX_FORM_MEMORY_SIZE"] = None  # a text field is bounded by MAX_CONTENT_LENGTH, as files are
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if isinstance(exc, RequestEntityTooLarge):
+            size = request.content_length
+            if size is not None and size <= app.config["MAX_CONTENT_LENGTH"]:  # not the body: its parts
+                return jsonify({"error": f"at most {MAX_FILES} files per request"}), 413
+            return jsonify({"error": f"upload larger than the {max_upload_mb:g} MB limit"}), 413
+        return jsonify({"error": exc.description or exc.name}), exc.code or 500
 
     return app
 

@@ -92,8 +92,10 @@ def ray_folder_candidates(folder: str, model: str, predictor, address: str, out_
     import pyarrow.parquet as pq
 
     from transferkit.files import file_digest
+    from transferkit.scale.cluster import preflight
     from transferkit.scale.predict import output_files, predict_on_ray
 
+    preflight(address)  # Ray installed and the cluster reachable: one line, before any photo is read
     names = list(predictor.class_names)
     out = os.path.join(out_dir, f"ray-{file_digest(model)[:16]}.parquet")
     predict_on_ray(model, [folder], out, address=address, top_k=len(names))

@@ -74,18 +74,22 @@ class AugmentedImages(keras.utils.PyDataset):
 
 
 class Checkpoint(keras.callbacks.Callback):
-    """After each epoch: save the model when the keeper found a better epoch, and record progress."""
+    """After each epoch: save the model when the keeper found a better epoch, and record progress, including in
+    ``sessions`` the epochs each process ran (pid, first epoch, epochs run): what shows a resumed run continued."""
 
     def __init__(self, keeper: KeepBestEpoch, save, state_path: str, state: dict):
         super().__init__()
         self.keeper, self.save, self.state_path, self.state = keeper, save, state_path, state
         self.first = state["epochs_done"]
+        self.session = {"pid": os.getpid(), "first_epoch": self.first + 1, "epochs_run": 0}
+        state["sessions"] = [*state.get("sessions", []), self.session]
 
     def on_epoch_end(self, epoch, logs=None):
         if self.keeper.improved:  # the file then names this epoch as its best
             self.state.update(best_epoch=self.first + epoch + 1, best_key=list(self.keeper.best_key))
             self.save(self.state)
         self.state["epochs_done"] = self.first + epoch + 1
+        self.session["epochs_run"] = epoch + 1
         self.state["history"] = {k: self.state["history"].get(k, []) + [float(v)] for k, v in (logs or {}).items()
                                  if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
         write_json_atomic(self.state_path, self.state)
