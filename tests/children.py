@@ -1,9 +1,21 @@
-"""A prediction in a fresh Python process, and which heavy modules it imported: the check that the cached
-engine's path (predict, the server's start) runs without TensorFlow, Keras or SciPy."""
+"""Child processes of the tests: a prediction in a fresh Python process, and which heavy modules it imported (the
+check that the cached engine's path runs without TensorFlow, Keras or SciPy); a real ``transferkit serve``.
+
+A server is started with ``--port 0`` and its URL read from its log once it has bound the port: a port found
+free by binding and releasing it could be taken by another process before the server binds it, and a test would
+then ask that other process. Output goes to a log file, never to a pipe nobody reads (a child blocks on a full
+pipe past 64 KiB)."""
 
 import json
+import os
+import re
 import subprocess
 import sys
+import time
+
+import requests
+
+SERVE_LINE = re.compile(r"serving .* on (http://127\.0\.0\.1:\d+)/ \((\d+) worker")
 
 
 def predict_in_child(model: str, photo: str, *flags: str, then: str = "",
@@ -19,3 +31,48 @@ def predict_in_child(model: str, photo: str, *flags: str, then: str = "",
     assert proc.returncode == 0, proc.stderr
     rows_text, _, found = proc.stdout.rpartition("\n{")
     return json.loads(rows_text), json.loads("{" + found), proc
+
+
+def start_server(args: list[str], log_path, *, cwd=None, timeout: float = 240, command: str = "serve"):
+    """``(process, URL, log file)`` of ``transferkit serve ARGS --port 0`` (``command``: another subcommand line
+    ending in serve's options) once its /healthz answers; a failure to start fails the test with the log's end."""
+    import pytest
+
+    log = open(log_path, "w+", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit", *command.split(), *map(str, args), "--port", "0"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=None if cwd is None else str(cwd),
+                            env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    deadline, url = time.monotonic() + timeout, None
+    while True:
+        if url is None:
+            log.seek(0)
+            found = SERVE_LINE.search(log.read())
+            url = found.group(1) if found else None
+        if url is not None:
+            try:
+                if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                    return proc, url, log
+            except requests.RequestException:  # the worker still loads the model
+                pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc, log)
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                pytest.fail(f"server did not start: {f.read()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen, log=None, timeout: float = 60) -> None:
+    """Terminate ``proc`` (killed if it does not end within ``timeout``) and close its log."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+    if log is not None and not log.closed:
+        log.close()
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])

@@ -4,8 +4,6 @@ endpoint, /metrics parsed by prometheus_client, and the page's correction button
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -15,19 +13,17 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from browser import chromium, on_ci, save_screenshot
+from children import port_of, start_server
 from conftest import CLASSES
-from test_serve import _free_port, _raw_get
+from test_serve import _raw_get
 
 TOKEN = "s3cret-token"
 
 
 def _start(model_path, tmp, *extra, workers=1):
-    port = _free_port()
-    log = open(os.path.join(tmp, f"serve-{port}.log"), "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", model_path, "--port", str(port),
-                             "--workers", str(workers), *extra], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
-    url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url, proc, log)
+    """A real ``transferkit serve`` (``--port 0``, the port read from its log) in the folder ``tmp``."""
+    log_path = os.path.join(tmp, f"serve-{uuid.uuid4().hex[:8]}.log")
+    proc, url, log = start_server([model_path, "--workers", workers, *extra], log_path, cwd=tmp, timeout=180)
     return url, proc, log
 
 
@@ -166,7 +162,7 @@ def test_feedback_is_recorded_against_the_prediction_and_refused_when_unsafe(col
         assert conn.execute("select kind, label from feedback where prediction_uid = ?", (uid,)).fetchall() == [
             ("wrong", CLASSES[1])]
     # the store and its files are never served: not by name, not by hash, not through ../
-    port = int(url.rsplit(":", 1)[1])
+    port = port_of(url)
     uid, image, ext = _rows(db)[0]
     stored = open(os.path.join(db + ".files", image[:2], f"{image}.{ext}"), "rb").read()
     for target in ("/seen.db", "/seen.db.files/" + image[:2] + "/" + image + "." + ext, "/static/../seen.db",

@@ -18,7 +18,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -341,42 +340,21 @@ def _expand(tokens: list[str], cwd: Path) -> list[str]:
 
 
 def _serve_and_ask(args: list[str], cwd: Path, photo: str) -> dict:
-    """Run the quick start's ``serve`` line on a free port, wait for /healthz, POST ``photo``, stop it."""
-    import socket
+    """Run the quick start's ``serve`` line (``--port 0``: the port it bound read from its log), wait for
+    /healthz, GET the page, POST ``photo``, stop it."""
+    from children import start_server, stop_server
 
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        log = open(cwd / f"serve-{port}.log", "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "transferkit", *args, "--port", str(port)], cwd=cwd,
-                                stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.3)
-            if proc.poll() is not None:
-                log.seek(0)
-                if "in use" in log.read():
-                    continue  # another process took the port between our bind and the server's
-                pytest.fail(f"transferkit serve exited {proc.returncode}")
-            page = requests.get(url + "/", timeout=10)
-            assert page.status_code == 200 and "<html" in page.text.lower()
-            with open(cwd / photo, "rb") as f:
-                answer = requests.post(url + "/api/predict", files={"image": (os.path.basename(photo), f)},
-                                       timeout=60)
-            assert answer.status_code == 200, answer.text
-            return answer.json()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-            log.close()
-    pytest.fail("no free port for transferkit serve after 3 tries")
+    assert args[0] == "serve", args
+    proc, url, log = start_server(args[1:], cwd / "serve.log", cwd=cwd, timeout=120)
+    try:
+        page = requests.get(url + "/", timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        with open(cwd / photo, "rb") as f:
+            answer = requests.post(url + "/api/predict", files={"image": (os.path.basename(photo), f)}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+    finally:
+        stop_server(proc, log, timeout=30)
 
 
 def test_the_readme_quick_start_runs_end_to_end(quick_start_folder, monkeypatch, capsys):

@@ -10,11 +10,7 @@
   broadcast the first row's norm to the whole batch).
 """
 
-import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -27,7 +23,7 @@ from transferkit.engines.keras_step import run_model
 from transferkit.export import export_model
 from transferkit.models import modelfile, novelty
 
-from children import predict_in_child
+from children import predict_in_child, start_server, stop_server
 from conftest import IMAGE_SIZE
 from photos import PHOTOS, photo_crop
 
@@ -55,28 +51,11 @@ def _agreement(a, b) -> float:
     return float(np.mean([x == y for x, y in zip(a, b)]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _server_answers(model_path: str, paths: list[str]) -> tuple[list, float]:
+def _server_answers(model_path: str, paths: list[str], log_path) -> tuple[list, float]:
     """(answers of a real `transferkit serve` process, seconds until it answered /healthz)."""
-    port = _free_port()
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", model_path, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, log = start_server([model_path], log_path, timeout=180)
     try:
-        while True:
-            try:
-                if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None and time.perf_counter() - started < 180, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.1)
         ready = time.perf_counter() - started
         answers = []
         for start in range(0, len(paths), 32):
@@ -86,8 +65,7 @@ def _server_answers(model_path: str, paths: list[str]) -> tuple[list, float]:
             answers += _answers(reply.json()["predictions"])
         return answers, ready
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc, log, timeout=30)
 
 
 def test_default_keras_onnx_and_server_give_the_same_answers(trained, many_photos, tmp_path):
@@ -100,7 +78,7 @@ def test_default_keras_onnx_and_server_give_the_same_answers(trained, many_photo
     export_model(model_path, "onnx", str(tmp_path / "m.onnx"))
     onnx_ort = _answers(transferkit.predict(str(tmp_path / "m.onnx"), many_photos, runtime="onnxruntime"))
     onnx_ov = _answers(transferkit.predict(str(tmp_path / "m.onnx"), many_photos, runtime="openvino"))
-    served, ready = _server_answers(model_path, many_photos)
+    served, ready = _server_answers(model_path, many_photos, tmp_path / "serve.log")
     print(f"server ready in {ready:.1f} s on the cached model")
     assert len(default) == len(many_photos) == len(served)
     assert sum(a[1] for a in on_keras) >= 100, "most crops of untrained photographs are unknown"

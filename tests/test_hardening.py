@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import unicodedata
@@ -287,11 +288,14 @@ def test_link_loop_inside_a_class_folder_is_walked_once(tmp_path):
 
 # ----- 9. SIGKILL at several points -----
 def _kill_when(args, ready, timeout=300):
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready():
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    with tempfile.TemporaryFile() as stderr:  # a file: a pipe nobody reads while polling blocks past 64 KiB
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.01)
+        if proc.poll() is not None:  # ended: its file is whole (a seek while it runs would move its offset)
+            stderr.seek(0)
+            pytest.fail("the run ended before it could be killed: " + stderr.read().decode()[-2000:])
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
 

@@ -15,9 +15,9 @@ import time
 import pytest
 import requests
 
+from children import start_server, stop_server
 from conftest import CLASSES
 
-SERVE_LINE = re.compile(r"serving .* on (http://127\.0\.0\.1:\d+)/ \((\d+) worker")
 
 
 def _cli(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProcess:
@@ -62,42 +62,6 @@ def test_the_demo_trains_and_reports_a_test_accuracy_well_above_chance(tmp_path)
 
 
 # ----- real servers -----
-def _start(args: list[str], log_path, cwd) -> tuple[subprocess.Popen, str, object]:
-    """A ``transferkit serve ... --port 0`` process, its URL (read from its log once bound) and its log file,
-    once /healthz answers."""
-    log = open(log_path, "w+", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", *args, "--port", "0"], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=str(cwd))
-    deadline, url = time.time() + 240, None
-    while True:
-        if url is None:
-            log.seek(0)
-            found = SERVE_LINE.search(log.read())
-            url = found.group(1) if found else None
-        if url is not None:
-            try:
-                if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                    return proc, url, log
-            except requests.RequestException:  # the worker still loads the model
-                pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.seek(0)
-            _stop(proc, log)
-            pytest.fail(f"server did not start: {log.read()[-3000:]}")
-        time.sleep(0.2)
-
-
-def _stop(proc: subprocess.Popen, log) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-    log.close()
-
-
 @pytest.fixture(scope="module")
 def servers(trained, tmp_path_factory):
     """{"keras": the trained .keras model served by 2 workers, "onnx": its ONNX export served}: (url, process,
@@ -109,13 +73,13 @@ def servers(trained, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     started = {}
     try:
-        started["keras"] = _start([result["model_path"], "--workers", "2"], home / "keras.log", home) + (
+        started["keras"] = start_server([result["model_path"], "--workers", "2"], home / "keras.log", cwd=home) + (
             result["model_path"],)
-        started["onnx"] = _start([onnx], home / "onnx.log", home) + (onnx,)
+        started["onnx"] = start_server([onnx], home / "onnx.log", cwd=home) + (onnx,)
         yield {name: (url, proc, path) for name, (proc, url, _, path) in started.items()}
     finally:
         for proc, _, log, _ in started.values():
-            _stop(proc, log)
+            stop_server(proc, log)
 
 
 def _photos(dataset, n_each=1) -> list[tuple[str, str]]:

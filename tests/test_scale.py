@@ -6,7 +6,6 @@ like one machine; ``train --ray`` fills the same feature cache a local run reads
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -131,14 +130,16 @@ def test_predict_on_ray_gives_local_sets_and_abstentions(trained, archive, ray_l
 
 
 def _actor_pids(marker: str = PREDICT_ACTOR) -> set[int]:
-    """Live processes whose title names ``marker`` (Ray titles its workers ``ray::<actor class>``)."""
+    """This test process's own Ray actors: its descendants (the Ray instances it or its ``ray start`` children
+    started) whose title names ``marker`` (Ray titles its workers ``ray::<actor class>``). Never another job's:
+    a machine-wide scan could find, and the kill test SIGKILL, the actors of any Ray job on the machine."""
+    psutil = pytest.importorskip("psutil")  # a dependency of Ray's
     found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for child in psutil.Process().children(recursive=True):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.add(int(pid))
-        except OSError:
+            if marker in " ".join(child.cmdline()):
+                found.add(child.pid)
+        except psutil.Error:  # gone meanwhile, or not ours to read
             continue
     return found
 
@@ -175,13 +176,15 @@ def test_a_killed_driver_resumes_without_duplicates(trained, archive, local_rows
     written; the same command again completes the folder."""
     model, out = os.path.join(trained[1], "model.keras"), str(tmp_path / "preds.parquet")
     command = _cli("predict", model, archive, "--ray", "--out", out, "--batch-size", "2", "-q")
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "driver.log"  # a file, not a pipe: a pipe nobody reads blocks its writer past 64 KiB
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline:
         if os.path.isdir(out) and len(os.listdir(out)) >= 2:
             break
         time.sleep(0.02)
-    assert proc.poll() is None, "the job ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    assert proc.poll() is None, "the job ended before it could be killed: " + log.read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     from transferkit.scale.predict import compact
@@ -197,24 +200,52 @@ def test_a_killed_driver_resumes_without_duplicates(trained, archive, local_rows
     assert f"{len(local_rows)} rows in {out}" in again.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` or one of its descendants listens on TCP ``port``."""
+    psutil = pytest.importorskip("psutil")
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in family:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections("tcp")):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def _start_head(ray_bin: str, common: list[str], env: dict, log_dir) -> tuple[subprocess.Popen, int]:
+    """A ``ray start --head`` on a port it holds: a port chosen at random and taken by the head itself (no
+    bind-then-release race), another tried when the head exits (that port was taken); returns once the head's
+    port accepts connections."""
+    rng = np.random.default_rng()
+    for attempt in range(5):
+        port = int(rng.integers(20000, 60000))
+        log = open(os.path.join(log_dir, f"head-{attempt}.log"), "wb")
+        head = subprocess.Popen([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                                 *common], start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 60
+        while head.poll() is None and time.monotonic() < deadline:
+            if _listens(head.pid, port):  # the head's own processes, not whoever else might hold the port
+                return head, port
+            time.sleep(0.2)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=60)
+    pytest.fail("ray start --head did not start: " + open(os.path.join(log_dir, f"head-{attempt}.log")).read()[-2000:])
 
 
 def test_two_nodes_started_with_ray_start_answer_like_one_machine(trained, archive, local_rows, tmp_path):
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
     common = ["--num-cpus", "1", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())  # as the README says
-    head = subprocess.Popen([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                             *common], start_new_session=True, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    head, port = _start_head(ray_bin, common, env, tmp_path)
+    address = f"127.0.0.1:{port}"
     nodes = [head]
     try:
-        time.sleep(3)
         nodes.append(subprocess.Popen([ray_bin, "start", "--address", address, *common], start_new_session=True,
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         model, out = os.path.join(trained[1], "model.keras"), str(tmp_path / "preds.parquet")

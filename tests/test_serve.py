@@ -17,22 +17,18 @@ from PIL import Image
 
 import transferkit.apps
 from browser import chromium, save_screenshot
+from children import port_of, start_server, stop_server
 from conftest import CLASSES
 
 MAX_UPLOAD_MB = 2
 STATIC = os.path.join(os.path.dirname(transferkit.apps.__file__), "static")  # Flask's static folder of the app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
-    """A real `transferkit serve` process (gunicorn) on 127.0.0.1 and a free port, started in a folder of its own
-    that holds a secret file, as does the model's folder: what a path-traversal request would be after."""
+    """A real `transferkit serve` process (gunicorn) on 127.0.0.1 and the port it bound (``--port 0``), started
+    in a folder of its own that holds a secret file, as does the model's folder: what a path-traversal request
+    would be after."""
     result, out = trained
     home = tmp_path_factory.mktemp("serve-home")
     secret_files = {}
@@ -41,27 +37,10 @@ def server(trained, tmp_path_factory):
         secret_files[path] = f"secret-{secrets.token_hex(16)}"
         with open(path, "w") as f:
             f.write(secret_files[path] + "\n")
-    port = _free_port()
-    log = open(os.path.join(out, "serve.log"), "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "serve", result["model_path"], "--port", str(port),
-                             "--max-upload-mb", str(MAX_UPLOAD_MB)], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=str(home))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:  # refused, or queued while the worker loads the model
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.seek(0)
-            pytest.fail(f"server did not start: {log.read()[-2000:]}")
-        time.sleep(0.5)
-    yield url, result["model_path"], log, port, secret_files
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    proc, url, log = start_server([result["model_path"], "--max-upload-mb", MAX_UPLOAD_MB],
+                                  os.path.join(out, "serve.log"), cwd=home, timeout=180)
+    yield url, result["model_path"], log, port_of(url), secret_files
+    stop_server(proc, log, timeout=30)
     for path in secret_files:
         os.remove(path)
 
@@ -199,6 +178,7 @@ def _traversal_requests(port: int, files: dict[str, str]) -> list[str]:
         for route in ("/static/", "/", "/api/"):
             targets = [route + p.replace("../", up) for up in UP for p in (relative, deep)]
             targets += [route + "/" + path.lstrip("/"), route + "%2f" + path.lstrip("/").replace("/", "%2f")]
+            targets += [route + os.path.basename(path)]  # by name, as the server's own folder would have it
             for target in targets:
                 status, body = _raw_get(port, target)
                 if marker.encode() in body:
@@ -264,6 +244,7 @@ def test_browser_upload_shows_label_and_probability(server, dataset):
     url, *_ = server
     photo = os.path.join(dataset[1], "pêche pourrie", "photo_002.jpg")
     expected = _post(url, ("p.jpg", open(photo, "rb").read(), "image/jpeg")).json()["predictions"][0]
+    assert expected["label"] == "pêche pourrie"  # the photo's own class: the page then shows a right answer
     driver = chromium()
     try:
         driver.get(url + "/")
@@ -376,13 +357,14 @@ def test_browser_toggle_shows_the_heat_map(server, dataset):
         driver.find_element("id", "file").send_keys(os.path.abspath(photo))
         _wait_done(driver)
         assert driver.execute_script("return document.getElementById('heatmap').hidden") is True  # off by default
+        assert driver.find_element("id", "label").text == "fraise fraîche"  # the photo's own class
         driver.find_element("id", "explain").click()  # on: the same photo again, with its heat map
         deadline = time.time() + 120
         while not driver.execute_script("const h = document.getElementById('heatmap');"
                                         "return !h.hidden && h.complete && h.naturalWidth > 0"):
             assert time.time() < deadline, driver.find_element("id", "error").text
             time.sleep(0.2)
-        assert driver.find_element("id", "label").text in CLASSES
+        assert driver.find_element("id", "label").text == "fraise fraîche"  # the same answer, now explained
         save_screenshot(driver, "serve_page_heatmap.png")
         driver.find_element("id", "explain").click()
         assert driver.execute_script("return document.getElementById('heatmap').hidden") is True
