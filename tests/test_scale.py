@@ -133,7 +133,7 @@ def _actor_pids(marker: str = PREDICT_ACTOR) -> set[int]:
     """This test process's own Ray actors: its descendants (the Ray instances it or its ``ray start`` children
     started) whose title names ``marker`` (Ray titles its workers ``ray::<actor class>``). Never another job's:
     a machine-wide scan could find, and the kill test SIGKILL, the actors of any Ray job on the machine."""
-    psutil = pytest.importorskip("psutil")  # a dependency of Ray's
+    import psutil  # in the test extra
     found = set()
     for child in psutil.Process().children(recursive=True):
         try:
@@ -202,7 +202,7 @@ def test_a_killed_driver_resumes_without_duplicates(trained, archive, local_rows
 
 def _listens(pid: int, port: int) -> bool:
     """Whether process ``pid`` or one of its descendants listens on TCP ``port``."""
-    psutil = pytest.importorskip("psutil")
+    import psutil
     try:
         family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
