@@ -273,7 +273,9 @@ def test_python_api_label_files_and_log_dir(dataset, tmp_path):
     rows = transferkit.predict(result["model_path"], [LabelFile(test_csv, path_col="image", label_col="classe")],
                                runtime="keras")
     assert [r["given"] for r in rows] == [c for _, c in test_rows]
-    assert sum(r["label"] == r["given"] for r in rows) >= 12  # of 18 (chance: 6)
+    # measured 16 of 18 (the other 2 flagged unknown by the novelty threshold, none wrong); a model answering at
+    # random passes 15 of 18 with P(Binomial(18, 1/3) >= 15) = 1.9e-5 (the old bound, 12, with 3.9e-3)
+    assert sum(r["label"] == r["given"] for r in rows) >= 15
 
 
 def test_a_resumed_stage_continues_the_tensorboard_steps(tmp_path):
@@ -414,6 +416,8 @@ def test_cli_trains_with_root_and_python_evaluates_with_it(tmp_path):
     clf = ImageClassifier.load(str(out / "model.keras"), runtime="keras")
     found = clf.evaluate(LabelFile(test_csv, root=str(images)))
     assert found["n_images"] == 12 and found["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
-    assert found["accuracy"] >= 0.75  # of 12 photos of 3 classes (chance: 4)
+    # of 12 photos of 3 classes, measured 12; a model answering at random gets 11 with P(Binomial(12, 1/3) >= 11)
+    # = 4.7e-5 (the old bound, 9, with 3.9e-3); labels one row off their paths score 9
+    assert found["accuracy"] >= 11 / 12
     with pytest.raises(TransferkitError, match="no such file"):
         clf.evaluate(test_csv)  # relative to data/: nothing there

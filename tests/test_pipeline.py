@@ -274,8 +274,12 @@ def test_flatten_head_option_trains(dataset, tmp_path):
                                out=str(tmp_path / "run"))
     model = transferkit.load_model(result["model_path"])
     assert model.metadata["training"]["head"] == "flatten-256-128"
-    rows = transferkit.predict(model, os.path.join(dataset[1], CLASSES[2]))
-    assert len(rows) == 6 and all(r["label"] in CLASSES for r in rows)
+    # every test photo, its folder its class; reject=False: the head's answer, even for a photo it finds novel
+    rows = transferkit.predict(model, [dataset[1]], reject=False)
+    correct = sum(r["label"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
+    # measured 18 of 18 (3 epochs); a model answering at random passes 16 of 18 with P(Binomial(18, 1/3) >= 16)
+    # = 1.7e-6, one answering one class gets 6
+    assert len(rows) == 18 and correct >= 16, correct
 
 
 def test_head_fit_honours_class_weights():
