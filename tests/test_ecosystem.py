@@ -112,6 +112,30 @@ def compared(dataset, tmp_path_factory):
     return transferkit.compare(dataset[0], backbones=TWO, test_dir=dataset[1], out=str(out), image_size=IMAGE_SIZE)
 
 
+def _images_per_second(backbone: str, paths: list[str]) -> tuple[float, str]:
+    """(images/s, engine) of the extractor a 64 px training run of ``backbone`` builds, timed here on its own:
+    the best of 5 forward passes of one batch of up to 32 decoded ``paths`` (the engine built first)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from transferkit.data.images import decode_batch
+    from transferkit.options import TrainOptions
+    from transferkit.training.features import FeatureExtractor
+
+    extractor = FeatureExtractor.from_options(TrainOptions(backbone=backbone, image_size=IMAGE_SIZE).for_training())
+    with ThreadPoolExecutor(2) as pool:
+        batch = np.stack(decode_batch(paths[:32], IMAGE_SIZE, pool)[0])
+    extractor.forward(batch)  # builds the engine: not timed
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        extractor.forward(batch)
+        times.append(time.perf_counter() - t0)
+    return len(batch) / min(times), extractor.engine.label if extractor.engine else extractor.runtime
+
+
 def test_compare_measures_each_backbone_on_one_split(compared, dataset):
     from transferkit.data.folders import split_training_folder
 
@@ -119,8 +143,15 @@ def test_compare_measures_each_backbone_on_one_split(compared, dataset):
     assert [r["backbone"] for r in compared["results"]] == TWO
     for r in compared["results"]:
         assert r["val_images"] == len(data.val_paths) and r["test_images"] == 18
-        assert 0.5 < r["val_accuracy"] <= 1 and 0.5 < r["test_accuracy"] <= 1  # real features separate the photos
-        assert r["images_per_second"] > 1 and r["image_size"] == IMAGE_SIZE
+        # real features separate the photos: measured 10/10 validation, 17/18 and 18/18 test; a model answering at
+        # random passes >= 9 of 10 with P = 3.6e-4 and >= 16 of 18 with P = 1.7e-6
+        assert r["val_accuracy"] >= 0.9 and r["test_accuracy"] >= 16 / 18, r
+        # the speed is the engine's own: timed again here, on the same engine (measured 2972 vs 3145 and 2634 vs
+        # 2376 images/s); within a factor 3 either way, for a machine shared with other processes. Batches/s
+        # (32 x fewer) or a total over the repeats instead of the best batch (over 5 x fewer) fall outside it
+        timed, engine = _images_per_second(r["backbone"], data.val_paths + data.train_paths)
+        assert r["engine"] == engine and timed / 3 < r["images_per_second"] < timed * 3, (r, timed)
+        assert r["image_size"] == IMAGE_SIZE
     assert compared["chosen"] in TWO and compared["reason"]
     with Image.open(compared["plot"]) as png:
         assert png.format == "PNG" and png.size[0] > 300
