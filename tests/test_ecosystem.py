@@ -112,28 +112,30 @@ def compared(dataset, tmp_path_factory):
     return transferkit.compare(dataset[0], backbones=TWO, test_dir=dataset[1], out=str(out), image_size=IMAGE_SIZE)
 
 
-def _images_per_second(backbone: str, paths: list[str]) -> tuple[float, str]:
-    """(images/s, engine) of the extractor a 64 px training run of ``backbone`` builds, timed here on its own:
-    the best of 5 forward passes of one batch of up to 32 decoded ``paths`` (the engine built first)."""
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
+def test_compare_speed_is_images_of_the_fastest_batch_per_second(dataset, monkeypatch):
+    """images_per_second on a clock the test drives: batches of n decoded photos taking 0.5, 0.25, 0.4 ... s
+    must give n / 0.25, not batches per second, a mean, or a total (planted: 1 / min(times) gives 4.0)."""
     import numpy as np
 
-    from transferkit.data.images import decode_batch
-    from transferkit.options import TrainOptions
-    from transferkit.training.features import FeatureExtractor
+    from transferkit.training import compare
 
-    extractor = FeatureExtractor.from_options(TrainOptions(backbone=backbone, image_size=IMAGE_SIZE).for_training())
-    with ThreadPoolExecutor(2) as pool:
-        batch = np.stack(decode_batch(paths[:32], IMAGE_SIZE, pool)[0])
-    extractor.forward(batch)  # builds the engine: not timed
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        extractor.forward(batch)
-        times.append(time.perf_counter() - t0)
-    return len(batch) / min(times), extractor.engine.label if extractor.engine else extractor.runtime
+    paths = sorted(os.path.join(dataset[1], c, f) for c in os.listdir(dataset[1])
+                   for f in os.listdir(os.path.join(dataset[1], c)))
+    clock, durations, calls = [0.0], iter([9.0] + [0.5, 0.25, 0.4] * 100), []
+
+    class Extractor:  # decodes at this size; each forward advances the clock by its duration
+        image_size = IMAGE_SIZE
+
+        def forward(self, batch):
+            calls.append(len(batch))
+            clock[0] += next(durations)
+            return np.zeros((len(batch), 8), np.float32)
+
+    monkeypatch.setattr(compare.time, "perf_counter", lambda: clock[0])
+    speed = compare.images_per_second(Extractor(), paths)
+    n = min(len(paths), compare.SPEED_SAMPLE)
+    assert calls[0] == n and len(calls) >= 1 + compare.SPEED_REPEATS  # the engine built first, then repeats
+    assert speed == pytest.approx(n / 0.25)  # the first (engine-building) 9 s call is not timed
 
 
 def test_compare_measures_each_backbone_on_one_split(compared, dataset):
@@ -146,12 +148,9 @@ def test_compare_measures_each_backbone_on_one_split(compared, dataset):
         # real features separate the photos: measured 10/10 validation, 17/18 and 18/18 test; a model answering at
         # random passes >= 9 of 10 with P = 3.6e-4 and >= 16 of 18 with P = 1.7e-6
         assert r["val_accuracy"] >= 0.9 and r["test_accuracy"] >= 16 / 18, r
-        # the speed is the engine's own: timed again here, on the same engine (measured 2972 vs 3145 and 2634 vs
-        # 2376 images/s); within a factor 3 either way, for a machine shared with other processes. Batches/s
-        # (32 x fewer) or a total over the repeats instead of the best batch (over 5 x fewer) fall outside it
-        timed, engine = _images_per_second(r["backbone"], data.val_paths + data.train_paths)
-        assert r["engine"] == engine and timed / 3 < r["images_per_second"] < timed * 3, (r, timed)
-        assert r["image_size"] == IMAGE_SIZE
+        # a speed was measured on the engine named (how it is computed: the test below, on a clock of its own; a
+        # timed comparison here would fail or pass with the machine's load)
+        assert r["images_per_second"] > 0 and r["engine"] and r["image_size"] == IMAGE_SIZE
     assert compared["chosen"] in TWO and compared["reason"]
     with Image.open(compared["plot"]) as png:
         assert png.format == "PNG" and png.size[0] > 300
