@@ -28,7 +28,7 @@ STATIC = os.path.join(os.path.dirname(transferkit.apps.__file__), "static")  # F
 def server(trained, tmp_path_factory):
     """A real `transferkit serve` process (gunicorn) on 127.0.0.1 and the port it bound (``--port 0``), started
     in a folder of its own that holds a secret file, as does the model's folder: what a path-traversal request
-    would be after."""
+    would be after. Yields (url, model path, log, port, secret files, the server's working folder)."""
     result, out = trained
     home = tmp_path_factory.mktemp("serve-home")
     secret_files = {}
@@ -39,7 +39,7 @@ def server(trained, tmp_path_factory):
             f.write(secret_files[path] + "\n")
     proc, url, log = start_server([result["model_path"], "--max-upload-mb", MAX_UPLOAD_MB],
                                   os.path.join(out, "serve.log"), cwd=home, timeout=180)
-    yield url, result["model_path"], log, port_of(url), secret_files
+    yield url, result["model_path"], log, port_of(url), secret_files, str(home)
     stop_server(proc, log, timeout=30)
     for path in secret_files:
         os.remove(path)
@@ -89,7 +89,7 @@ def _own_non_loopback_addresses() -> set[str]:
 
 
 def test_binds_loopback_by_default_and_reports_model(server):
-    url, model_path, log, port, _ = server
+    url, model_path, log, port, *_ = server
     # the socket itself, as the kernel has it: listening on loopback only, not on 0.0.0.0 or ::
     if sys.platform.startswith("linux"):
         assert _listening_addresses(port) == {"127.0.0.1"}
@@ -129,7 +129,7 @@ def _jpeg(seed=0, size=(64, 64)):
 
 
 def test_bad_uploads_get_clear_errors_and_the_server_keeps_serving(server, tmp_path):
-    url, *_ = server
+    url, model_path, *_, home = server
     big = _post(url, ("big.jpg", b"\xff" * (MAX_UPLOAD_MB * 1024 * 1024 + 1000), "image/jpeg"))
     assert big.status_code == 413 and "limit" in big.json()["error"]
     text = _post(url, ("notes.jpg", b"this is not an image", "image/jpeg"))
@@ -144,10 +144,13 @@ def test_bad_uploads_get_clear_errors_and_the_server_keeps_serving(server, tmp_p
     assert "\n" not in refused.json()["error"]
     missing = requests.post(url + "/api/predict", data={"x": "1"}, timeout=10)
     assert missing.status_code == 400
-    before = set(os.listdir(os.getcwd()))
+    # nothing written where an upload's name joined to a folder would land: the server's own working folder (not
+    # this pytest process's, which the server does not run in) and the model's folder
+    folders = (home, os.path.dirname(model_path))
+    before = {folder: set(os.listdir(folder)) for folder in folders}
     sneaky = _post(url, ("../../etc/passwd", _jpeg(), "image/jpeg"))
     assert sneaky.status_code == 200 and sneaky.json()["predictions"][0]["filename"] == "passwd"
-    assert set(os.listdir(os.getcwd())) == before
+    assert {folder: set(os.listdir(folder)) for folder in folders} == before
     assert requests.get(url + "/healthz", timeout=10).status_code == 200
     assert _post(url, ("ok.jpg", _jpeg(1), "image/jpeg")).status_code == 200
 
@@ -189,7 +192,7 @@ def _traversal_requests(port: int, files: dict[str, str]) -> list[str]:
 def test_no_file_outside_the_app_can_be_read_by_path_traversal(server):
     """Secret files beside the server (its working folder, the model's folder), the app's own source and
     /etc/passwd, asked for with ../ in every encoding: none of their content ever comes back."""
-    url, _, _, port, secret_files = server
+    url, _, _, port, secret_files, _ = server
     files = dict(secret_files)
     with open(os.path.join(os.path.dirname(STATIC), "serve.py"), encoding="utf-8") as f:
         assert "def create_app(" in f.read()
