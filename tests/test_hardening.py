@@ -290,14 +290,17 @@ def test_link_loop_inside_a_class_folder_is_walked_once(tmp_path):
 def _kill_when(args, ready, timeout=300):
     with tempfile.TemporaryFile() as stderr:  # a file: a pipe nobody reads while polling blocks past 64 KiB
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.time() + timeout
-        while time.time() < deadline and proc.poll() is None and not ready():
+        deadline, reached = time.time() + timeout, False
+        while time.time() < deadline and proc.poll() is None and not (reached := ready()):
             time.sleep(0.01)
         if proc.poll() is not None:  # ended: its file is whole (a seek while it runs would move its offset)
             stderr.seek(0)
             pytest.fail("the run ended before it could be killed: " + stderr.read().decode()[-2000:])
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        if not reached:  # killed at the deadline, not at the point the test means: what follows would check that
+            stderr.seek(0)
+            pytest.fail(f"the point to kill it at was not reached in {timeout} s: " + stderr.read().decode()[-2000:])
 
 
 def _feature_files() -> set:
