@@ -200,50 +200,37 @@ def test_a_killed_driver_resumes_without_duplicates(trained, archive, local_rows
     assert f"{len(local_rows)} rows in {out}" in again.stdout
 
 
-def _listens(pid: int, port: int) -> bool:
-    """Whether process ``pid`` or one of its descendants listens on TCP ``port``."""
-    import psutil
-    try:
-        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return False
-    for proc in family:
-        try:
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections("tcp")):
-                return True
-        except psutil.Error:
-            continue
-    return False
-
-
-def _start_head(ray_bin: str, common: list[str], env: dict, log_dir) -> tuple[subprocess.Popen, int]:
-    """A ``ray start --head`` on a port it holds: a port chosen at random and taken by the head itself (no
-    bind-then-release race), another tried when the head exits (that port was taken); returns once the head's
-    port accepts connections."""
-    rng = np.random.default_rng()
-    for attempt in range(5):
-        port = int(rng.integers(20000, 60000))
-        log = open(os.path.join(log_dir, f"head-{attempt}.log"), "wb")
-        head = subprocess.Popen([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                                 *common], start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 60
-        while head.poll() is None and time.monotonic() < deadline:
-            if _listens(head.pid, port):  # the head's own processes, not whoever else might hold the port
-                return head, port
-            time.sleep(0.2)
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
-    pytest.fail("ray start --head did not start: " + open(os.path.join(log_dir, f"head-{attempt}.log")).read()[-2000:])
+def _start_head(ray_bin: str, common: list[str], env: dict, log_path) -> tuple[subprocess.Popen, str]:
+    """``ray start --head --port 0``: Ray's GCS server binds port 0 itself and publishes the port the kernel gave
+    it (no port chosen beforehand, none to be taken meanwhile, no retry: a taken random port cost ~40 s a try);
+    (process, address) once the head's output gives the address other nodes join at ("ray start
+    --address='...'", printed once the head runs)."""
+    open(log_path, "w").close()
+    log = open(log_path, "a+")  # O_APPEND: the seek(0) below, on the open file the head shares, moves no write
+    head = subprocess.Popen([ray_bin, "start", "--head", "--port", "0", "--include-dashboard", "false", *common],
+                            start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while True:
+        log.seek(0)
+        text = log.read()
+        found = re.search(r"ray start --address='([^']+)'", text)
+        if found:
+            log.close()
+            return head, found.group(1)
+        if head.poll() is not None or time.monotonic() > deadline:
+            if head.poll() is None:
+                os.killpg(head.pid, signal.SIGTERM)
+                head.wait(timeout=60)
+            log.close()
+            pytest.fail(f"ray start --head did not start (exit {head.returncode}): {text[-2000:]}")
+        time.sleep(0.1)
 
 
 def test_two_nodes_started_with_ray_start_answer_like_one_machine(trained, archive, local_rows, tmp_path):
     common = ["--num-cpus", "1", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())  # as the README says
-    head, port = _start_head(ray_bin, common, env, tmp_path)
-    address = f"127.0.0.1:{port}"
+    head, address = _start_head(ray_bin, common, env, tmp_path / "head.log")
     nodes = [head]
     try:
         nodes.append(subprocess.Popen([ray_bin, "start", "--address", address, *common], start_new_session=True,
