@@ -38,7 +38,10 @@ def start_server(args: list[str], log_path, *, cwd=None, timeout: float = 240, c
     ending in serve's options) once its /healthz answers; a failure to start fails the test with the log's end."""
     import pytest
 
-    log = open(log_path, "w+", encoding="utf-8")
+    open(log_path, "w").close()
+    # appended to (O_APPEND): the child shares this open file and its offset, so the seek(0) and read below while
+    # it runs would move where it writes next ("w+": a child printing 20,000 lines while read so left none whole)
+    log = open(log_path, "a+", encoding="utf-8")
     proc = subprocess.Popen([sys.executable, "-m", "transferkit", *command.split(), *map(str, args), "--port", "0"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=None if cwd is None else str(cwd),
                             env=dict(os.environ, PYTHONIOENCODING="utf-8"))
