@@ -231,11 +231,18 @@ def evaluate_sets(probs: np.ndarray, labels: np.ndarray, class_names: list, conf
                                 "per_class": per_class, "under_covered": under})
     confidence = np.asarray(probs, np.float64).max(axis=1)
     correct = np.asarray(probs).argmax(axis=1) == labels
-    for bound in max_errors:
-        cut = answer_threshold(conformal["risk"], bound)
-        answered = confidence >= cut
-        out["selective"].append({"max_error": bound, "threshold": None if math.isinf(cut) else round(cut, 6),
-                                 "answered_share": round(float(answered.mean()), 4) if len(answered) else None,
-                                 "error_answered": round(float(1 - correct[answered].mean()), 4)
-                                 if answered.any() else None})
+    out["selective"] = selective_report(conformal["risk"], confidence, correct, max_errors)
     return out
+
+
+def selective_report(risk: dict, confidence: np.ndarray, correct: np.ndarray, max_errors=MAX_ERRORS) -> list:
+    """At each error bound: the certified cut-off, the share of photos whose ``confidence`` reaches it, and the
+    error among those (``correct``: each photo's answer right); both tasks' evaluations."""
+    found = []
+    for bound in max_errors:
+        cut = answer_threshold(risk, bound)
+        answered = confidence >= cut
+        found.append({"max_error": bound, "threshold": None if math.isinf(cut) else round(cut, 6),
+                      "answered_share": round(float(answered.mean()), 4) if len(answered) else None,
+                      "error_answered": round(float(1 - correct[answered].mean()), 4) if answered.any() else None})
+    return found

@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from transferkit.log import logger
-from transferkit.models.conformal import COVERAGES, DELTA, DIGITS, MAX_ERRORS, MAX_SCORES, _ranks, answer_threshold
+from transferkit.models.conformal import COVERAGES, DELTA, DIGITS, MAX_ERRORS, MAX_SCORES, _ranks, selective_report
 
 TOLERANCE = 10.0 ** -DIGITS  # a score this far under its (rounded-down) threshold is still inside
 _warned: set = set()
@@ -163,11 +163,5 @@ def evaluate_label_sets(probs: np.ndarray, y: np.ndarray, class_names: list, con
                                 "per_class": per_label, "under_covered": under, "no_guarantee": short})
     confidence = set_confidence(probs, decision)
     correct = ((probs >= decision) == y).all(axis=1)
-    for bound in max_errors:
-        cut = answer_threshold(conformal["risk"], bound)
-        answered = confidence >= cut
-        out["selective"].append({"max_error": bound, "threshold": None if math.isinf(cut) else round(cut, 6),
-                                 "answered_share": round(float(answered.mean()), 4) if len(answered) else None,
-                                 "error_answered": round(float(1 - correct[answered].mean()), 4)
-                                 if answered.any() else None})
+    out["selective"] = selective_report(conformal["risk"], confidence, correct, max_errors)
     return out
