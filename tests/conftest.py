@@ -73,6 +73,16 @@ def trained(dataset, tmp_path_factory):
     return result, str(out)
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for one test module (2 CPUs, a small object store), shut down after it."""
+    ray = pytest.importorskip("ray", reason="the [ray] extra (part of [test]) is not installed")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _library_logging():
     """A test that runs the CLI in this process (``cli.main``) installs its stderr handler, sets its level and stops

@@ -12,14 +12,6 @@ from conftest import CLASSES, write_dataset
 ray = pytest.importorskip("ray", reason="the [ray] extra (part of [test]) is not installed")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_review_of_a_folder_on_ray_ranks_as_the_local_path(trained, ray_local, tmp_path, capsys):
     from transferkit.apps import cli
     from transferkit.reports.review import review

@@ -26,14 +26,6 @@ PREDICT_ACTOR = "MapBatches(Predict)"  # in the process title of Ray Data's acto
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     """240 photo crops of 12 photographs (3 trained, 9 the model calls unknown or places), in nested folders,
     and one unreadable file."""
