@@ -168,9 +168,9 @@ def verdict_line(found: dict) -> str:
     return f"inputs have moved: {', '.join(parts)} over {found['window']} predictions"
 
 
-def _plot(rows: list[dict], reference: dict, thresholds: dict | None = None) -> str:
+def _plot(rows: list[dict], reference: dict, checks: dict) -> str:
     """A PNG data URI: confidence and novelty CDFs (window vs reference), class mix bars (multi-label: each
-    label's answer rate)."""
+    label's answer rate), the window's figures as ``compare``'s ``checks`` tested them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,14 +186,9 @@ def _plot(rows: list[dict], reference: dict, thresholds: dict | None = None) -> 
             ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post", label="window")
             ax.set_title(f"{name} (CDF)")
             ax.legend()
-    mix = reference.get("label_rates") or reference["class_mix"]
-    names = list(mix)
-    if reference.get("label_rates"):
-        found = window_label_rates(rows, names, thresholds or {})
-        window = [found[n] for n in names]
-    else:
-        window = [sum(1 for r in rows if r["top_k"] and r["top_k"][0]["label"] == n) / max(len(rows), 1)
-                  for n in names]
+    check = checks["label_rates"] if reference.get("label_rates") else checks["class_mix"]
+    mix, names = check["reference"], list(check["reference"])
+    window = [check["window"][n] for n in names]
     pos = np.arange(len(names))
     axes[2].bar(pos - 0.2, [mix[n] for n in names], 0.4, label="reference")
     axes[2].bar(pos + 0.2, window, 0.4, label="window")
@@ -229,7 +224,7 @@ def monitor(target: str, *, model: str | None = None, out: str = "monitor", last
     found["json"] = os.path.join(out, "drift.json")
     found["html"] = os.path.join(out, "drift.html")
     write_json_atomic(found["json"], {k: v for k, v in found.items() if k not in ("json", "html")})
-    write_text_atomic(found["html"], _page(found, _plot(rows, reference, thresholds), target))
+    write_text_atomic(found["html"], _page(found, _plot(rows, reference, found["checks"]), target))
     return found
 
 
