@@ -153,8 +153,10 @@ class Store:
 
     def _read_as_is(self) -> None:
         """A reader never alters the store: the table as an older store has it (its later columns read None)."""
+        import sqlalchemy as sa
+
         try:
-            missing = self._missing() if sa_has_table(self.engine, "predictions") else ()
+            missing = self._missing() if sa.inspect(self.engine).has_table("predictions") else ()
         except Exception:  # noqa: BLE001 - unreadable: read() says so in one line
             return
         if missing:
@@ -239,12 +241,6 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
-
-
-def sa_has_table(engine, name: str) -> bool:
-    import sqlalchemy as sa
-
-    return sa.inspect(engine).has_table(name)
 
 
 def image_ext(data: bytes) -> str:

@@ -99,11 +99,11 @@ def ray_folder_candidates(folder: str, model: str, predictor, address: str, out_
     names = list(predictor.class_names)
     out = os.path.join(out_dir, f"ray-{file_digest(model)[:16]}.parquet")
     predict_on_ray(model, [folder], out, address=address, top_k=len(names))
-    root, wanted = os.path.abspath(folder), {os.path.abspath(p): p for p in _folder_files(folder)}
+    wanted = {os.path.abspath(p): p for p in _folder_files(folder)}  # the folder's files: none from elsewhere
     found = {}
     for part in output_files(out, "parquet"):  # oldest first; one row per path after compact
         for r in pq.read_table(part).to_pylist():
-            if r["path"] in wanted and not r["error"] and r["path"].startswith(root):
+            if r["path"] in wanted and not r["error"]:
                 found[r["path"]] = r
     from transferkit.tasks import task_of
     from transferkit.tasks.multi_label import DEFAULT_THRESHOLD
