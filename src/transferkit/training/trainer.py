@@ -249,7 +249,7 @@ class Trainer:
         st.reference = reference.summary(probs, scores, st.classes, st.task)
         self._fit_conformal(None if st.options.refit else (probs, features.y_val),
                             (features.x_train[::views], features.y_train[::views]),
-                            None if held_out is None else tuple(a[: -len(features.y_val)] for a in held_out))
+                            None if held_out is None else tuple(a[: len(a) - len(features.y_val)] for a in held_out))
         st.feature_check = self._check_view_features(features)
         st.set_model(modelfile.assemble(st.extractor.model, st.head), features_current=True)
 
