@@ -18,6 +18,20 @@ import requests
 SERVE_LINE = re.compile(r"serving .* on (http://127\.0\.0\.1:\d+)/ \((\d+) worker")
 
 
+def run_cli(*args, check: bool = True, timeout: float = 600, env: dict | None = None, cwd=None,
+            traceback_ok: bool = False) -> subprocess.CompletedProcess:
+    """``python -m transferkit ARGS`` in a child process, its output captured as text. ``check``: the exit code must
+    be 0. Never a traceback in its output, unless ``traceback_ok``."""
+    proc = subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd,
+                          env=dict(os.environ, PYTHONIOENCODING="utf-8", TF_CPP_MIN_LOG_LEVEL="3", **(env or {})))
+    if not traceback_ok:
+        assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    return proc
+
+
 def predict_in_child(model: str, photo: str, *flags: str, then: str = "",
                      modules=("tensorflow", "keras", "scipy")) -> tuple[list, dict, subprocess.CompletedProcess]:
     """(rows, {module: imported}, the process) of ``transferkit predict MODEL PHOTO --format json FLAGS`` run by

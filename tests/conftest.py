@@ -1,5 +1,6 @@
 """Shared fixtures: a private cache folder, real photo files written by the tests, one trained run."""
 
+import importlib
 import os
 import tempfile
 
@@ -13,6 +14,24 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from photos import PHOTOS, photo_crop  # noqa: E402
+
+def on_ci() -> bool:
+    """Whether this is a CI run (``CI=true``, as GitHub Actions, GitLab CI and most others set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require(module: str, why: str = "part of the [test] extra"):
+    """``module`` imported, for a test that needs it. Where it is missing: a skip with the reason, except under
+    CI=true, where everything the test extra installs must be there, so it is a failure (an importorskip would hide
+    a missing dependency on CI)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        reason = f"{module} is not installed ({why}): {exc}"
+        if on_ci():
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.skip(reason)
+
 
 CLASSES = ["fraise fraîche", "pêche pourrie", "grenade"]  # crops of three photographs (photos.PHOTOS)
 IMAGE_SIZE = 64  # small input: fast, still real EfficientNet-Lite0 features
