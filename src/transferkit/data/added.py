@@ -12,6 +12,9 @@ import numpy as np
 
 from transferkit.data.folders import TrainingData, fingerprint
 from transferkit.errors import TransferkitError
+from transferkit.log import logger
+
+UNKNOWN = "unknown"  # the review's label for a photo of none of the classes (reports.review.UNKNOWN)
 
 
 def add_training_rows(data: TrainingData, label_files) -> TrainingData:
@@ -26,9 +29,15 @@ def add_training_rows(data: TrainingData, label_files) -> TrainingData:
     known = set(data.train_paths) | set(data.val_paths)
     seen = set(data.digests.get(p) for p in known)
     paths, labels, digests = list(data.train_paths), list(data.y_train), dict(data.digests)
+    names, left_out = list(data.class_names), 0
+    if UNKNOWN not in names:  # a label file's "unknown" rows are read, then kept out (a class named so stays one)
+        names.append(UNKNOWN)
     for source in label_files:
-        added = scan_label_file(source, class_names=data.class_names, min_classes=1)
+        added = scan_label_file(source, class_names=names, min_classes=1)
         for path, label in zip(added.paths, added.labels):
+            if int(label) >= len(data.class_names):
+                left_out += 1
+                continue
             digest = added.digests[path]
             if path in known or digest in seen:
                 continue
@@ -37,8 +46,13 @@ def add_training_rows(data: TrainingData, label_files) -> TrainingData:
             paths.append(path)
             labels.append(int(label))
             digests[path] = digest
+    if left_out:
+        logger.info(f"{', '.join(map(str, label_files))}: {left_out} photo(s) labelled {UNKNOWN} kept out of the "
+                    f"classes and of the novelty score (none of the classes: not a class, not in training)")
     if len(paths) == len(data.train_paths):
-        raise TransferkitError(f"{label_files[0]}: --add gave no photo that is not already in the training data")
+        raise TransferkitError(f"{label_files[0]}: --add gave no photo that is not already in the training data"
+                               + (f" ({left_out} labelled {UNKNOWN}, kept out of the classes)" if left_out else ""))
+    logger.info(f"--add: {len(paths) - len(data.train_paths)} photo(s) joined the training split")
     extra = fingerprint("/", {p: d for p, d in digests.items() if p not in data.digests})
     return dataclasses.replace(data, train_paths=paths, y_train=np.asarray(labels, dtype=data.y_train.dtype),
                                digests=digests, fingerprint=f"{data.fingerprint}+{extra[:16]}")
