@@ -135,7 +135,8 @@ def main() -> None:
     parser.add_argument("--negative-photos", default="chelsea,rocket", help="the photographs of the unknown photos")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        runs = [run(s, args.negatives, args.size, root, tuple(args.negative_photos.split(","))) for s in range(args.seeds)]
+        negative = tuple(args.negative_photos.split(","))
+        runs = [run(s, args.negatives, args.size, root, negative) for s in range(args.seeds)]
     columns = list(runs[0]["kept out"])
     print(f"{args.negatives} photos labelled unknown ({args.negative_photos}), {args.seeds} seeds, {args.size} px "
           f"(mean ± sd)")

@@ -21,16 +21,19 @@ from photos import PHOTOS, photo_crop
 OTHER = ("chelsea", "rocket")  # photos of none of the classes
 
 
-def _collect(db, model_path, paths):
-    """What serve --collect stores for these uploads (the collector in this process, the model's answers)."""
+def _collect(db, model_path, paths, multi_label=False):
+    """What serve --collect stores for these uploads (the collector in this process, the model's answers; a
+    multi-label model's summary as the server registers it)."""
     from transferkit.api import load_predictor
     from transferkit.apps.collect import Collector
     from transferkit.engines.predict import predict_rows
+    from transferkit.options import PredictOptions
 
     model = load_predictor(model_path)
-    summary = {"class_names": model.class_names, "reference": model.metadata.get("reference")}
+    keys = ("reference", "task", "task_params") if multi_label else ("reference",)
+    summary = {"class_names": model.class_names} | {k: model.metadata.get(k) for k in keys}
     collector = Collector(db, "model-hash", model=(model_path, summary))
-    rows = predict_rows(model, paths)
+    rows = predict_rows(model, paths, PredictOptions(top_k=2)) if multi_label else predict_rows(model, paths)
     for row in rows:
         row["filename"] = os.path.basename(row.pop("path"))
     collector.submit(rows, [open(p, "rb").read() for p in paths], 0.01)
@@ -156,20 +159,50 @@ def test_nothing_to_write_names_the_rows_read_and_why_each_group_was_left_out(st
     assert proc.returncode == 2 and "--out LABELS.csv" in proc.stderr
 
 
-def test_accept_takes_a_multi_label_answer_set_and_the_page_says_how_to_fill_the_queue(store, tmp_path):
-    """A multi-label row accepted with an empty label takes its label set (the stored answer's labels); the page
-    and the help say how to fill queue.csv."""
-    from transferkit.reports.review import accepted_rows, write_html
+def test_accept_takes_a_multi_label_answer_set(tmp_path):
+    """A multi-label model's rows accepted with an empty label: each takes its stored label set (read here from the
+    store's ``answer`` column with sqlite3), an unknown answer is ``unknown``, an answer with no label is left out
+    and said so."""
+    import json
 
-    photo = tmp_path / "m.jpg"
-    Image.fromarray(photo_crop(0, np.random.default_rng(3))).save(photo, "JPEG")
-    candidate = {"path": str(photo), "image": "", "label": "chat", "probability": 0.9, "novelty": 0.5,
-                 "unknown": False, "top_k": [], "seen": 1, "correction": None, "multi_label": True,
-                 "answer": {"labels": ["chat", "fusée"], "scores": {"chat": 0.9, "fusée": 0.7, "café": 0.1}},
-                 "thresholds": {"chat": 0.5, "fusée": 0.5, "café": 0.5}}
-    _write_queue([{"path": str(photo), "answer": "chat|fusée", "accept": "yes", "label": ""}], tmp_path / "q.csv")
-    chosen, found = accepted_rows([candidate], str(tmp_path / "q.csv"))
-    assert chosen == [(str(photo), "chat|fusée")] and found["taken"] == {"accepted the model's answer": 1}
+    import transferkit
+    from mosaics import write_mosaics
+    from transferkit.reports.review import review
+
+    train = write_mosaics(tmp_path / "train", 120, seed=1)
+    model = transferkit.train(train, multi_label=True, image_size=IMAGE_SIZE, out=str(tmp_path / "run"))["model_path"]
+    write_mosaics(tmp_path / "seen", 10, seed=7)
+    paths = sorted(str(p) for p in (tmp_path / "seen" / "images").glob("*.jpg"))
+    assert len(paths) == 10
+    db = str(tmp_path / "seen.db")
+    _collect(db, model, paths, multi_label=True)
+    rows = _queue(model, db, tmp_path / "r")
+    for r in rows:
+        r["accept"] = "yes"
+    _write_queue(rows, tmp_path / "r" / "queue.csv")
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("select image, label, unknown, answer from predictions").fetchall()
+    expected, empty = {}, 0
+    for image, label, unknown, answer in stored:
+        labels = json.loads(answer)["labels"]
+        if unknown and label is None:
+            expected[image] = "unknown"
+        elif labels:
+            expected[image] = "|".join(labels)
+        else:
+            empty += 1
+    assert sum("|" in v for v in expected.values()) >= 2  # label sets of two labels or more among them
+    out = tmp_path / "labels.csv"
+    review(db, model=model, n=10, out_dir=str(tmp_path / "r"), labels=str(out),
+           accept=str(tmp_path / "r" / "queue.csv"))
+    with open(out, newline="", encoding="utf-8") as f:
+        written = {hashlib.sha256((out.parent / r["path"]).read_bytes()).hexdigest(): r["label"]
+                   for r in csv.DictReader(f)}
+    assert written == expected and len(written) + empty == 10
+
+
+def test_the_page_and_the_help_say_how_to_fill_the_queue(store, tmp_path):
+    from transferkit.reports.review import write_html
 
     model, db, _ = store
     rows = _queue(model, db, tmp_path / "r")
@@ -180,6 +213,6 @@ def test_accept_takes_a_multi_label_answer_set_and_the_page_says_how_to_fill_the
         assert said in page, said
     assert len(rows) == page.count("<figure>")
     assert write_html(rows, str(tmp_path / "p.html"), "t")  # the page of a queue without its source still writes
-    help_text = run_cli("review", "--help").stdout
-    assert "accept=yes with an empty label takes the model's answer" in " ".join(help_text.split())
-    assert "'unknown' for a photo of none of the classes" in " ".join(help_text.split())
+    help_text = " ".join(run_cli("review", "--help").stdout.split())
+    assert "accept=yes with an empty label takes the model's answer" in help_text
+    assert "'unknown' for a photo of none of the classes" in help_text

@@ -387,7 +387,8 @@ def _queue_label(row: dict, c: dict | None, class_names: list[str] | None) -> tu
     """(the label of one filled queue.csv row, how it was given) or (None, why it was left out)."""
     accept, label = row.get("accept", "").lower(), row.get("label", "")
     if not label and accept not in YES:
-        return None, (f"have accept={row['accept']!r} and no label" if accept else "have neither a label nor accept=yes")
+        return None, f"have accept={row['accept']!r} and no label" if accept else \
+            "have neither a label nor accept=yes"
     if not label:  # accept=yes, label empty: the model's answer
         label = _answer_label(c) if c is not None else row.get("answer", "")
         if not label or label == "none":
