@@ -410,3 +410,141 @@ def test_the_site_builds_with_strict_links(tmp_path):
     for name in ("transferkit.classifier.ImageClassifier", "transferkit.options.TrainOptions",
                  "transferkit.tasks.base.Task", "transferkit.api.train"):
         assert f'id="{name}"' in api, name  # the reference is rendered from the docstrings
+
+
+# ---------- the feedback loop's commands, run for real ----------
+
+FEEDBACK = {"README.md": "## The feedback loop", "docs/guides/feedback.md": None}  # page: its section (None: all)
+PLACEHOLDERS = {"MODEL": "runs/fruit/model.keras", "DATA": "photos/", "DB": "collected.db",
+                "LABELS.csv": "labels.csv", "QUEUE.csv": "runs/review/queue.csv"}
+OTHER_DOMAINS = ("chelsea", "rocket")  # photos of none of the classes (a cat, a rocket)
+
+
+def _feedback_commands(page: str) -> list[str]:
+    """The command lines of the shell blocks of ``page``'s feedback section, in the order shown."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    if FEEDBACK[page]:
+        text = text.split(FEEDBACK[page], 1)[1].split("\n## ", 1)[0]
+    return [cmd for m in FENCE.finditer(text) if m["lang"].lower() in SHELLS for cmd in shell_lines(m["body"])]
+
+
+def _uploads(root: Path) -> dict[str, tuple[str, bytes]]:
+    """{content hash: (what the photo is: a class or another domain, its bytes)}: one new crop of each class and
+    one photo of each other domain."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from photos import PHOTOS, photo_crop
+
+    folder = Path(write_dataset(root / "uploads", 1, seed=32))
+    found = [(p.parent.name, p.read_bytes()) for p in sorted(folder.rglob("*.jpg"))]
+    rng = np.random.default_rng(33)
+    for name in OTHER_DOMAINS:
+        Image.fromarray(photo_crop(PHOTOS.index(name), rng)).save(root / f"{name}.jpg", "JPEG", quality=90)
+        found.append((name, (root / f"{name}.jpg").read_bytes()))
+    shutil.rmtree(folder)
+    return {hashlib.sha256(data).hexdigest(): (what, data) for what, data in found}
+
+
+def _serve_and_collect(args: list[str], cwd: Path, uploads: dict) -> str:
+    """The documented ``serve --collect DB`` line run (``--port 0``), each upload posted once; returns the store
+    once it holds one row per upload."""
+    import sqlite3
+    import time
+
+    from children import start_server, stop_server
+
+    db = cwd / args[args.index("--collect") + 1]
+    proc, url, log = start_server(args[1:], cwd / "serve.log", cwd=cwd, timeout=180)
+    try:
+        for key, (_, data) in uploads.items():
+            answer = requests.post(url + "/api/predict", files={"image": (f"{key[:8]}.jpg", data)}, timeout=60)
+            assert answer.status_code == 200, answer.text
+        deadline, stored = time.monotonic() + 60, 0
+        while stored < len(uploads) and time.monotonic() < deadline:  # the collector writes in batches
+            if db.is_file():
+                with sqlite3.connect(db) as conn:
+                    stored = conn.execute("select count(*) from predictions").fetchone()[0]
+            time.sleep(0.2)
+        assert stored == len(uploads), f"{stored} of {len(uploads)} uploads stored in {db}"
+    finally:
+        stop_server(proc, log, timeout=30)
+    return str(db)
+
+
+def _fill_queue(queue: Path, uploads: dict) -> dict[str, str]:
+    """Fill queue.csv as the docs say: the first photo of a class accepted (label left empty: the model's answer),
+    the others of a class given their label, the other domains labelled unknown. Returns {hash: label expected}."""
+    import csv
+
+    with open(queue, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["image"] for r in rows} == set(uploads)  # every upload in the queue, once
+    expected, accepted = {}, False
+    for r in rows:
+        what = uploads[r["image"]][0]
+        if what in OTHER_DOMAINS:
+            r["label"] = expected[r["image"]] = "unknown"
+        elif not accepted:
+            r["accept"], accepted = "yes", True
+            expected[r["image"]] = r["answer"]
+        else:
+            r["label"] = expected[r["image"]] = what
+    with open(queue, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return expected
+
+
+@pytest.mark.parametrize("page", list(FEEDBACK))
+def test_the_feedback_commands_run_in_the_order_shown(page, trained, tmp_path):
+    """Each command of the page's feedback block, run as written (placeholders substituted) in a folder holding
+    what it names: the served model, photos/ of its classes; queue.csv filled between the two reviews."""
+    import csv
+    import hashlib
+
+    from children import run_cli
+    from transferkit.data.folders import split_training_folder
+    from transferkit.models.modelfile import read_metadata
+    from transferkit.options import TrainOptions
+
+    commands = _feedback_commands(page)
+    assert [shlex.split(c)[:2] for c in commands] == [["transferkit", k] for k in
+                                                      ("serve", "review", "review", "train", "monitor")], commands
+    root = tmp_path
+    (root / "runs" / "fruit").mkdir(parents=True)
+    shutil.copy(trained[0]["model_path"], root / "runs" / "fruit" / "model.keras")
+    write_dataset(root / "photos", 6, seed=31)
+    uploads = _uploads(root)
+    expected, ran = None, []
+    for cmd in commands:
+        args = [PLACEHOLDERS.get(t, t) for t in shlex.split(cmd, comments=True)[1:]]
+        ran.append(args[0])
+        if args[0] == "serve":
+            _serve_and_collect(args, root, uploads)
+            continue
+        if "--accept" in args:
+            expected = _fill_queue(root / args[args.index("--accept") + 1], uploads)
+        proc = run_cli(*args, cwd=root)
+        if args[0] == "review" and "--out" in args:
+            labels = root / args[args.index("--out") + 1]
+            with open(labels, newline="", encoding="utf-8") as f:
+                written = {hashlib.sha256((labels.parent / r["path"]).read_bytes()).hexdigest(): r["label"]
+                           for r in csv.DictReader(f)}
+            assert written == expected and f"{len(expected)} photo(s) written" in proc.stderr
+        elif args[0] == "review":  # the queue the next line reads: where the docs say it is
+            accept = shlex.split(commands[commands.index(cmd) + 1])
+            assert (root / accept[accept.index("--accept") + 1]).is_file() and "review queue: 5 of 5" in proc.stdout
+        elif args[0] == "train":
+            options = TrainOptions()
+            plain = split_training_folder(str(root / "photos"), options.val_split, options.seed)
+            run = root / args[args.index("--out") + 1]
+            n = read_metadata(str(run / "model.keras"))["data"]
+            assert n["n_train"] == len(plain.train_paths) + 3 and n["n_val"] == len(plain.val_paths)
+            assert "2 photo(s) labelled unknown kept out of the classes" in proc.stderr
+        else:
+            assert proc.stdout.startswith("inputs have")
+    assert ran == ["serve", "review", "review", "train", "monitor"]

@@ -12,13 +12,21 @@ def add_commands(command) -> None:
 
     r = command("review", "rank collected photos (serve --collect DB) or an unlabelled FOLDER (--model) for "
                           "labelling: uncertainty, novelty, diversity; queue.csv, review.html, a label file")
+    r.epilog = ("Three steps: (1) transferkit review DB writes DIR/queue.csv and DIR/review.html; (2) in "
+                "queue.csv, per row: write the right label in 'label' (several joined by '|' for a multi-label "
+                "model; 'unknown' for a photo of none of the classes, which train --add keeps out of the classes), "
+                "or write yes in 'accept' and leave 'label' empty to take the model's answer (a row with a label "
+                "counts with or without accept; a row with neither is left out); (3) transferkit review DB "
+                "--accept DIR/queue.csv --out LABELS.csv, then transferkit train DATA --add LABELS.csv.")
     r.add_argument("source", help="the store (a SQLite file or a postgresql:// URL), or a folder of photos")
     r.add_argument("--model", help="the model file: its backbone's features for the diversity (needed for a folder)")
     r.add_argument("-n", "--size", type=int, default=50, help="photos in the queue (default: 50)")
     r.add_argument("--dir", default=os.path.join("runs", "review"), help="folder for queue.csv and review.html")
-    r.add_argument("--out", metavar="LABELS.csv", help="write the corrected photos, and the queue rows marked "
-                   "accept=yes in --accept, as a label file for train --add (photos copied beside it)")
-    r.add_argument("--accept", metavar="QUEUE.csv", help="an edited queue.csv: its rows marked yes in 'accept'")
+    r.add_argument("--out", metavar="LABELS.csv", help="write a label file for train --add (photos copied beside "
+                   "it): the photos corrected on the served page, and the rows of --accept that have a label or "
+                   "accept=yes (not the queue: that is DIR/queue.csv)")
+    r.add_argument("--accept", metavar="QUEUE.csv", help="the queue.csv you filled (read with --out): a row's "
+                   "'label' is taken as given; accept=yes with an empty label takes the model's answer")
     r.add_argument("--collect-files", help="the store's uploads folder (default: DB.files, ./collected-files)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     _ray_flag(r, "a folder's answers and features computed on a Ray cluster (transferkit[ray]; answers kept in "

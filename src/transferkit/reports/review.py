@@ -17,9 +17,13 @@ the answers with ``predict --ray`` (into DIR/ray-<model>.parquet, resumable) and
 --ray``'s cache filling, then ranks as here: the same rows as the local path (tests/test_scale.py).
 
 Outputs: ``queue.csv`` (rank, path, the model's answer, the scores, the correction already given, and the columns
-``accept`` and ``label`` to fill in), ``review.html`` (the queue with thumbnails and corrections), and with
-``--out labels.csv`` a label file of the corrected photos and the queue rows marked ``accept=yes`` (their files
-copied beside it, so its paths are relative): ``transferkit train DATA --add labels.csv``.
+``accept`` and ``label`` to fill in), ``review.html`` (the queue with thumbnails and corrections, headed by how to
+fill queue.csv), and with ``--accept queue.csv --out labels.csv`` a label file (the files copied beside it, so its
+paths are relative) for ``transferkit train DATA --add labels.csv``: the photos corrected on the served page and
+the filled queue rows. A row's ``label`` is taken as given, with or without ``accept``; ``accept=yes`` with an
+empty ``label`` takes the model's answer (its top label, a multi-label row's label set); ``unknown`` means none of
+the classes, and ``train --add`` keeps such photos out (data/added.py says why). Nothing to write is an error
+naming the rows read and why each group was left out, raised before any feature is computed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import shutil
 
 import numpy as np
 
+from transferkit.data import added
 from transferkit.errors import TransferkitError
 from transferkit.files import atomic_path, write_text_atomic
 from transferkit.log import logger
@@ -272,6 +277,13 @@ def rank(candidates: list[dict], metadata: dict, n: int, ray: str | None = None)
 
 
 LABEL_SEP = "|"  # a multi-label answer's labels, joined as a label file's cell (LabelSource.label_sep)
+UNKNOWN = added.UNKNOWN  # a label meaning "none of the classes" (train --add keeps such photos out of the classes)
+YES = ("yes", "y", "1", "true")
+HOW_TO_FILL = (f"in queue.csv, per row: write the right label in 'label' (several joined by '{LABEL_SEP}' for a "
+               f"multi-label model; '{UNKNOWN}' for none of the classes), or write yes in 'accept' and leave "
+               f"'label' empty to take the model's answer; rows with neither are left out")
+
+
 
 
 def queue_rows(candidates: list[dict], order: list[int], scores: dict, thresholds: dict | None = None) -> list[dict]:
@@ -288,7 +300,7 @@ def queue_rows(candidates: list[dict], order: list[int], scores: dict, threshold
                      "novelty": f"{scores['novelty'][i]:.3f}", "margin": f"{scores['margin'][i]:.3f}",
                      "entropy": f"{scores['entropy'][i]:.3f}", "score": f"{scores['score'][i]:.3f}",
                      "seen": c["seen"], "correction": correction, "accept": "",
-                     "label": fix.get("label") or (answer if fix.get("kind") == "right" else "")})
+                     "label": fix.get("label") or {"right": answer, "none": UNKNOWN}.get(fix.get("kind"), "")})
     return rows
 
 
@@ -301,50 +313,129 @@ def write_csv(rows: list[dict], path: str, columns=QUEUE_COLUMNS) -> str:
     return path
 
 
-def write_html(rows: list[dict], path: str, title: str) -> str:
+def write_html(rows: list[dict], path: str, title: str, source: str = "SOURCE", queue: str = "queue.csv") -> str:
+    """The queue as a page of thumbnails (the model's answer, the scores, the correction or label already given),
+    headed by how to fill ``queue`` and the commands that turn it into a label file."""
     from transferkit.reports.html import _thumbnail_uri
 
     cards = []
     for r in rows:
         uri = _thumbnail_uri(r["path"]) or ""
         fix = f"<b>{html.escape(r['correction'])}</b>" if r["correction"] else "no correction yet"
+        given = f" · label <b>{html.escape(r['label'])}</b>" if r["label"] else ""
         cards.append(f'<figure><img src="{uri}" alt=""><figcaption>#{r["rank"]} {html.escape(r["answer"])} '
                      f'{r["probability"]}<br>score {r["score"]} · margin {r["margin"]} · novelty {r["novelty"]}'
-                     f'<br>{fix} · seen {r["seen"]}×</figcaption></figure>')
+                     f'<br>{fix}{given} · seen {r["seen"]}×</figcaption></figure>')
+    q, src = html.escape(queue), html.escape(source)
+    how = (f"<p>Label these first. In <code>{q}</code> (one row per photo below, by rank), for each photo you "
+           f"review:</p><ul><li>the answer is wrong: write the right label in <code>label</code> (several joined by "
+           f"<code>{LABEL_SEP}</code> for a multi-label model);</li><li>the photo is of none of the classes: write "
+           f"<code>{UNKNOWN}</code> in <code>label</code> (<code>train --add</code> keeps it out of the classes);"
+           f"</li><li>the answer is right: write <code>yes</code> in <code>accept</code> and leave <code>label"
+           f"</code> empty (the model's answer is taken: its top label, or a multi-label row's label set).</li></ul>"
+           f"<p>A row with a <code>label</code> counts as given with or without <code>accept</code>; a row with "
+           f"neither is left out. Then:<br><code>transferkit review {src} --accept {q} --out labels.csv</code><br>"
+           f"<code>transferkit train DATA --add labels.csv</code></p>")
     page = (f"<!doctype html><html lang=en><meta charset=utf-8><title>{html.escape(title)}</title><style>"
             "body{font-family:system-ui,sans-serif;margin:2rem}figure{display:inline-block;width:200px;margin:.4rem;"
             "vertical-align:top;font-size:.8rem}img{width:180px;height:180px;object-fit:cover;border-radius:6px}"
-            f"</style><h1>{html.escape(title)}</h1><p>Label these first (queue.csv: fill <code>label</code>, mark "
-            f"<code>accept</code> yes, then <code>transferkit review ... --accept queue.csv --out labels.csv</code>)."
-            f"</p>{''.join(cards)}</html>")
+            f"</style><h1>{html.escape(title)}</h1>{how}{''.join(cards)}</html>")
     write_text_atomic(path, page)
     return path
 
 
-def accepted_rows(candidates: list[dict], accept_csv: str | None) -> list[tuple[str, str]]:
-    """(path, label) of the corrected photos ("wrong: it is X", or "right") and of ``accept_csv``'s rows
-    marked accept=yes with a label."""
-    chosen = {}
+def accepted_rows(candidates: list[dict], accept_csv: str | None,
+                  class_names: list[str] | None = None) -> tuple[list[tuple[str, str]], dict]:
+    """((path, label) to write, what was read). Taken: the corrected photos of the store ("wrong: it is X", "none
+    of these" as ``unknown``, "right": the answer), then ``accept_csv``'s rows (the queue.csv a person filled),
+    which win over a correction of the same photo: a filled ``label`` is the label given (with or without
+    ``accept``); ``accept=yes`` with an empty ``label`` takes the model's answer (its top label, a multi-label row's
+    label set, ``unknown`` where it answered unknown). ``class_names``: the model's, to check the labels given
+    against. The second value: {"rows": rows read, "taken": {how: n}, "left": {why: n}} for the log line and the
+    error of :func:`write_labels`."""
+    chosen, how_of, left = {}, {}, {}
     for c in candidates:
         fix = c["correction"] or {}
-        if fix.get("kind") == "wrong" and fix.get("label"):
-            chosen[c["path"]] = fix["label"]
-        elif fix.get("kind") == "right" and c["label"]:
-            chosen[c["path"]] = LABEL_SEP.join(answer_labels(c, c.get("thresholds") or {})) \
-                if c.get("multi_label") else c["label"]
-    if accept_csv:
-        with open(accept_csv, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if (row.get("accept") or "").strip().lower() in ("yes", "y", "1", "true") and row.get("label"):
-                    chosen[row["path"]] = row["label"].strip()
-    return sorted(chosen.items())
+        label = {"wrong": fix.get("label"), "none": UNKNOWN, "right": _answer_label(c)}.get(fix.get("kind"))
+        if label:
+            chosen[c["path"]], how_of[c["path"]] = label, "corrected on the page"
+    rows = _read_queue(accept_csv) if accept_csv else []
+    by_path = {c["path"]: c for c in candidates}
+    for row in rows:
+        label, how = _queue_label(row, by_path.get(row.get("path") or ""), class_names)
+        if label is None:
+            left[how] = left.get(how, 0) + 1
+        else:
+            chosen[row["path"]], how_of[row["path"]] = label, how
+    taken = {}
+    for how in how_of.values():
+        taken[how] = taken.get(how, 0) + 1
+    return sorted(chosen.items()), {"rows": len(rows), "taken": taken, "left": left}
 
 
-def write_labels(chosen: list[tuple[str, str]], path: str) -> str:
-    """A label file (path, label) at ``path`` whose photos are copied into ``<stem>_images/`` beside it."""
+def _read_queue(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise TransferkitError(f"--accept {path}: no such file (the queue.csv a review run wrote, filled in)")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if "path" not in (reader.fieldnames or []) or not {"label", "accept"} & set(reader.fieldnames or []):
+            raise TransferkitError(f"--accept {path}: not a review queue (it needs the columns path, accept, label)")
+        return [{k: (v or "").strip() for k, v in r.items() if k} for r in reader]
+
+
+def _queue_label(row: dict, c: dict | None, class_names: list[str] | None) -> tuple[str | None, str]:
+    """(the label of one filled queue.csv row, how it was given) or (None, why it was left out)."""
+    accept, label = row.get("accept", "").lower(), row.get("label", "")
+    if not label and accept not in YES:
+        return None, f"have accept={row['accept']!r} and no label" if accept else \
+            "have neither a label nor accept=yes"
+    if not label:  # accept=yes, label empty: the model's answer
+        label = _answer_label(c) if c is not None else row.get("answer", "")
+        if not label or label == "none":
+            return None, "have accept=yes on an answer with no label (write the labels in 'label')"
+    if not row.get("path") or not os.path.isfile(row["path"]):
+        return None, "name a photo that is not there any more"
+    names = [n.strip() for n in label.split(LABEL_SEP)] if LABEL_SEP in label else [label]
+    if [n.lower() for n in names] == [UNKNOWN]:
+        return UNKNOWN, "labelled unknown"
+    if class_names and any(n not in class_names for n in names):
+        return None, f"have a label that is not a class of the model ({', '.join(class_names)}) nor {UNKNOWN!r}"
+    how = "given a label" if row.get("label") else "accepted the model's answer"
+    return LABEL_SEP.join(names), how
+
+
+def _answer_label(c: dict) -> str:
+    """The model's answer of a candidate as a label: its top label (``unknown`` where it answered unknown), or a
+    multi-label candidate's label set joined by ``LABEL_SEP`` ("" for none)."""
+    if c.get("unknown") and c.get("label") is None:
+        return UNKNOWN
+    if c.get("multi_label"):
+        return LABEL_SEP.join(answer_labels(c, c.get("thresholds") or {}))
+    return c.get("label") or ""
+
+
+def _counted(groups: dict) -> str:
+    return ", ".join(f"{n} {why.replace('have ', 'has ', 1).replace('name ', 'names ', 1) if n == 1 else why}"
+                     for why, n in sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
+def nothing_to_write(path: str, found: dict, accept: str | None, queue: str) -> TransferkitError:
+    """The one-line error of an empty label file: the rows read, and why each group was left out."""
+    if accept is None:
+        return TransferkitError(f"{path}: no photo to write: no --accept QUEUE.csv given and the store holds no "
+                                f"correction; fill {queue} ({HOW_TO_FILL}), then pass it with --accept {queue}")
+    return TransferkitError(f"{path}: no photo to write: {found['rows']} row(s) read from {accept}: "
+                            f"{_counted(found['left']) or 'none'}; {HOW_TO_FILL}")
+
+
+def write_labels(chosen: list[tuple[str, str]], path: str, found: dict | None = None,
+                 accept: str | None = None, queue: str = "queue.csv") -> str:
+    """A label file (path, label) at ``path`` whose photos are copied into ``<stem>_images/`` beside it; nothing
+    to write is an error that names the rows read and why each group was left out (``found``: what
+    :func:`accepted_rows` read)."""
+    found = found or {"rows": 0, "taken": {}, "left": {}}
     if not chosen:
-        raise TransferkitError(f"{path}: no corrected or accepted photo to write (mark accept=yes in queue.csv "
-                               f"and pass it with --accept)")
+        raise nothing_to_write(path, found, accept, queue)
     base = os.path.dirname(os.path.abspath(path))
     folder = os.path.splitext(os.path.basename(path))[0] + "_images"
     rows = []
@@ -355,6 +446,11 @@ def write_labels(chosen: list[tuple[str, str]], path: str) -> str:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(source, target)
         rows.append({"path": f"{folder}/{name}", "label": label})
+    unknown = sum(label == UNKNOWN for _, label in chosen)
+    logger.info(f"{path}: {len(chosen)} photo(s) written ({_counted(found['taken'])}; {unknown} labelled "
+                f"{UNKNOWN}, which train --add keeps out of the classes)"
+                + (f"; {sum(found['left'].values())} queue row(s) left out: {_counted(found['left'])}"
+                   if found["left"] else ""))
     return write_csv(rows, path, ("path", "label"))
 
 
@@ -363,6 +459,9 @@ def review(source: str, *, model: str | None = None, n: int = 50, out_dir: str =
     """The review queue of a store (``source``: a SQLite file or URL) or of an unlabelled folder (with
     ``model``; ``ray``: answers and features computed on the Ray cluster at that address, "local": a local
     one); returns the paths written and the queue."""
+    if accept and not labels:
+        raise TransferkitError(f"--accept {accept}: the filled queue is read with --out LABELS.csv (the label file "
+                               f"to write)")
     metadata, predictor = _model_metadata(model)
     if os.path.isdir(source):
         if predictor is None:
@@ -378,16 +477,20 @@ def review(source: str, *, model: str | None = None, n: int = 50, out_dir: str =
     if metadata.get("task") == "multi_label":  # --model: rows a store's first schema kept without their task
         for c in candidates:
             c["multi_label"] = True
-    chosen = accepted_rows(candidates, accept) if labels else None  # read before queue.csv is written again
+    queue_path = os.path.join(out_dir, "queue.csv")
+    if labels:  # read before queue.csv is written again
+        chosen, found = accepted_rows(candidates, accept, metadata.get("class_names") or None)
+        if not chosen:  # before the features are computed
+            raise nothing_to_write(labels, found, accept, queue_path)
     order, scores = rank(candidates, metadata, n, ray)
     rows = queue_rows(candidates, order, scores, model_thresholds(metadata))
-    queue_path = os.path.join(out_dir, "queue.csv")
     _keep_edits(rows, queue_path)
     os.makedirs(out_dir, exist_ok=True)
     written = {"queue": write_csv(rows, queue_path),
-               "html": write_html(rows, os.path.join(out_dir, "review.html"), f"Review queue of {source}")}
+               "html": write_html(rows, os.path.join(out_dir, "review.html"), f"Review queue of {source}", source,
+                                  queue_path)}
     if labels:
-        written["labels"] = write_labels(chosen, labels)
+        written["labels"] = write_labels(chosen, labels, found, accept, queue_path)
     return {"written": written, "queue": rows, "candidates": len(candidates)}
 
 
