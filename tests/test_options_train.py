@@ -7,7 +7,6 @@ in that option only, so that each effect is the option's: on a folder of 20 / 20
 class weights matter)."""
 
 import csv
-import json
 import os
 import re
 import shutil
@@ -71,6 +70,7 @@ def _layer(model, name):
 
 def test_the_command_carries_every_option_into_the_model_file(cli_run):
     from transferkit.models import modelfile
+    from transferkit.options import EngineOptions
 
     out, done = cli_run
     meta = modelfile.read_metadata(os.path.join(out, "model.keras"))
@@ -80,14 +80,9 @@ def test_the_command_carries_every_option_into_the_model_file(cli_run):
     assert meta["novelty"]["keep_known"] == 0.5
     model = modelfile.load(os.path.join(out, "model.keras")).keras_model
     assert _layer(model, "head_dropout").rate == pytest.approx(0.5)
-    # --precision: the validation photos (every reported metric) went through the bf16 engine
+    # --precision: the validation photos (every reported metric) went through the bf16 engine, not the default's
     found = re.search(r"(\d+) train x 1 views \((\w+)\), (\d+) validation \((\w+)\)", done.stderr)
-    assert found and found.group(4) == "bf16", done.stderr[-2000:]
-
-
-def test_precision_default_is_fp32(fitted):
-    clf, _ = fitted["base"]
-    assert clf._state.extractor.precision == "fp32"  # what the command's bf16 differs from
+    assert found and found.group(4) == "bf16" != EngineOptions().precision, done.stderr[-2000:]
 
 
 def test_dropout_is_the_rate_of_the_heads_dropout_layer(fitted):
