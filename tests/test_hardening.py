@@ -24,7 +24,7 @@ import transferkit
 from transferkit.errors import TransferkitError
 from transferkit.files import cache_dir, file_digest, read_checked
 
-from conftest import CLASSES, IMAGE_SIZE, write_dataset
+from conftest import CLASSES, IMAGE_SIZE, require, write_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "transferkit"
@@ -175,7 +175,7 @@ def test_exports_carry_no_local_path_and_saved_model_refuses_foreign_folders(tra
 
 # ----- 6. engines are certified on photos, never on a warm-up batch of zeros -----
 def test_server_checks_its_engine_on_the_models_validation_photos(trained):
-    pytest.importorskip("openvino")
+    require("openvino", "a dependency of transferkit")
     from transferkit.apps.serve import create_app
     from transferkit.data.images import load_image
     from transferkit.engines import runtimes
@@ -216,7 +216,7 @@ def _tiny_model():
 
 
 def test_damaged_conversion_and_verdict_are_rebuilt_not_trusted(tmp_path):
-    pytest.importorskip("openvino")
+    require("openvino", "a dependency of transferkit")
     from transferkit.engines import runtimes
 
     model, key = _tiny_model(), f"test-tiny-{os.getpid()}-{time.time_ns()}"
