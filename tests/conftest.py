@@ -132,6 +132,40 @@ def trained(dataset, tmp_path_factory):
     return result, str(out)
 
 
+def _shared_folder(tmp_path_factory, name: str):
+    """(folder, lock file) shared by this run's pytest-xdist workers (their base temporary folders' parent), or
+    this run's own where there are none."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return root / name, root / f"{name}.lock"
+
+
+@pytest.fixture(scope="session")
+def multilabel_run(tmp_path_factory):
+    """One CLI training of the multi-label task on 120 mosaics (tests/mosaics.py; 60 more held out), for
+    test_multilabel and test_feedback_multilabel: {"train", "test": labels.csv, "out": run folder, "stderr": the
+    training command's}. Built once per run, even by two pytest-xdist workers (a file lock; the second reads the
+    first's folder), since `make test` may give the two files to different workers."""
+    import fcntl
+
+    from children import run_cli
+    from mosaics import write_mosaics
+
+    root, lock_path = _shared_folder(tmp_path_factory, "multilabel-run")
+    paths = {"train": str(root / "train" / "labels.csv"), "test": str(root / "test" / "labels.csv"),
+             "out": root / "run"}
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the run is built: another worker waits here, then reads it
+        if not (root / "stderr.txt").exists():
+            write_mosaics(root / "train", 120, seed=1)  # root/train/labels.csv
+            write_mosaics(root / "test", 60, seed=2)
+            proc = run_cli("train", paths["train"], "--multi-label", "--image-size", 64, "--out", paths["out"], "-q",
+                           timeout=900)
+            (root / "stderr.txt").write_text(proc.stderr, encoding="utf-8")  # last: the mark of a finished run
+    return paths | {"stderr": (root / "stderr.txt").read_text(encoding="utf-8")}
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance for one test module (2 CPUs, a small object store), shut down after it."""
