@@ -24,7 +24,7 @@ def run_cli(*args, check: bool = True, timeout: float = 600, env: dict | None = 
     be 0. Never a traceback in its output, unless ``traceback_ok``."""
     proc = subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd,
-                          env=dict(os.environ, PYTHONIOENCODING="utf-8", TF_CPP_MIN_LOG_LEVEL="3", **(env or {})))
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
     if not traceback_ok:
         assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     if check:
@@ -50,8 +50,6 @@ def predict_in_child(model: str, photo: str, *flags: str, then: str = "",
 def start_server(args: list[str], log_path, *, cwd=None, timeout: float = 240, command: str = "serve"):
     """``(process, URL, log file)`` of ``transferkit serve ARGS --port 0`` (``command``: another subcommand line
     ending in serve's options) once its /healthz answers; a failure to start fails the test with the log's end."""
-    import pytest
-
     open(log_path, "w").close()
     # appended to (O_APPEND): the child shares this open file and its offset, so the seek(0) and read below while
     # it runs would move where it writes next ("w+": a child printing 20,000 lines while read so left none whole)
@@ -59,23 +57,44 @@ def start_server(args: list[str], log_path, *, cwd=None, timeout: float = 240, c
     proc = subprocess.Popen([sys.executable, "-m", "transferkit", *command.split(), *map(str, args), "--port", "0"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=None if cwd is None else str(cwd),
                             env=dict(os.environ, PYTHONIOENCODING="utf-8"))
-    deadline, url = time.monotonic() + timeout, None
-    while True:
-        if url is None:
-            log.seek(0)
-            found = SERVE_LINE.search(log.read())
-            url = found.group(1) if found else None
-        if url is not None:
-            try:
-                if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                    return proc, url, log
-            except requests.RequestException:  # the worker still loads the model
-                pass
+    deadline = time.monotonic() + timeout
+    while not (found := SERVE_LINE.search(_read_from_start(log))):
         if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc, log)
-            with open(log_path, encoding="utf-8", errors="replace") as f:
-                pytest.fail(f"server did not start: {f.read()[-3000:]}")
+            _failed_start(proc, log, log_path)
         time.sleep(0.2)
+    url = found.group(1)
+    if not wait_healthy(url, proc, deadline - time.monotonic()):
+        _failed_start(proc, log, log_path)
+    return proc, url, log
+
+
+def _read_from_start(log) -> str:
+    log.seek(0)
+    return log.read()
+
+
+def _failed_start(proc, log, log_path):
+    import pytest
+
+    stop_server(proc, log)
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        pytest.fail(f"server did not start: {f.read()[-3000:]}")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> bool:
+    """Whether ``URL/healthz`` answers 200 before ``timeout`` seconds pass (polled; False as soon as the server
+    process ends): at start, or once gunicorn has replaced a worker."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                return True
+        except requests.RequestException:  # the worker still loads the model
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return False
 
 
 def stop_server(proc: subprocess.Popen, log=None, timeout: float = 60) -> None:
@@ -89,6 +108,21 @@ def stop_server(proc: subprocess.Popen, log=None, timeout: float = 60) -> None:
             proc.wait(timeout=30)
     if log is not None and not log.closed:
         log.close()
+
+
+def post_images(url: str, *images, timeout: float = 120, **params) -> requests.Response:
+    """``POST URL/api/predict`` with ``images`` as the form's ``image`` parts, ``params`` as its query: each a file
+    path (sent under its base name), the bytes of a JPEG (sent as p.jpg), or a requests file tuple
+    ``(filename, bytes or file[, content type])``."""
+    files = []
+    for image in images:
+        if isinstance(image, (str, os.PathLike)):
+            with open(image, "rb") as f:
+                image = (os.path.basename(image), f.read(), "image/jpeg")
+        elif isinstance(image, bytes):
+            image = ("p.jpg", image, "image/jpeg")
+        files.append(("image", image))
+    return requests.post(url + "/api/predict", files=files, params=params, timeout=timeout)
 
 
 def port_of(url: str) -> int:

@@ -15,22 +15,62 @@ from PIL import Image  # noqa: E402
 
 from photos import PHOTOS, photo_crop  # noqa: E402
 
+
 def on_ci() -> bool:
     """Whether this is a CI run (``CI=true``, as GitHub Actions, GitLab CI and most others set it)."""
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
+def missing(reason: str):
+    """What a test does where something it needs is not there: a skip with ``reason`` locally, a failure under
+    CI=true (where everything the test extra installs, Chromium and the PostgreSQL server must be there)."""
+    if on_ci():
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def require(module: str, why: str = "part of the [test] extra"):
-    """``module`` imported, for a test that needs it. Where it is missing: a skip with the reason, except under
-    CI=true, where everything the test extra installs must be there, so it is a failure (an importorskip would hide
-    a missing dependency on CI)."""
+    """``module`` imported, for a test (or, at its top, a test module) that needs it. Where it is missing:
+    ``missing`` (a skip locally, a failure under CI=true: an importorskip would hide a missing dependency on CI)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        reason = f"{module} is not installed ({why}): {exc}"
-        if on_ci():
-            pytest.fail(f"CI=true and {reason}", pytrace=False)
-        pytest.skip(reason)
+        error = str(exc)  # reported below, outside this handler: no "during handling of..." chain in the report
+    missing(f"{module} is not installed ({why}): {error}")
+
+
+HARDWARE = "hardware: "  # the start of a hardware skip's reason: the run's summary lists those skips
+
+
+def hardware_skip(reason: str):
+    """A skip this machine's hardware (or platform) justifies, e.g. no AMX or native bf16: never a missing
+    package (``require``). Listed under "hardware skips:" at the end of the run."""
+    pytest.skip(HARDWARE + reason, allow_module_level=True)
+
+
+def hardware_reason(reason: str) -> str:
+    """The reason of a ``pytest.mark.skipif`` for hardware (or platform): listed as ``hardware_skip``'s are."""
+    return HARDWARE + reason
+
+
+def _skip_reason(report) -> str:
+    """The reason of a skipped test's report (a ``(path, line, message)`` tuple; a list once it has come back
+    from a pytest-xdist worker), without pytest's "Skipped: " prefix."""
+    longrepr = report.longrepr
+    if isinstance(longrepr, (tuple, list)) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The hardware skips of the run, each test with its reason: the skips a run on other hardware would not
+    have, so a summary shows what this machine could not check (every other skip is a missing dependency,
+    which fails under CI=true)."""
+    rows = [(r.nodeid, reason.removeprefix(HARDWARE)) for r in terminalreporter.stats.get("skipped", [])
+            if (reason := _skip_reason(r)).startswith(HARDWARE)]
+    terminalreporter.write_line(f"hardware skips: {len(rows) or 'none'}")
+    for nodeid, reason in rows:
+        terminalreporter.write_line(f"  {nodeid}: {reason}")
 
 
 CLASSES = ["fraise fraîche", "pêche pourrie", "grenade"]  # crops of three photographs (photos.PHOTOS)
@@ -92,10 +132,44 @@ def trained(dataset, tmp_path_factory):
     return result, str(out)
 
 
+def _shared_folder(tmp_path_factory, name: str):
+    """(folder, lock file) shared by this run's pytest-xdist workers (their base temporary folders' parent), or
+    this run's own where there are none."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return root / name, root / f"{name}.lock"
+
+
+@pytest.fixture(scope="session")
+def multilabel_run(tmp_path_factory):
+    """One CLI training of the multi-label task on 120 mosaics (tests/mosaics.py; 60 more held out), for
+    test_multilabel and test_feedback_multilabel: {"train", "test": labels.csv, "out": run folder, "stderr": the
+    training command's}. Built once per run, even by two pytest-xdist workers (a file lock; the second reads the
+    first's folder), since `make test` may give the two files to different workers."""
+    import fcntl
+
+    from children import run_cli
+    from mosaics import write_mosaics
+
+    root, lock_path = _shared_folder(tmp_path_factory, "multilabel-run")
+    paths = {"train": str(root / "train" / "labels.csv"), "test": str(root / "test" / "labels.csv"),
+             "out": root / "run"}
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the run is built: another worker waits here, then reads it
+        if not (root / "stderr.txt").exists():
+            write_mosaics(root / "train", 120, seed=1)  # root/train/labels.csv
+            write_mosaics(root / "test", 60, seed=2)
+            proc = run_cli("train", paths["train"], "--multi-label", "--image-size", 64, "--out", paths["out"], "-q",
+                           timeout=900)
+            (root / "stderr.txt").write_text(proc.stderr, encoding="utf-8")  # last: the mark of a finished run
+    return paths | {"stderr": (root / "stderr.txt").read_text(encoding="utf-8")}
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance for one test module (2 CPUs, a small object store), shut down after it."""
-    ray = pytest.importorskip("ray", reason="the [ray] extra (part of [test]) is not installed")
+    ray = require("ray", "the [ray] extra, part of [test]")
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
              log_to_driver=False)
     yield ray

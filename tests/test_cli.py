@@ -2,18 +2,11 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 
+import pytest
+
+from children import run_cli
 from conftest import CLASSES, IMAGE_SIZE
-
-
-def run_cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def test_train_evaluate_predict_end_to_end(dataset, tmp_path):
@@ -60,6 +53,14 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"transferkit: error: {tmp_path / 'nowhere'}: not a folder"
     proc = run_cli("predict", tmp_path / "missing.keras", tmp_path, check=False)
     assert proc.returncode == 2 and "model file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_cli_fails_a_refused_command_unless_told_not_to(tmp_path):
+    """children.run_cli, the one CLI runner of the tests: a non-zero exit fails the test (check=True), and with
+    check=False the refused command's output is returned to be examined."""
+    with pytest.raises(AssertionError, match="not a folder"):
+        run_cli("train", tmp_path / "nowhere")
+    assert run_cli("train", tmp_path / "nowhere", check=False).returncode == 2
 
 
 def test_backbones_lists_the_registry():

@@ -12,9 +12,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from browser import chromium, on_ci, save_screenshot
-from children import port_of, start_server
-from conftest import CLASSES
+from browser import chromium, save_screenshot
+from children import port_of, post_images, start_server, stop_server, wait_healthy
+from conftest import CLASSES, hardware_reason, missing
 from test_serve import _raw_get
 
 TOKEN = "s3cret-token"
@@ -27,33 +27,9 @@ def _start(model_path, tmp, *extra, workers=1):
     return url, proc, log
 
 
-def _wait_healthy(url, proc, log, seconds=180):
-    deadline = time.time() + seconds
-    while True:
-        try:
-            if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.seek(0)
-            pytest.fail(f"server did not start: {log.read()[-2000:]}")
-        time.sleep(0.3)
-
-
-def _stop(proc, log):
-    proc.terminate()
-    proc.wait(timeout=60)
-    log.close()
-
-
 def _photos(dataset, n=20):
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(dataset[0]) for f in fs)
     return [open(p, "rb").read() for p in paths[:: max(1, len(paths) // n)][:n]]
-
-
-def _post(url, data, name="p.jpg"):
-    return requests.post(url + "/api/predict", files=[("image", (name, data, "image/jpeg"))], timeout=120)
 
 
 def _metrics(url) -> dict:
@@ -79,20 +55,35 @@ def _wait_rows(count_rows, want, seconds=30):
     return n
 
 
-def _wait_both_workers(url, db, seconds=180):
-    """/healthz answers once one worker has loaded the model: wait until rows come from both."""
+def _wait_committed(db, uids, seconds=30):
+    """Until every one of the answered uploads ``uids`` has its row in ``db`` (a writer commits its batch within
+    50 ms): polled, failing past ``seconds``."""
     deadline = time.time() + seconds
-    with requests.Session() as s:
-        while True:
-            with sqlite3.connect(db) as conn:
-                n = conn.execute("select count(distinct worker) from predictions").fetchone()[0]
-            if n >= 2:
-                time.sleep(1.0)  # the warm-up rows still lingering in a writer's batch (50 ms) are committed
-                return
-            photo = _jpeg_bytes()
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                list(pool.map(lambda _: _post(url, photo, "warm.jpg"), range(8)))
-            assert time.time() < deadline, "the second worker never answered"
+    while missing_rows := set(uids) - {uid for uid, _, _ in _rows(db)}:
+        assert time.time() < deadline, f"{len(missing_rows)} answered upload(s) never stored"
+        time.sleep(0.1)
+
+
+def _ids(replies) -> list[str]:
+    return [r.json()["predictions"][0]["prediction_id"] for r in replies]
+
+
+def _wait_both_workers(url, db, seconds=180):
+    """/healthz answers once one worker has loaded the model: wait until rows come from both, and until every
+    warm-up upload's row is committed (none left in a writer's batch to be counted by a test as its own)."""
+    deadline, warm = time.time() + seconds, []
+    while True:
+        with sqlite3.connect(db) as conn:
+            n = conn.execute("select count(distinct worker) from predictions").fetchone()[0]
+        if n >= 2:
+            _wait_committed(db, warm)
+            return
+        photo = ("warm.jpg", _jpeg_bytes(), "image/jpeg")
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            replies = list(pool.map(lambda _: post_images(url, photo), range(8)))
+        assert [r.status_code for r in replies] == [200] * 8
+        warm += _ids(replies)
+        assert time.time() < deadline, "the second worker never answered"
 
 
 def _jpeg_bytes():
@@ -109,7 +100,7 @@ def collecting(trained, tmp_path_factory):
     url, proc, log = _start(result["model_path"], tmp, "--collect", db, "--feedback-token", TOKEN, workers=2)
     _wait_both_workers(url, db)
     yield url, proc, log, db
-    _stop(proc, log)
+    stop_server(proc, log)
 
 
 def test_200_concurrent_uploads_on_two_workers_give_one_row_each(collecting, dataset):
@@ -117,9 +108,9 @@ def test_200_concurrent_uploads_on_two_workers_give_one_row_each(collecting, dat
     photos = _photos(dataset)
     warm = {uid for uid, _, _ in _rows(db)}  # the fixture's warm-up rows (one photo)
     with ThreadPoolExecutor(max_workers=50) as pool:
-        replies = list(pool.map(lambda i: _post(url, photos[i % len(photos)], f"u{i}.jpg"), range(200)))
+        replies = list(pool.map(lambda i: post_images(url, (f"u{i}.jpg", photos[i % len(photos)])), range(200)))
     assert [r.status_code for r in replies] == [200] * 200
-    ids = [r.json()["predictions"][0]["prediction_id"] for r in replies]
+    ids = _ids(replies)
     assert len(set(ids)) == 200
     assert _wait_rows(lambda: len(_rows(db)), len(warm) + 200) == len(warm) + 200
     rows = [r for r in _rows(db) if r[0] not in warm]
@@ -139,7 +130,7 @@ def test_200_concurrent_uploads_on_two_workers_give_one_row_each(collecting, dat
 
 def test_feedback_is_recorded_against_the_prediction_and_refused_when_unsafe(collecting, dataset):
     url, _, _, db = collecting
-    uid = _post(url, _photos(dataset)[0]).json()["predictions"][0]["prediction_id"]
+    uid = _ids([post_images(url, _photos(dataset)[0])])[0]
     good = {"prediction_id": uid, "kind": "wrong", "label": CLASSES[1]}
     headers = {"X-Feedback-Token": TOKEN}
     assert requests.post(url + "/api/feedback", json=good, timeout=10).status_code == 401  # no token
@@ -179,16 +170,14 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads worker pids from /proc")
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason=hardware_reason("reads worker pids from /proc"))
 def test_kill_9_of_a_worker_loses_no_committed_row_and_the_server_goes_on(collecting, dataset):
     url, proc, log, db = collecting
     photos = _photos(dataset)
-    for i in range(10):
-        assert _post(url, photos[i]).status_code == 200
-    before = len(_rows(db))
-    time.sleep(1.0)  # the writers' queues drained: those rows are committed
+    replies = [post_images(url, photos[i]) for i in range(10)]
+    assert [r.status_code for r in replies] == [200] * 10
+    _wait_committed(db, _ids(replies))  # the writers' queues drained: those rows are committed
     committed = len(_rows(db))
-    assert committed >= before
     victim = _children(proc.pid)[0]
     os.kill(victim, signal.SIGKILL)
     assert len(_rows(db)) == committed  # nothing committed was lost
@@ -198,8 +187,8 @@ def test_kill_9_of_a_worker_loses_no_committed_row_and_the_server_goes_on(collec
     while victim in _children(proc.pid) or len(_children(proc.pid)) < 2:  # gunicorn starts a new worker
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.5)
-    _wait_healthy(url, proc, log)
-    replies = [_post(url, photos[i]) for i in range(6)]
+    assert wait_healthy(url, proc, 180), "no worker answers after the kill"
+    replies = [post_images(url, photos[i]) for i in range(6)]
     assert all(r.status_code == 200 for r in replies)
     assert _wait_rows(lambda: len(_rows(db)), committed + 6) >= committed + 6
 
@@ -210,14 +199,14 @@ def test_a_corrupt_database_degrades_to_not_collected_never_a_failed_answer(trai
         f.write(b"this is not a database " * 500)
     url, proc, log = _start(trained[0]["model_path"], str(tmp_path), "--collect", db)
     try:
-        replies = [_post(url, p) for p in _photos(dataset, 3)]
+        replies = [post_images(url, p) for p in _photos(dataset, 3)]
         assert all(r.status_code == 200 for r in replies)
         assert all("prediction_id" not in r.json()["predictions"][0] for r in replies)
         assert _collected(_metrics(url), "not_collected") >= 3
         page = requests.get(url + "/api/model", timeout=10).json()
         assert page["feedback"] == {"enabled": False, "token": False}
     finally:
-        _stop(proc, log)
+        stop_server(proc, log)
     log = open(log.name).read()
     assert "not collected" in log and "Traceback" not in log
 
@@ -227,12 +216,12 @@ def test_a_locked_database_degrades_to_not_collected_and_recovers(trained, datas
     url, proc, log = _start(trained[0]["model_path"], str(tmp_path), "--collect", db)
     photos = _photos(dataset, 4)
     try:
-        assert _post(url, photos[0]).status_code == 200
+        assert post_images(url, photos[0]).status_code == 200
         assert _wait_rows(lambda: len(_rows(db)), 1) == 1
         holder = sqlite3.connect(db, isolation_level=None)
         holder.execute("begin exclusive")  # another program holds the write lock
         try:
-            assert all(_post(url, p).status_code == 200 for p in photos[1:])
+            assert all(post_images(url, p).status_code == 200 for p in photos[1:])
             deadline = time.time() + 30
             while _collected(_metrics(url), "not_collected") < 3:
                 assert time.time() < deadline
@@ -240,10 +229,10 @@ def test_a_locked_database_degrades_to_not_collected_and_recovers(trained, datas
         finally:
             holder.execute("rollback")
             holder.close()
-        assert _post(url, photos[0]).status_code == 200
+        assert post_images(url, photos[0]).status_code == 200
         assert _wait_rows(lambda: len(_rows(db)), 2) == 2  # collected again once the lock is gone
     finally:
-        _stop(proc, log)
+        stop_server(proc, log)
 
 
 @pytest.fixture
@@ -252,10 +241,7 @@ def postgres_url():
     dropped after the test. Without the server: a skip, a failure under CI=true."""
     admin = os.environ.get("TRANSFERKIT_TEST_POSTGRES")
     if not admin:
-        reason = "TRANSFERKIT_TEST_POSTGRES is not set (.ci/run starts a PostgreSQL server: .ci/postgres.sh)"
-        if on_ci():
-            pytest.fail(f"CI=true and {reason}: the PostgreSQL tests must run on CI", pytrace=False)
-        pytest.skip(reason)
+        missing("TRANSFERKIT_TEST_POSTGRES is not set (.ci/run starts a PostgreSQL server: .ci/postgres.sh)")
     import sqlalchemy as sa
 
     from transferkit.data.collected import store_url
@@ -278,7 +264,7 @@ def test_postgresql_store_with_two_workers(trained, dataset, tmp_path, postgres_
     try:
         photos = _photos(dataset, 10)
         with ThreadPoolExecutor(max_workers=20) as pool:
-            replies = list(pool.map(lambda i: _post(url, photos[i % 10]), range(60)))
+            replies = list(pool.map(lambda i: post_images(url, photos[i % 10]), range(60)))
         assert all(r.status_code == 200 for r in replies)
         ids = {r.json()["predictions"][0]["prediction_id"] for r in replies}
         store = Store(postgres_url, str(tmp_path / "files"), create=False)
@@ -290,7 +276,7 @@ def test_postgresql_store_with_two_workers(trained, dataset, tmp_path, postgres_
         assert store.read()[1][rows[0]["uid"]]["kind"] == "none"
         store.close()
     finally:
-        _stop(proc, log)
+        stop_server(proc, log)
 
 
 def test_browser_correction_buttons_record_the_correction(collecting, dataset):

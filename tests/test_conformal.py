@@ -101,7 +101,9 @@ def test_a_model_file_without_the_calibration_says_so_in_one_line():
 
 
 def test_the_model_stores_its_calibration_and_every_predictor_gives_the_same_sets(trained, dataset, tmp_path):
-    pytest.importorskip("onnxruntime")
+    from conftest import require
+
+    require("onnxruntime")
     from transferkit.apps.serve import create_app
     from transferkit.export import export_model
     from transferkit.models.modelfile import read_metadata

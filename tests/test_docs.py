@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import write_dataset
+from children import run_cli
+from conftest import missing, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -31,10 +32,6 @@ SHELLS = ("bash", "console", "sh", "shell")
 EXTERNAL = ("curl", "ray", "tensorboard")  # other tools' commands shown in the docs: not ours to parse
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*(\.[a-z]+)?$")  # MODEL, N, DIR, LABELS.csv, QUEUE.csv
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```", re.M | re.S)
-
-
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
 def fenced_blocks(path: Path) -> list[tuple[str, str, int]]:
@@ -324,13 +321,6 @@ def quick_start_folder(tmp_path_factory):
     return root
 
 
-def _transferkit(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "transferkit", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"transferkit {' '.join(args)}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 def _expand(tokens: list[str], cwd: Path) -> list[str]:
     out = []
     for t in tokens:
@@ -342,15 +332,14 @@ def _expand(tokens: list[str], cwd: Path) -> list[str]:
 def _serve_and_ask(args: list[str], cwd: Path, photo: str) -> dict:
     """Run the quick start's ``serve`` line (``--port 0``: the port it bound read from its log), wait for
     /healthz, GET the page, POST ``photo``, stop it."""
-    from children import start_server, stop_server
+    from children import post_images, start_server, stop_server
 
     assert args[0] == "serve", args
     proc, url, log = start_server(args[1:], cwd / "serve.log", cwd=cwd, timeout=120)
     try:
         page = requests.get(url + "/", timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
-        with open(cwd / photo, "rb") as f:
-            answer = requests.post(url + "/api/predict", files={"image": (os.path.basename(photo), f)}, timeout=60)
+        answer = post_images(url, cwd / photo, timeout=60)
         assert answer.status_code == 200, answer.text
         return answer.json()
     finally:
@@ -373,7 +362,7 @@ def test_the_readme_quick_start_runs_end_to_end(quick_start_folder, monkeypatch,
             assert served["label"] == predicted["new/peach.jpg"]["label"]  # the server answers as predict does
             assert abs(served["probability"] - predicted["new/peach.jpg"]["probability"]) < 1e-4
             continue
-        proc = _transferkit(args, root)
+        proc = run_cli(*args, cwd=root)
         if args[0] == "train":
             for name in ("model.keras", "report.html", "MODEL_CARD.md"):  # what the README's comment promises
                 assert (root / "runs" / "fruit" / name).is_file(), name
@@ -381,7 +370,7 @@ def test_the_readme_quick_start_runs_end_to_end(quick_start_folder, monkeypatch,
             assert metrics["test"]["accuracy"] >= 0.8  # 3 classes of real photos: chance is 0.33
         else:
             assert "peach.jpg" in proc.stdout and "other.jpg" in proc.stdout
-            rows = json.loads(_transferkit([*args, "--format", "json"], root).stdout)
+            rows = json.loads(run_cli(*args, "--format", "json", cwd=root).stdout)
             predicted = {os.path.relpath(r["path"], root) if os.path.isabs(r["path"]) else r["path"]: r for r in rows}
             assert predicted["new/peach.jpg"]["label"] == "grenade"  # a crop of the grenade class's photograph
     # the Python block, as written, in the same folder (its features are cached by the command-line run)
@@ -396,12 +385,10 @@ def test_the_readme_quick_start_runs_end_to_end(quick_start_folder, monkeypatch,
 # ---------- the site ----------
 
 def test_the_site_builds_with_strict_links(tmp_path):
-    missing = [m for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
-               if _try(importlib.util.find_spec, m) is None]
-    if missing:
-        if _on_ci():
-            pytest.fail(f"CI=true but {', '.join(missing)} not installed: pip install -e '.[docs]'")
-        pytest.skip(f"{', '.join(missing)} not installed (pip install -e '.[docs]')")
+    absent = [m for m in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
+              if _try(importlib.util.find_spec, m) is None]
+    if absent:
+        missing(f"{', '.join(absent)} not installed (the [docs] extra, part of [test]: pip install -e '.[docs]')")
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})

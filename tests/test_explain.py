@@ -9,7 +9,7 @@ from PIL import Image
 from skimage import data
 
 from transferkit.models.gradcam import GradCam, upsample
-from conftest import IMAGE_SIZE
+from conftest import IMAGE_SIZE, hardware_skip
 
 # Object boxes (x0, y0, x1, y1) in the photographs' own pixels, measured on a 50 px grid drawn over them:
 # chelsea (451 x 300): the cat's face, ears to chin and whisker base to whisker base (eyes at y ~ 90-160, nose
@@ -157,7 +157,7 @@ def test_heat_maps_from_the_converted_backbone_equal_keras(dataset, tmp_path, he
     clf = ImageClassifier(image_size=IMAGE_SIZE, epochs=3, head=head).fit(dataset[0], out=str(tmp_path / head))
     forward = clf.map_forward()
     if forward is None:
-        pytest.skip("no converting runtime here: the report's heat maps run on Keras")
+        hardware_skip("no converting runtime here: the report's heat maps run on Keras")
     paths = [os.path.join(dataset[1], c, f"photo_{i:03d}.jpg") for c in clf.classes_ for i in range(3)]
     images = np.stack([load_image(p, IMAGE_SIZE) for p in paths]).astype("float32")
     fast, slow = GradCam(clf.model_, forward), GradCam(clf.model_)

@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 import transferkit
@@ -23,8 +22,8 @@ from transferkit.engines.keras_step import run_model
 from transferkit.export import export_model
 from transferkit.models import modelfile, novelty
 
-from children import predict_in_child, start_server, stop_server
-from conftest import IMAGE_SIZE
+from children import post_images, predict_in_child, start_server, stop_server
+from conftest import IMAGE_SIZE, hardware_skip
 from photos import PHOTOS, photo_crop
 
 
@@ -59,8 +58,7 @@ def _server_answers(model_path: str, paths: list[str], log_path) -> tuple[list, 
         ready = time.perf_counter() - started
         answers = []
         for start in range(0, len(paths), 32):
-            files = [("image", (os.path.basename(p), open(p, "rb").read())) for p in paths[start:start + 32]]
-            reply = requests.post(url + "/api/predict", files=files, timeout=120)
+            reply = post_images(url, *paths[start:start + 32])
             assert reply.status_code == 200, reply.text
             answers += _answers(reply.json()["predictions"])
         return answers, ready
@@ -140,7 +138,7 @@ def test_an_engine_on_one_thread_computes_the_same_features(many_photos):
     batch = np.stack([load_image(p, IMAGE_SIZE) for p in many_photos[::10]]).astype(np.float32)
     every = extractor.forward(batch)
     if extractor.engine.respawn is None:
-        pytest.skip(f"{extractor.engine.label}: no converted engine to run on fewer threads")
+        hardware_skip(f"{extractor.engine.label}: no converted engine to run on fewer threads")
     one = extractor.engine.on_threads(1)
     assert one is not extractor.engine
     np.testing.assert_array_equal(one(batch), every)

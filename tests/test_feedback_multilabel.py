@@ -14,19 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mosaics import LABELS, mosaic, write_mosaics
-
-SIZE = 64
+from mosaics import LABELS, mosaic
 
 
 @pytest.fixture(scope="module")
-def ml_model(tmp_path_factory):
-    import transferkit
-
-    root = tmp_path_factory.mktemp("ml")
-    train = write_mosaics(root / "train", 120, seed=1)
-    result = transferkit.train(train, multi_label=True, image_size=SIZE, out=str(root / "run"))
-    return result["model_path"]
+def ml_model(multilabel_run):
+    """The model of conftest's session run (120 mosaics, --image-size 64), shared with test_multilabel."""
+    return str(multilabel_run["out"] / "model.keras")
 
 
 def _mosaics(folder, n: int, seed: int, always: int | None = None) -> list[str]:

@@ -22,10 +22,9 @@ from transferkit.files import cache_dir
 from transferkit.options import DEFAULT_ENGINE, EngineOptions
 
 from children import predict_in_child
-from conftest import IMAGE_SIZE
+from conftest import IMAGE_SIZE, require
 
-pytestmark = pytest.mark.skipif(not runtimes.installed("openvino"),
-                                reason="the default engine converts to OpenVINO")
+require("openvino", "a dependency of transferkit; the default engine converts to it")
 
 
 def _cache_without_classifiers(tmp_path) -> str:

@@ -24,7 +24,8 @@ import transferkit
 from transferkit.errors import TransferkitError
 from transferkit.files import cache_dir, file_digest, read_checked
 
-from conftest import CLASSES, IMAGE_SIZE, write_dataset
+from children import run_cli
+from conftest import CLASSES, IMAGE_SIZE, require, write_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "transferkit"
@@ -135,9 +136,8 @@ def test_damaged_or_foreign_model_files_give_one_line(trained, tmp_path):
         assert str(path) in message and "\n" not in message, (name, message)
     # the command line: one line on stderr, no traceback
     for name in ("no_class_names", "no_resize", "foreign_onnx"):
-        proc = subprocess.run([sys.executable, "-m", "transferkit", "predict", str(files[name]),
-                               str(tmp_path)], capture_output=True, text=True, timeout=300)
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        proc = run_cli("predict", files[name], tmp_path, check=False, timeout=300)  # and no traceback
+        assert proc.returncode != 0, proc.stderr[-2000:]
         assert str(files[name]) in proc.stderr
 
 
@@ -175,7 +175,7 @@ def test_exports_carry_no_local_path_and_saved_model_refuses_foreign_folders(tra
 
 # ----- 6. engines are certified on photos, never on a warm-up batch of zeros -----
 def test_server_checks_its_engine_on_the_models_validation_photos(trained):
-    pytest.importorskip("openvino")
+    require("openvino", "a dependency of transferkit")
     from transferkit.apps.serve import create_app
     from transferkit.data.images import load_image
     from transferkit.engines import runtimes
@@ -216,7 +216,7 @@ def _tiny_model():
 
 
 def test_damaged_conversion_and_verdict_are_rebuilt_not_trusted(tmp_path):
-    pytest.importorskip("openvino")
+    require("openvino", "a dependency of transferkit")
     from transferkit.engines import runtimes
 
     model, key = _tiny_model(), f"test-tiny-{os.getpid()}-{time.time_ns()}"

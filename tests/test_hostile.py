@@ -6,7 +6,6 @@ import importlib.util
 import io
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +16,8 @@ from transferkit.data import images
 from transferkit.data.images import OverPixelBudget, UnreadableImage, check_pixel_budget, load_image, open_rgb
 from transferkit.data.images import probe_image, sniff_format
 from transferkit.errors import TransferkitError
+
+from children import run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("make_hostile_corpus",
@@ -37,15 +38,6 @@ def corpus(tmp_path_factory):
 def _files(corpus, expect=None):
     root, manifest = corpus
     return {os.path.join(root, rel): e for rel, e in manifest.items() if expect is None or e["expect"] == expect}
-
-
-def _run(*args, timeout=300):
-    """A `transferkit` command; its output must hold no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def _tiny_png_bomb(width=9000, height=9000) -> bytes:
@@ -177,7 +169,7 @@ def test_every_corpus_file_decodes_or_is_refused_with_a_reason(corpus):
 
 def test_inspect_names_every_bad_file(corpus, tmp_path):
     root, manifest = corpus
-    report = json.loads(_run("inspect", root, "--json", "--out", str(tmp_path)).stdout)
+    report = json.loads(run_cli("inspect", root, "--json", "--out", str(tmp_path)).stdout)
     unreadable = {u["path"]: u["reason"] for u in report["unreadable"]}
     assert report["n_images"] + len(unreadable) == len(manifest)
     for path in _files(corpus, "refused"):
@@ -190,8 +182,8 @@ def hostile_model(corpus, tmp_path_factory):
     """`transferkit train` on the corpus (tiny settings): the model, and the run's skipped files."""
     root, _ = corpus
     out = str(tmp_path_factory.mktemp("hostile_run"))
-    _run("train", root, "--image-size", "64", "--epochs", "2", "--augment-views", "1", "--runtime", "keras",
-         "--out", out)
+    run_cli("train", root, "--image-size", "64", "--epochs", "2", "--augment-views", "1", "--runtime", "keras",
+            "--out", out)
     with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
         skipped = {s["path"]: s["reason"] for s in json.load(f)["skipped"]}
     return os.path.join(out, "model.keras"), skipped
@@ -206,7 +198,7 @@ def test_training_skips_every_bad_file_with_its_reason(corpus, hostile_model):
 
 def test_predict_gives_every_file_a_row(corpus, hostile_model):
     root, manifest = corpus
-    rows = json.loads(_run("predict", hostile_model[0], root, "--format", "json", "--runtime", "keras").stdout)
+    rows = json.loads(run_cli("predict", hostile_model[0], root, "--format", "json", "--runtime", "keras").stdout)
     assert len(rows) == len(manifest)
     by_path = {r["path"]: r for r in rows}
     for path, entry in _files(corpus).items():

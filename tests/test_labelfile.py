@@ -9,12 +9,12 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import unicodedata
 
 import numpy as np
 import pytest
 
+from children import run_cli
 from conftest import CLASSES, IMAGE_SIZE, write_dataset
 from transferkit import runs
 from transferkit.data import labelfile
@@ -164,12 +164,6 @@ def _events(folder):
     return {tag: [(e.step, value(e)) for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
 
 
-def _cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
-    return proc
-
-
 def test_cli_trains_from_a_label_file_with_tensorboard_logs(tmp_path, capsys):
     from transferkit.apps import cli
 
@@ -178,9 +172,8 @@ def test_cli_trains_from_a_label_file_with_tensorboard_logs(tmp_path, capsys):
     labels = _write(tmp_path / "labels.csv", ["fichier", "espèce", "partie"], rows)
     cols = ["--path-col", "fichier", "--label-col", "espèce", "--split-col", "partie"]
     out, logs = tmp_path / "run", tmp_path / "logs"
-    proc = _cli("train", labels, *cols, "--image-size", IMAGE_SIZE, "--epochs", 4, "--patience", 10,
-                "--fine-tune-epochs", 2, "--runtime", "keras", "--out", out, "--log-dir", logs, "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli("train", labels, *cols, "--image-size", IMAGE_SIZE, "--epochs", 4, "--patience", 10,
+            "--fine-tune-epochs", 2, "--runtime", "keras", "--out", out, "--log-dir", logs, "--quiet")
     split = json.loads((out / "split.json").read_text(encoding="utf-8"))
     assert sorted(split["validation"]) == sorted(p for p, _, s in rows if s == "valid")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
@@ -318,10 +311,11 @@ def test_cli_label_file_errors_name_the_file_and_the_reason(tmp_path):
                 one: f"{one}: only one label ('grenade'); a classifier needs at least 2",
                 hf: f"{hf / 'metadata.jsonl'}: line 2: not JSON (Expecting value)"}
     for source, message in expected.items():
-        assert _refused(_cli("train", source, "--out", tmp_path / "run")) == message
+        assert _refused(run_cli("train", source, "--out", tmp_path / "run", check=False)) == message
         assert not (tmp_path / "run").exists()  # refused before the run folder is made
     for source in (latin1, hf):  # inspect lists bad rows in its report; an unreadable file is still refused
-        assert _refused(_cli("inspect", source, "--out", tmp_path / "health")) == expected[source]
+        refused = run_cli("inspect", source, "--out", tmp_path / "health", check=False)
+        assert _refused(refused) == expected[source]
 
 
 def _beside(tmp_path, per_class=6) -> tuple[str, str, list]:
@@ -338,20 +332,20 @@ def test_root_takes_the_images_beside_the_label_files_folder(tmp_path):
     labels, images, rows = _beside(tmp_path)
     with pytest.raises(TransferkitError, match=r"18 bad row\(s\): line 2 \('[^']+'\): no such file;"):
         scan_folder(labels)  # relative to data/: nothing there
-    err = _refused(_cli("inspect", labels, "--out", tmp_path / "health"))  # every row bad: the rows named
+    # every row bad: the rows named
+    err = _refused(run_cli("inspect", labels, "--out", tmp_path / "health", check=False))
     assert err.startswith(f"{labels}: 18 bad row(s): line 2 (") and err.endswith("no such file; and 8 more")
     data = scan_folder(labelfile.LabelFile(labels, root=images))
     assert data.counts() == {c: 6 for c in sorted(CLASSES)}
     assert data.paths == [os.path.join(images, p) for p, _ in rows]
     split = split_training_folder(labelfile.LabelFile(labels, root=images), 0.25, 0)
     assert len(split.train_paths) + len(split.val_paths) == 18 and split.root == images
-    proc = _cli("inspect", labels, "--root", images, "--json", "--out", tmp_path / "health", "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("inspect", labels, "--root", images, "--json", "--out", tmp_path / "health", "--quiet")
     assert json.loads(proc.stdout)["counts"]["train"] == {c: 6 for c in sorted(CLASSES)}
     # the flag is for a label file, and its folder must exist
-    assert _refused(_cli("train", images, "--root", images)) == (
+    assert _refused(run_cli("train", images, "--root", images, check=False)) == (
         f"{images}: --root is for a label file (.csv, .tsv, or a folder with metadata.csv), not a class folder")
-    assert _refused(_cli("train", labels, "--root", tmp_path / "nowhere")) == (
+    assert _refused(run_cli("train", labels, "--root", tmp_path / "nowhere", check=False)) == (
         f"{labels}: --root {tmp_path / 'nowhere'}: no such folder")
 
 
@@ -390,7 +384,7 @@ def test_root_refuses_paths_and_links_that_leave_it(tmp_path):
                                                r"leads out of the label file's folder; line 3 .*'\.\.' leads out"):
         scan_folder(own)
     # from the CLI: one line, before the run folder is made
-    err = _refused(_cli("train", bad, "--root", images, "--out", tmp_path / "run"))
+    err = _refused(run_cli("train", bad, "--root", images, "--out", tmp_path / "run", check=False))
     assert err == message and not (tmp_path / "run").exists()
 
 
@@ -406,9 +400,8 @@ def test_cli_trains_with_root_and_python_evaluates_with_it(tmp_path):
     train_csv = _write(tmp_path / "data" / "train.csv", ["path", "label"], listed["train"])
     test_csv = _write(tmp_path / "data" / "test.csv", ["path", "label"], listed["test"])
     out = tmp_path / "run"
-    proc = _cli("train", train_csv, "--test-dir", test_csv, "--root", images, "--image-size", IMAGE_SIZE,
-                "--epochs", 5, "--head", "gap", "--runtime", "keras", "--out", out, "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli("train", train_csv, "--test-dir", test_csv, "--root", images, "--image-size", IMAGE_SIZE,
+            "--epochs", 5, "--head", "gap", "--runtime", "keras", "--out", out, "--quiet")
     split = json.loads((out / "split.json").read_text(encoding="utf-8"))
     assert split["validation"] and all(p.startswith("train/") for p in split["validation"])  # below --root
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))

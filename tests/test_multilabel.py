@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,28 +13,19 @@ import pytest
 import transferkit
 from transferkit.errors import OptionError, TransferkitError
 
-from children import predict_in_child
+from children import predict_in_child, run_cli
 from mosaics import LABELS, write_mosaics
 
 SIZE = 64
 
 
-def _cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(train labels.csv, test labels.csv, run folder) of one CLI training on 120 mosaics (60 held out)."""
-    root = tmp_path_factory.mktemp("mosaics")
-    train = write_mosaics(root / "train", 120, seed=1)
-    test = write_mosaics(root / "test", 60, seed=2)
-    out = root / "run"
-    proc = _cli("train", train, "--multi-label", "--image-size", SIZE, "--out", out, "-q")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr == "", proc.stderr[-2000:]  # -q: warnings only, and TensorFlow's start-up lines are off
-    return train, test, out
+def run(multilabel_run):
+    """(train labels.csv, test labels.csv, run folder) of one CLI training on 120 mosaics (60 held out): conftest's
+    session run, shared with test_feedback_multilabel."""
+    # -q: warnings only, and TensorFlow's start-up lines are off
+    assert multilabel_run["stderr"] == "", multilabel_run["stderr"][-2000:]
+    return multilabel_run["train"], multilabel_run["test"], multilabel_run["out"]
 
 
 def _truth(table: str) -> dict[str, list[str]]:
@@ -50,22 +39,20 @@ def test_evaluate_prints_the_multilabel_metrics_as_scikit_learn_computes_them(ru
     from sklearn.metrics import f1_score, hamming_loss
 
     train, test, out = run
-    proc = _cli("evaluate", out / "model.keras", test, "--json", "--no-explain")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("evaluate", out / "model.keras", test, "--json", "--no-explain")
     metrics = json.loads(proc.stdout)
     assert {"micro_f1", "macro_f1", "mAP", "subset_accuracy", "hamming_loss", "per_label"} <= set(metrics)
     assert list(metrics["per_label"]) == sorted(LABELS) and metrics["n_images"] == 60
     print({k: round(metrics[k], 3) for k in ("micro_f1", "macro_f1", "mAP", "subset_accuracy")})
     assert metrics["micro_f1"] >= 0.85 and metrics["mAP"] >= 0.9  # measured 0.945 and 0.988 (chance: ~0.5)
-    rows = json.loads(_cli("predict", out / "model.keras", test, "--format", "json", "--no-reject").stdout)
+    rows = json.loads(run_cli("predict", out / "model.keras", test, "--format", "json", "--no-reject").stdout)
     truth = _truth(test)
     names = sorted(LABELS)
     y = np.array([[n in truth[os.path.normpath(r["path"])] for n in names] for r in rows])
     predicted = np.array([[n in r["labels"] for n in names] for r in rows])
     assert metrics["micro_f1"] == pytest.approx(f1_score(y, predicted, average="micro"), abs=1e-9)
     assert metrics["hamming_loss"] == pytest.approx(hamming_loss(y, predicted), abs=1e-9)
-    page = _cli("evaluate", out / "model.keras", test, "--out", out / "eval", "--no-explain")
-    assert page.returncode == 0, page.stderr[-2000:]
+    run_cli("evaluate", out / "model.keras", test, "--out", out / "eval", "--no-explain")
     html = (out / "eval" / "report.html").read_text(encoding="utf-8")
     assert 'id="per-label"' in html and "Labels on the same photo" in html and (out / "eval" /
                                                                               "label_cooccurrence.png").exists()
@@ -91,14 +78,13 @@ def test_rows_carry_labels_and_scores_and_every_engine_gives_the_same_sets(run, 
         assert set(r["scores"]) == set(LABELS)
         over = [n for n, p in sorted(r["scores"].items(), key=lambda kv: -kv[1]) if p >= thresholds[n]]
         assert r["labels"] == over and r["label"] == (over[0] if over else None)
-    table = _cli("predict", model, test, "--format", "csv")
-    assert table.returncode == 0, table.stderr[-2000:]
+    table = run_cli("predict", model, test, "--format", "csv")
     by_path = {os.path.normpath(r["path"]): r for r in rows}
     for line in csv.DictReader(io.StringIO(table.stdout)):
         row = by_path[os.path.normpath(line["path"])]
         assert line["labels"] == ("|".join(row["labels"]) if not row.get("unknown") else "")
     onnx = tmp_path / "model.onnx"
-    assert _cli("export", model, "--format", "onnx", "--out", onnx).returncode == 0
+    run_cli("export", model, "--format", "onnx", "--out", onnx)
     exported = transferkit.predict(str(onnx), [test], reject=False)
     same = np.mean([a["labels"] == b["labels"] for a, b in zip(rows, exported)])
     assert same >= 0.998, same
@@ -300,7 +286,7 @@ def test_every_predictor_gives_the_same_label_sets_and_abstentions(run, held_out
     asked = {"coverage": 0.9, "max_error": 0.1}
     rows = transferkit.predict(model, files, runtime="keras", **asked)
     assert all(set(r["set"]) <= set(LABELS) and isinstance(r["abstain"], bool) for r in rows)
-    assert _cli("export", model, "--format", "onnx", "--out", tmp_path / "m.onnx").returncode == 0
+    run_cli("export", model, "--format", "onnx", "--out", tmp_path / "m.onnx")
     exported = transferkit.predict(str(tmp_path / "m.onnx"), files, **asked)
     client = create_app(model, ServeOptions(runtime="keras")).test_client()
     served = []

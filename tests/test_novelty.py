@@ -49,7 +49,9 @@ def test_temperature_undoes_overconfidence_and_lowers_ece():
 
 
 def test_the_score_travels_into_onnx(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    from conftest import require
+
+    ort = require("onnxruntime")
     from transferkit.engines.keras_onnx import save_onnx
 
     x, y, _ = _clusters(per_class=8, dim=64)

@@ -15,14 +15,8 @@ import time
 import pytest
 import requests
 
-from children import start_server, stop_server
-from conftest import CLASSES
-
-
-
-def _cli(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, PYTHONIOENCODING="utf-8", **(env or {})), cwd=cwd)
+from children import post_images, run_cli, start_server, stop_server
+from conftest import CLASSES, hardware_reason
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> str:
@@ -39,12 +33,8 @@ def _one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> str:
 # ----- the demo -----
 def test_the_demo_trains_and_reports_a_test_accuracy_well_above_chance(tmp_path):
     """``make demo`` runs ``transferkit demo``: the 1,797 digits of scikit-learn, ten classes (chance 0.10); it
-    measured 0.964 here in 38 s on 2 cores."""
-    started = time.perf_counter()
-    proc = _cli("demo", "--data", tmp_path / "data", "--out", tmp_path / "run", timeout=600, cwd=tmp_path)
-    seconds = time.perf_counter() - started
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    measured 0.964 here in 38 s on 2 cores (its time: benchmarks/; the timeout only stops a hang)."""
+    proc = run_cli("demo", "--data", tmp_path / "data", "--out", tmp_path / "run", timeout=600, cwd=tmp_path)
     last = proc.stdout.strip().splitlines()[-1]
     found = re.fullmatch(r"model: (.+)  test accuracy: (0\.\d{4}|1\.0000)", last)
     assert found, last
@@ -58,7 +48,6 @@ def test_the_demo_trains_and_reports_a_test_accuracy_well_above_chance(tmp_path)
     assert len(metrics["class_names"]) == 10 and "zéro" in metrics["class_names"]
     n_written = sum(len(files) for _, _, files in os.walk(tmp_path / "data"))
     assert n_written == 1797 and metrics["n_images"] == 450  # the held-out quarter
-    assert seconds < 300, seconds
 
 
 # ----- real servers -----
@@ -69,8 +58,7 @@ def servers(trained, tmp_path_factory):
     result, _ = trained
     home = tmp_path_factory.mktemp("paths-serve")
     onnx = str(home / "model.onnx")
-    done = _cli("export", result["model_path"], "--format", "onnx", "--out", onnx)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_cli("export", result["model_path"], "--format", "onnx", "--out", onnx)
     started = {}
     try:
         started["keras"] = start_server([result["model_path"], "--workers", "2"], home / "keras.log", cwd=home) + (
@@ -87,18 +75,13 @@ def _photos(dataset, n_each=1) -> list[tuple[str, str]]:
     return [(c, os.path.join(dataset[1], c, f"photo_{i:03d}.jpg")) for c in CLASSES for i in range(n_each)]
 
 
-def _post(url, paths, **params) -> requests.Response:
-    files = [("image", (os.path.basename(p), open(p, "rb").read(), "image/jpeg")) for p in paths]
-    return requests.post(url + "/api/predict", files=files, params=params, timeout=120)
-
-
 def _workers(pid: int) -> list[int]:
     """The child processes of ``pid`` (gunicorn's workers), from the kernel's list of that process's children."""
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and sends SIGSTOP")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason=hardware_reason("reads /proc and sends SIGSTOP"))
 def test_two_workers_each_answer_alone(servers, dataset):
     url, proc, _ = servers["keras"]
     deadline = time.time() + 120
@@ -112,7 +95,7 @@ def test_two_workers_each_answer_alone(servers, dataset):
         (other,) = [w for w in workers if w != running]
         os.kill(other, signal.SIGSTOP)
         try:
-            reply = _post(url, paths)
+            reply = post_images(url, *paths)
         finally:
             os.kill(other, signal.SIGCONT)
         assert reply.status_code == 200, reply.text
@@ -129,28 +112,28 @@ def test_an_onnx_export_is_served_and_explain_answers_why_not(servers, dataset):
     info = requests.get(url + "/api/model", timeout=10).json()
     assert info["class_names"] == sorted(CLASSES) and info["backbone"] == "efficientnet_lite0"
     paths = [p for _, p in _photos(dataset, 2)]
-    got, want = _post(url, paths), _post(keras_url, paths)
+    got, want = post_images(url, *paths), post_images(keras_url, *paths)
     assert got.status_code == 200 and want.status_code == 200, (got.text, want.text)
     for a, b in zip(got.json()["predictions"], want.json()["predictions"]):  # the export answers as the model
         assert a["label"] == b["label"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)
-    reply = _post(url, paths[:1], explain=1)
+    reply = post_images(url, paths[0], explain=1)
     assert reply.status_code == 400
     assert reply.json() == {"error": "explain=1 needs a .keras model file; model.onnx has no gradients"}
-    assert _post(url, paths[:1]).status_code == 200  # and serving goes on
+    assert post_images(url, paths[0]).status_code == 200  # and serving goes on
 
 
 @pytest.mark.parametrize("name", ["keras", "onnx"])
 def test_more_than_64_files_is_one_clear_error(servers, dataset, name):
     url, proc, _ = servers[name]
     photo = _photos(dataset)[0][1]
-    reply = _post(url, [photo] * 64)
+    reply = post_images(url, *[photo] * 64)
     assert reply.status_code == 200 and len(reply.json()["predictions"]) == 64
     # 65 files: counted by the app; 2,000 (werkzeug stops reading the form past 80 parts): the same answer,
     # not "upload larger than the limit" (2,000 of these photos are 7 MB, under it)
     for n, error in ((65, "at most 64 files per request (65 sent)"), (2000, "at most 64 files per request")):
-        reply = _post(url, [photo] * n)
+        reply = post_images(url, *[photo] * n)
         assert reply.status_code == 413 and reply.json() == {"error": error}, (n, reply.text)
-    assert _post(url, [photo]).status_code == 200 and proc.poll() is None  # serving goes on
+    assert post_images(url, photo).status_code == 200 and proc.poll() is None  # serving goes on
 
 
 # ----- --ray -----
@@ -167,13 +150,12 @@ def test_ray_address_where_no_cluster_answers_is_one_line_in_bounded_time(traine
     result, _ = trained
     photo = _photos(dataset)[0][1]
     for address in (closed_port, f"ray://{closed_port}"):
-        started = time.perf_counter()
-        proc = _cli("predict", result["model_path"], photo, "--ray", address, "--out", tmp_path / "p.parquet",
-                    timeout=120)
+        # bounded: the timeout fails a command still retrying (Ray 2.60 alone was, after 5 minutes)
+        proc = run_cli("predict", result["model_path"], photo, "--ray", address, "--out", tmp_path / "p.parquet",
+                       timeout=120, check=False)
         _one_line_error(proc, f"--ray {address}: cannot reach a Ray cluster there (Connection refused)")
-        assert time.perf_counter() - started < 60  # Ray 2.60 alone was still retrying after 5 minutes
         assert not (tmp_path / "p.parquet").exists()
-    proc = _cli("train", dataset[0], "--ray", closed_port, "--out", tmp_path / "run", timeout=120)
+    proc = run_cli("train", dataset[0], "--ray", closed_port, "--out", tmp_path / "run", timeout=120, check=False)
     _one_line_error(proc, f"--ray {closed_port}: cannot reach a Ray cluster there")
     assert not (tmp_path / "run").exists()  # refused before any image is read
 
@@ -189,9 +171,10 @@ def test_ray_not_installed_is_one_line_naming_the_extra(trained, dataset, tmp_pa
     result, _ = trained
     photo = _photos(dataset)[0][1]
     wanted = "--ray needs Ray Data (ray is not installed): pip install 'transferkit[ray]'"
-    proc = _cli("predict", result["model_path"], photo, "--ray", "--out", tmp_path / "p.parquet", env=env)
+    proc = run_cli("predict", result["model_path"], photo, "--ray", "--out", tmp_path / "p.parquet", env=env,
+                   timeout=300, check=False)
     assert _one_line_error(proc) == f"transferkit: error: {wanted}"
     assert not (tmp_path / "p.parquet").exists()
-    proc = _cli("train", dataset[0], "--ray", "--out", tmp_path / "run", env=env)
+    proc = run_cli("train", dataset[0], "--ray", "--out", tmp_path / "run", env=env, timeout=300, check=False)
     assert _one_line_error(proc) == f"transferkit: error: {wanted}"
     assert not (tmp_path / "run").exists()

@@ -5,11 +5,9 @@ local path: the queue's rows (order, answers, scores) equal those of ``review FO
 import csv
 import os
 
-import pytest
+from conftest import CLASSES, require, write_dataset
 
-from conftest import CLASSES, write_dataset
-
-ray = pytest.importorskip("ray", reason="the [ray] extra (part of [test]) is not installed")
+require("ray", "the [ray] extra, part of [test]")
 
 
 def test_review_of_a_folder_on_ray_ranks_as_the_local_path(trained, ray_local, tmp_path, capsys):

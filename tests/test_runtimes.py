@@ -11,6 +11,8 @@ from transferkit.errors import TransferkitError
 from transferkit.training.features import FeatureExtractor
 from transferkit.engines.keras_step import run_model, without_resize
 
+from conftest import hardware_skip, require
+
 SIZE = 96
 CAT = {281, 282, 285}  # tabby, tiger cat, Egyptian cat: chelsea
 CUP = {504, 505, 967, 968}  # coffee mug, coffeepot, espresso, cup: coffee
@@ -48,10 +50,9 @@ PATHS = [("keras", "fp32", 0.99999), ("onnxruntime", "fp32", 0.99999), ("openvin
 
 @pytest.mark.parametrize("runtime,precision,bound", PATHS)
 def test_each_runtime_matches_keras_fp32_on_real_photos(runtime, precision, bound, photos, reference, imagenet):
-    if not runtimes.installed(runtime):
-        pytest.skip(f"{runtime} not installed")
+    require(runtime, "a dependency of transferkit, or [fast] in [test]")
     if precision == "bf16" and not runtimes.native_bf16():
-        pytest.skip("this CPU has no native bf16")
+        hardware_skip("this CPU has no native bf16")
     extractor, expected = reference
     engine = runtimes.build_engine(extractor, f"test-lite0-{SIZE}", runtime, precision, check_images=photos)
     assert (engine.runtime, engine.precision) == (runtime, precision)
@@ -87,8 +88,9 @@ def test_auto_resolution_and_clear_errors():
 
 
 def test_low_precision_that_drifts_falls_back_to_fp32(photos, monkeypatch, caplog):
-    if not (runtimes.installed("openvino") and runtimes.native_bf16()):
-        pytest.skip("needs openvino on a CPU with native bf16")
+    require("openvino", "a dependency of transferkit")
+    if not runtimes.native_bf16():
+        hardware_skip("needs a CPU with native bf16")
     monkeypatch.setattr(runtimes, "MIN_COSINE", 1.01)  # no bf16 result can pass: the fallback must engage
     fx = FeatureExtractor("efficientnet_lite0", SIZE, runtime="openvino", precision="bf16", cache=False)
     fx.forward(photos)
@@ -98,8 +100,7 @@ def test_low_precision_that_drifts_falls_back_to_fp32(photos, monkeypatch, caplo
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_a_conversion_that_disagrees_with_keras_falls_back_to_keras(runtime, photos, monkeypatch, caplog):
-    if not runtimes.installed(runtime):
-        pytest.skip(f"{runtime} not installed")
+    require(runtime, "a dependency of transferkit, or [fast] in [test]")
     monkeypatch.setattr(runtimes, "FP32_COSINE", 1.01)  # no converted model can pass: the fallback must engage
     fx = FeatureExtractor("efficientnet_lite0", SIZE, runtime=runtime, precision="fp32", cache=False)
     features = fx.forward(photos)
@@ -110,9 +111,8 @@ def test_a_conversion_that_disagrees_with_keras_falls_back_to_keras(runtime, pho
 
 
 def test_auto_keeps_keras_where_keras_measured_faster(photos, reference, monkeypatch, caplog):
+    require("openvino", "a dependency of transferkit: auto's first choice")
     runtime, _ = runtimes.resolve()
-    if runtime == "keras":
-        pytest.skip("no fast runtime installed")
     extractor, expected = reference
     # the speeds measured once per model: make Keras the faster one, as it is for MobileNetV3 on OpenVINO
     monkeypatch.setattr(runtimes, "_speeds", lambda engines, images: {
@@ -144,9 +144,8 @@ def test_uncached_conversions_each_run_their_own_model(photos):
     """Converted without a key (random weights), each engine computes its own model, and nothing is cached."""
     from transferkit.files import cache_dir
 
+    require("openvino", "a dependency of transferkit: auto's first choice")
     runtime = runtimes.resolve()[0]
-    if runtime == "keras":
-        pytest.skip("no converting runtime (onnxruntime, openvino) installed: Keras runs each model itself")
     before = set(cache_dir().rglob("*"))
     outputs = []
     for seed in (1, 2):  # two different small models, converted without a key: each engine runs its own
@@ -200,8 +199,9 @@ def test_adapted_normalization_exports_as_constants(photos, tmp_path):
 def test_a_cap_on_onednn_instructions_changes_what_auto_chooses(monkeypatch):
     """ONEDNN_MAX_CPU_ISA (obeyed by OpenVINO's kernels) below AMX: auto no longer takes bf16, which is then
     slower than fp32 (benchmarks/precision.py: 132 vs 154 img/s), but int8 on VNNI for long runs."""
-    if not runtimes.cpu_has("amx_bf16") or not runtimes.installed("openvino"):
-        pytest.skip("needs a CPU with AMX and openvino")
+    require("openvino", "a dependency of transferkit")
+    if not runtimes.cpu_has("amx_bf16"):
+        hardware_skip("needs a CPU with AMX")
     assert runtimes.fast_bf16() and runtimes.resolve("auto", "auto") == ("openvino", "bf16")
     assert runtimes.training_precision("auto", "openvino", 5000) == "bf16"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")

@@ -16,11 +16,12 @@ import pytest
 from PIL import Image
 
 import transferkit
-from conftest import IMAGE_SIZE, write_dataset
+from children import run_cli
+from conftest import IMAGE_SIZE, require, write_dataset
 from photos import PHOTOS, photo_crop
 
-ray = pytest.importorskip("ray", reason="the [ray] extra (part of [test]) is not installed")
-pq = pytest.importorskip("pyarrow.parquet")
+ray = require("ray", "the [ray] extra, part of [test]")
+pq = require("pyarrow.parquet", "the [ray] extra, part of [test]")
 
 PREDICT_ACTOR = "MapBatches(Predict)"  # in the process title of Ray Data's actors for scale.predict.Predict
 
@@ -160,6 +161,8 @@ def test_a_worker_killed_mid_job_still_yields_every_row_once(trained, archive, l
 
 
 def _cli(*args: str) -> list[str]:
+    """The command line of ``transferkit ARGS``, for a child the test watches or kills while it runs (one it only
+    waits for: children.run_cli)."""
     return [sys.executable, "-m", "transferkit", *args]
 
 
@@ -167,10 +170,10 @@ def test_a_killed_driver_resumes_without_duplicates(trained, archive, local_rows
     """The CLI starting its own local Ray instance, killed (SIGKILL, with its Ray processes) once some blocks are
     written; the same command again completes the folder."""
     model, out = os.path.join(trained[1], "model.keras"), str(tmp_path / "preds.parquet")
-    command = _cli("predict", model, archive, "--ray", "--out", out, "--batch-size", "2", "-q")
+    args = ["predict", model, archive, "--ray", "--out", out, "--batch-size", "2"]
     log = tmp_path / "driver.log"  # a file, not a pipe: a pipe nobody reads blocks its writer past 64 KiB
     with open(log, "wb") as stderr:
-        proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(_cli(*args, "-q"), start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline:
         if os.path.isdir(out) and len(os.listdir(out)) >= 2:
@@ -183,8 +186,7 @@ def test_a_killed_driver_resumes_without_duplicates(trained, archive, local_rows
 
     answered = len(compact(out, "parquet")[1])  # the rows the killed run finished (a file it was writing: removed)
     assert answered < len(local_rows) - 1
-    again = subprocess.run(command[:-1], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
+    again = run_cli(*args, timeout=300)
     _assert_same_as_local(_table(out), local_rows)
     skipped = int(re.search(r"(\d+) already in", again.stdout).group(1))
     # what the killed run had written was kept (its Ray workers may finish a block or two after its driver died)

@@ -17,7 +17,8 @@ from PIL import Image
 
 import transferkit.apps
 from browser import chromium, save_screenshot
-from children import port_of, start_server, stop_server
+from children import port_of, run_cli, start_server, stop_server
+from children import post_images as _post
 from conftest import CLASSES
 
 MAX_UPLOAD_MB = 2
@@ -43,10 +44,6 @@ def server(trained, tmp_path_factory):
     stop_server(proc, log, timeout=30)
     for path in secret_files:
         os.remove(path)
-
-
-def _post(url, *files, **params):
-    return requests.post(url + "/api/predict", files=[("image", f) for f in files], params=params, timeout=60)
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -110,8 +107,7 @@ def test_binds_loopback_by_default_and_reports_model(server):
 def test_http_predictions_equal_the_cli(server, dataset):
     url, model_path, *_ = server
     paths = [os.path.join(dataset[1], c, "photo_001.jpg") for c in CLASSES]
-    cli = subprocess.run([sys.executable, "-m", "transferkit", "predict", model_path, *paths, "--format", "json"],
-                         capture_output=True, text=True, timeout=300)
+    cli = run_cli("predict", model_path, *paths, "--format", "json", timeout=300)
     expected = json.loads(cli.stdout)
     handles = [(os.path.basename(p), open(p, "rb").read(), "image/jpeg") for p in paths]
     body = _post(url, *handles).json()  # several files: one batched call

@@ -103,7 +103,9 @@ def test_calibration_is_measured_and_stored(trained, dataset):
 
 
 def test_keras_onnx_and_server_give_the_same_unknown_verdicts(trained, dataset, unknowns, tmp_path):
-    pytest.importorskip("onnxruntime")
+    from conftest import require
+
+    require("onnxruntime")
     from transferkit.apps.serve import create_app
     from transferkit.export import export_model
     from transferkit.options import ServeOptions
