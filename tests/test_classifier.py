@@ -20,6 +20,7 @@ from transferkit.errors import OptionError, TransferkitError
 from transferkit.models.novelty import split_outputs
 from transferkit.options import SPLIT_AND_FEATURES
 
+from children import run_cli
 from conftest import CLASSES, IMAGE_SIZE
 from photos import photo_crop
 
@@ -145,15 +146,13 @@ def test_bad_option_fails_before_any_image_is_read(dataset, tmp_path, monkeypatc
 
 
 def test_cli_flags_come_from_the_record_and_errors_name_the_flag(dataset, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "transferkit", "train", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = run_cli("train", "--help", timeout=120)
     for name in TrainOptions.names():
         flag = "--no-cache" if name == "cache" else "--" + name.replace("_", "-")
         assert flag in proc.stdout, flag
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "transferkit", "train", dataset[0], "--batch-size", "0",
-                           "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = run_cli("train", dataset[0], "--batch-size", "0", "--out", tmp_path / "x", check=False, timeout=120)
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("transferkit: error: --batch-size must be >= 1 and <= 4096, "
                                                     "got 0")
     print(f"bad option refused in {time.perf_counter() - start:.1f} s (process start included)")
@@ -259,9 +258,7 @@ def test_logging_not_print(tmp_path):
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"
                 and not p.match("apps/*.py")]
     assert printing == [], "library code logs through logging.getLogger('transferkit'): " + ", ".join(printing)
-    proc = subprocess.run([sys.executable, "-m", "transferkit", "backbones", "efficientnet_lite*", "--offline"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0
+    proc = run_cli("backbones", "efficientnet_lite*", "--offline", timeout=120)
     names = [line.split()[0] for line in proc.stdout.splitlines()]
     assert names == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 

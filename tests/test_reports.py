@@ -2,8 +2,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import transferkit
 from transferkit.data.health import inspect_dataset
 from transferkit.reports.plots import show_predictions
 
+from children import run_cli
 from browser import chromium, save_screenshot
 from conftest import CLASSES, write_dataset
 
@@ -45,15 +44,12 @@ def test_inspect_finds_counts_unreadable_and_every_kind_of_duplicate(messy):
 
 def test_inspect_cli_prints_one_json_object_and_draws_samples(messy, tmp_path):
     out = tmp_path / "inspect"
-    proc = subprocess.run([sys.executable, "-m", "transferkit", "inspect", messy[0], "--test-dir", messy[1],
-                           "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("inspect", messy[0], "--test-dir", messy[1], "--out", out, "--json", timeout=300)
     report = json.loads(proc.stdout)
     assert report["n_images"] == 19
     with Image.open(out / "samples.png") as img:
         assert img.size[0] > 300 and img.size[1] > 300
-    human = subprocess.run([sys.executable, "-m", "transferkit", "inspect", messy[0], "--test-dir", messy[1],
-                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+    human = run_cli("inspect", messy[0], "--test-dir", messy[1], "--out", out, timeout=300)
     assert "train-test" in human.stdout and "pêche" in human.stdout and "broken.jpg" in human.stdout
 
 

@@ -4,8 +4,6 @@ record, the task seam and the predict options record."""
 import dataclasses
 import inspect
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import transferkit
 from transferkit import ImageClassifier, TrainOptions
 from transferkit.errors import OptionError, TransferkitError
 
+from children import run_cli
 from conftest import IMAGE_SIZE
 
 
@@ -128,15 +127,12 @@ def test_predict_options_are_one_record(trained, tmp_path):
         PredictOptions(top_k=0)
     with pytest.raises(OptionError, match="top_k must be >= 1"):
         transferkit.predict(trained[0]["model_path"], [], top_k=0)
-    proc = subprocess.run([sys.executable, "-m", "transferkit", "predict", trained[0]["model_path"], trained[1],
-                           "--top-k", "0"], capture_output=True, text=True, timeout=120)
+    proc = run_cli("predict", trained[0]["model_path"], trained[1], "--top-k", "0", check=False, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "transferkit: error: --top-k must be >= 1, got 0")
     notes = tmp_path / "notes.jpg"
     notes.write_text("not a photo")
-    proc = subprocess.run([sys.executable, "-m", "transferkit", "predict", trained[0]["model_path"], str(notes),
-                           "--format", "json", "--no-reject", "--top-k", "1"], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("predict", trained[0]["model_path"], notes, "--format", "json", "--no-reject", "--top-k", "1",
+                   timeout=300)
     rows = json.loads(proc.stdout)
     assert len(rows) == 1 and rows[0]["error"] and rows[0]["label"] is None
