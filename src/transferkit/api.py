@@ -73,35 +73,41 @@ def _model(model, runtime: str, precision: str) -> Predictor:
 def predict(model, paths, *, top_k: int = DEFAULT_PREDICT.top_k, batch_size: int = DEFAULT_PREDICT.batch_size,
             runtime: str = DEFAULT_ENGINE.runtime, precision: str = DEFAULT_ENGINE.precision,
             reject: bool = DEFAULT_PREDICT.reject, coverage: float | None = None,
-            max_error: float | None = None) -> list[dict]:
+            max_error: float | None = None, expected_error: float | None = None,
+            class_coverage: float | None = None) -> list[dict]:
     """Rows for every image in ``paths`` (files, folders, globs, label files: their rows get ``given``, the
     file's label); ``model`` is a path or a loaded predictor; ``reject=False`` labels unknown photos with their
-    nearest class instead of None; ``coverage``: rows get ``set``, the conformal prediction set; ``max_error``:
-    rows get ``abstain`` (see ``models.conformal``)."""
+    nearest class instead of None; ``coverage``: rows get ``set``, the conformal prediction set
+    (``class_coverage``: with that coverage within every class); ``max_error``: rows get ``abstain``, certified
+    (``expected_error``: in expectation; see ``models.conformal``); an abstaining row's label is None."""
     from transferkit.engines.predict import predict_rows
 
     options = PredictOptions(top_k=top_k, batch_size=batch_size, reject=reject, coverage=coverage,
-                             max_error=max_error)  # checked before the model is read
+                             max_error=max_error, expected_error=expected_error,
+                             class_coverage=class_coverage)  # checked before the model is read
     return predict_rows(_model(model, runtime, precision), paths, options)
 
 
 def predict_on_ray(model, paths, out: str, *, address: str | None = "local", top_k: int = DEFAULT_PREDICT.top_k,
                    batch_size: int = DEFAULT_PREDICT.batch_size, runtime: str = DEFAULT_ENGINE.runtime,
                    precision: str = DEFAULT_ENGINE.precision, reject: bool = DEFAULT_PREDICT.reject,
-                   coverage: float | None = None, max_error: float | None = None) -> dict:
+                   coverage: float | None = None, max_error: float | None = None,
+                   expected_error: float | None = None, class_coverage: float | None = None) -> dict:
     """``predict``'s rows for every image in ``paths`` (files, folders, globs), computed on the Ray cluster at
     ``address`` ("local": a local Ray instance) and written to the folder ``out`` (``*.parquet`` or ``*.csv``);
     files already predicted there are skipped, so a killed job resumes. ``model``: the path of a model file
-    every worker can read. ``coverage`` / ``max_error``: the rows' conformal ``set`` (labels joined by |) and
-    ``abstain`` columns, as ``predict``'s. Returns the summary (rows, new, errors, seconds, images_per_second)."""
+    every worker can read. ``coverage`` / ``class_coverage`` / ``max_error`` / ``expected_error``: the rows'
+    conformal ``set`` (labels joined by |) and ``abstain`` columns, as ``predict``'s. Returns the summary (rows, new, errors, seconds, images_per_second)."""
     from transferkit.scale.cluster import preflight
     from transferkit.scale.predict import predict_on_ray as run
 
-    PredictOptions(coverage=coverage, max_error=max_error)  # checked before the model is read
+    guarantees = {"coverage": coverage, "max_error": max_error, "expected_error": expected_error,
+                  "class_coverage": class_coverage}
+    PredictOptions(**guarantees)  # checked before the model is read
     engine = EngineOptions(runtime=runtime, precision=precision)
     preflight(address)  # Ray installed, the cluster reachable: before the model is read or OUT is made
     return run(str(model), paths, out, address=address, top_k=top_k, reject=reject, batch_size=batch_size,
-               engine=engine, coverage=coverage, max_error=max_error)
+               engine=engine, **guarantees)
 
 
 def evaluate(model, test_dir: str, *, out: str | None = None, batch_size: int = DEFAULT_PREDICT.batch_size,

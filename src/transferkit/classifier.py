@@ -131,16 +131,18 @@ class ImageClassifier:
     # ----- using a fitted classifier -----
     def predict(self, paths, *, top_k: int = DEFAULT_PREDICT.top_k, reject: bool = DEFAULT_PREDICT.reject,
                 batch_size: int | None = None, coverage: float | None = None,
-                max_error: float | None = None) -> list[dict]:
+                max_error: float | None = None, expected_error: float | None = None,
+                class_coverage: float | None = None) -> list[dict]:
         """A row per image file (files, folders, globs): path, label, probability, top_k, novelty, unknown; or
         path and error. A photo of none of the classes gets ``unknown`` True and label None (``reject=False``:
-        the nearest class). ``batch_size``: default, the training option's. ``coverage`` / ``max_error``: rows
-        get ``set`` / ``abstain`` (``models.conformal``)."""
+        the nearest class). ``batch_size``: default, the training option's. ``coverage`` / ``class_coverage`` /
+        ``max_error`` / ``expected_error``: rows get ``set`` / ``abstain`` (``models.conformal``)."""
         from transferkit.engines.predict import predict_rows
 
         self._fitted()
         options = PredictOptions(top_k=top_k, reject=reject, batch_size=batch_size or self.options_.batch_size,
-                                 coverage=coverage, max_error=max_error)
+                                 coverage=coverage, max_error=max_error, expected_error=expected_error,
+                                 class_coverage=class_coverage)
         return predict_rows(self, paths, options)
 
     def predict_proba(self, images) -> np.ndarray:

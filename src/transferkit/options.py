@@ -203,7 +203,8 @@ class TrainOptions(EngineOptions):
 @dataclass(frozen=True, kw_only=True)
 class PredictOptions(Options):
     """How answers are given (``predict``, ``ImageClassifier.predict``, the server's default): the one place
-    where ``top_k``, ``batch_size``, ``reject``, ``coverage`` and ``max_error`` and their defaults are written."""
+    where ``top_k``, ``batch_size``, ``reject`` and the guarantees (``coverage``, ``class_coverage``,
+    ``max_error``, ``expected_error``) and their defaults are written."""
 
     top_k: int = option(3, "classes listed per image", low=1)
     batch_size: int = option(32, "images per engine call", low=1, high=4096)
@@ -216,6 +217,15 @@ class PredictOptions(Options):
     max_error: float | None = option(None, "mark 'abstain' where answering would break this error rate among "
                                      "answered photos (e.g. 0.02)", low=0.0, high=1.0, low_open=True,
                                      high_open=True, kind=float, shown="off")
+    expected_error: float | None = option(None, "mark 'abstain' so that a new photo gets a wrong answer with "
+                                          "probability at most this, on average (conformal risk control: a "
+                                          "promise in expectation, not with 90 % confidence like --max-error)",
+                                          low=0.0, high=1.0, low_open=True, high_open=True, kind=float,
+                                          shown="off")
+    class_coverage: float | None = option(None, "add each photo's set with this coverage within every class "
+                                          "(each class's own conformal quantile; a class with too few "
+                                          "calibration photos is in every set) (e.g. 0.9)", low=0.0, high=1.0,
+                                          low_open=True, high_open=True, kind=float, shown="off")
 
 
 DEFAULT_PREDICT = PredictOptions()

@@ -204,6 +204,10 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
         for r in rows:
             if r.get("error"):
                 print(f"{r['path']}\tERROR: {r['error']}")
+            elif r.get("abstain"):  # not answered: the top-k as a hint, never as the label
+                nearest = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
+                print(f"{r['path']}\t(top: {nearest})" + (f"\tgiven {r['given']}" if "given" in r else "")
+                      + _guarantee_text(r))
             elif "labels" in r and not r.get("unknown"):  # multi-label: every label over its threshold
                 shown = ", ".join(f"{name} {r['scores'][name]:.3f}" for name in r["labels"]) or "none of the labels"
                 print(f"{r['path']}\t{shown}" + (f"\tgiven {r['given']}" if "given" in r else "") + _guarantee_text(r))

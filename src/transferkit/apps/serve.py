@@ -48,6 +48,7 @@ def model_info(model) -> dict:
         "created": meta.get("created"),
         "transferkit_version": meta.get("transferkit_version"),
         "conformal": isinstance(meta.get("conformal"), dict),  # ?coverage= / ?max_error= are answered
+        "class_coverage": isinstance((meta.get("conformal") or {}).get("per_class"), list),  # ?class_coverage=
     }
 
 
@@ -101,7 +102,11 @@ def create_app(model_path: str, options: ServeOptions | None = None) -> Flask:
         except TransferkitError as exc:  # an unreadable upload (path: reason), a bad coverage / max_error, a
             return error(400, str(exc))  # model without the calibration
         hooks.after_predict(rows, files)
-        return jsonify({"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}})
+        reply = {"predictions": rows, "model": {"backbone": info["backbone"], "class_names": info["class_names"]}}
+        from transferkit.engines.predict import guarantee_note
+
+        note = guarantee_note(model, _guarantees(request.args).get("max_error"))
+        return jsonify(reply | ({"note": note} if note else {}))
 
     return app
 
@@ -126,12 +131,14 @@ def _flask_app(max_upload_mb: float) -> Flask:
 
 
 def _guarantees(args) -> dict:
-    """``?coverage=`` / ``?max_error=`` as ``PredictOptions`` checks them (one-line OptionError)."""
+    """``?coverage=`` / ``?max_error=`` / ``?expected_error=`` / ``?class_coverage=`` as ``PredictOptions``
+    checks them (one-line OptionError)."""
+    from transferkit.engines.predict import GUARANTEES
     from transferkit.errors import OptionError
     from transferkit.options import PredictOptions
 
     asked = {}
-    for name in ("coverage", "max_error"):
+    for name in GUARANTEES:
         text = args.get(name)
         if text is not None and text.strip():
             try:

@@ -17,7 +17,7 @@ Abstention: the error of an answer is "its label set (each label over its F1 thr
 set" (subset error: what "the answer was wrong" means to someone who reads the labels). An answer's confidence
 is the product over labels of the probability of the side it took, p_j over the threshold, else 1 - p_j (the
 chance the whole set is right if the calibrated labels were independent); the cut-off is chosen by
-``conformal.answer_threshold``, the single-label code's binomial bound over 20 cut-offs at delta / 20 each.
+``conformal.answer_threshold``, the single-label code's fixed-sequence binomial tests over 20 cut-offs.
 Held-out photos (``training.trainer``): the validation photos as the model answers them, and every training
 photo out of fold (the chosen head fitted again on the other folds, ``select.held_out_logits``, through the
 model's per-label temperatures). Unlike the single-label case (``models.conformal``: the label audit's heads,
@@ -37,7 +37,8 @@ import math
 import numpy as np
 
 from transferkit.log import logger
-from transferkit.models.conformal import COVERAGES, DELTA, DIGITS, MAX_ERRORS, MAX_SCORES, _ranks, selective_report
+from transferkit.models.conformal import (COVERAGES, DELTA, DIGITS, MAX_ERRORS, MAX_SCORES, RISK_METHOD, _ranks,
+                                          selective_report)
 
 TOLERANCE = 10.0 ** -DIGITS  # a score this far under its (rounded-down) threshold is still inside
 _warned: set = set()
@@ -119,7 +120,7 @@ def risk_pairs(probs: np.ndarray, y: np.ndarray, decision: np.ndarray) -> dict:
         pick = np.random.default_rng(0).choice(len(y), MAX_SCORES, replace=False)
         confidence, correct = confidence[pick], correct[pick]
     order = np.argsort(-confidence, kind="stable")
-    return {"method": "sgr-binomial", "delta": DELTA, "error": "label set not exactly the true set",
+    return {"method": RISK_METHOD, "delta": DELTA, "error": "label set not exactly the true set",
             "confidence": [round(float(c), DIGITS) for c in confidence[order]],
             "correct": [int(c) for c in correct[order]]}
 

@@ -202,10 +202,38 @@ def _guarantees(meta: dict) -> list[str]:
             f"on {found.get('n')} held-out photos: {fitted.get('validation', 0)} validation, "
             f"{fitted.get('out_of_fold', 0)} out-of-fold training): a set holds the right label at least the asked "
             f"share of the time, **on average over photos**; not for each class, not for each photo.",
-            f"- Abstention (`predict --max-error 0.02`): with probability ≥ {1 - delta:.0%} over those photos, the "
-            f"error among answered photos is at most the bound (binomial bound, binary search over cut-offs).",
+            _class_line(found, meta.get("class_names") or []),
+            f"- Abstention (`predict --max-error 0.05`): with probability ≥ {1 - delta:.0%} over those photos, the "
+            f"error among answered photos is at most the bound (Learn-then-Test: exact binomial tests in fixed "
+            f"sequence over 20 cut-offs). " + _floor_line(found, delta),
+            "- Expected-error abstention (`predict --expected-error 0.05`): a new photo gets a wrong answer with "
+            "probability at most the bound, **on average** over calibrations (conformal risk control), not with "
+            f"{1 - delta:.0%} confidence; it needs at least 1 / bound - 1 calibration photos.",
             "- Assumption: new photos are exchangeable with the training folder's (same source, same class mix). "
             "Other cameras, a drifting class mix or photos of none of the classes void both.", ""]
+
+
+def _floor_line(found: dict, delta: float) -> str:
+    """The smallest error bound the calibration photos can certify (all right): below it every photo abstains."""
+    from transferkit.models.conformal import smallest_certifiable
+
+    n = len((found.get("risk") or {}).get("confidence") or [])
+    return (f"The smallest bound {n} calibration photos can certify is {smallest_certifiable(n, delta):.4f} (all of "
+            f"them right); under it every photo abstains.")
+
+
+def _class_line(found: dict, class_names: list) -> str:
+    """The per-class (Mondrian) sets, with the classes too small for 0.90 named."""
+    from transferkit.models.conformal import class_needed
+
+    per_class = found.get("per_class")
+    if not isinstance(per_class, list) or not per_class:
+        return "- Per-class sets (`--class-coverage`): not in this file (trained before they were stored)."
+    names = class_names if len(class_names) == len(per_class) else [str(i) for i in range(len(per_class))]
+    few = [f"{n} ({c.get('n')})" for n, c in zip(names, per_class) if c.get("n", 0) < class_needed(0.9)]
+    return ("- Per-class sets (`predict --class-coverage 0.9`; each class's own conformal quantile, Mondrian): the "
+            "asked coverage holds **within every class**; a class with under level / (1 - level) calibration photos "
+            f"(9 at 0.90, 19 at 0.95) is in every set. Under 9 at 0.90: {', '.join(few) or 'none'}.")
 
 
 def _label_guarantees(found: dict, fitted: dict, delta: float) -> list[str]:
@@ -226,8 +254,9 @@ def _label_guarantees(found: dict, fitted: dict, delta: float) -> list[str]:
             "- No guarantee where a label has too few held-out photos for the level (the set then always holds "
             "it): " + ("; ".join(short) if short else "none") + ".",
             f"- Abstention (`predict --max-error 0.05`): with probability ≥ {1 - delta:.0%} over those photos, "
-            "the share of answered photos whose label set is not exactly right is at most the bound (binomial "
-            "bound over 20 cut-offs of the answer's confidence).",
+            "the share of answered photos whose label set is not exactly right is at most the bound (Learn-then-"
+            "Test: exact binomial tests in fixed sequence over 20 cut-offs of the answer's confidence). "
+            + _floor_line(found, delta),
             "- Assumption: new photos are exchangeable with the training folder's (same source, same label mix). "
             "Other cameras, a drifting label mix or photos of none of the labels void both.", ""]
 

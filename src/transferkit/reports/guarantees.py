@@ -36,6 +36,7 @@ def conformal_metrics(predictor, labels, probs, max_error: float | None = None) 
     found = evaluate_sets(probs, labels, predictor.class_names, stored, max_errors=bounds)
     found["guarantee"] = ("coverage: a set holds the right label at least the asked share of the time, on average "
                           "over photos exchangeable with the calibration photos (not per class, not per photo); "
+                          "class coverage: the same within every class; "
                           f"abstention: {confidence}, the error among answered photos is at most the bound")
     return {"conformal": found}
 
@@ -68,8 +69,40 @@ def conformal_section(metrics: dict) -> str:
 <p class="muted">{e(found['guarantee'])}</p>
 <table id="conformal-coverage"><thead><tr><th>coverage asked</th><th>{empirical}</th><th>mean set size</th>
 {heads}</tr></thead><tbody>{rows}</tbody></table>{note}
+{_per_class_section(found)}
 <table id="conformal-abstain"><thead><tr><th>max error</th><th>answered</th><th>error among answered</th></tr>
 </thead><tbody>{answers}</tbody></table>"""
+
+
+def _per_class_section(found: dict) -> str:
+    """The per-class coverage and mean set size of the marginal sets (``--coverage``) beside the Mondrian ones
+    (``--class-coverage``), at each level; empty for a file without per-class calibration."""
+    if not found.get("class_coverage"):
+        return ""
+    e = html.escape
+    tables = []
+    for marginal, mondrian in zip(found["coverage"], found["class_coverage"]):
+        rows = "".join(f"<tr><td>{e(name)}</td><td>{_pct(value)}</td><td>{marginal['per_class_size'][name]}</td>"
+                       f"<td>{_pct(mondrian['per_class'].get(name))}</td>"
+                       f"<td>{mondrian['per_class_size'].get(name, '-')}</td></tr>"
+                       for name, value in marginal["per_class"].items())
+        few = "; ".join(f"{e(n)} ({k} calibration photos, needs {_needed(mondrian['asked'])})"
+                        for n, k in mondrian.get("too_few", {}).items())
+        tables.append(f"""<table class="conformal-per-class" data-asked="{marginal['asked']:.2f}"><thead><tr>
+<th>class, at {marginal['asked']:.2f}</th><th>coverage (--coverage)</th><th>mean set size</th>
+<th>coverage (--class-coverage)</th><th>mean set size</th></tr></thead><tbody>{rows}</tbody></table>"""
+                      + (f"<p>Too few calibration photos for {marginal['asked']:.2f} (in every set): {few}.</p>"
+                         if few else ""))
+    return ("<h3>Coverage per class: average (--coverage) and per-class (--class-coverage) sets</h3>"
+            "<p class=\"muted\">--coverage promises the asked share on average over photos; --class-coverage "
+            "promises it within every class (each class's own quantile), at the price of larger sets for the "
+            "hard classes.</p>" + "".join(tables))
+
+
+def _needed(level: float) -> int:
+    from transferkit.models.conformal import class_needed
+
+    return class_needed(level)
 
 
 def _pct(value) -> str:

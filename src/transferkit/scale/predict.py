@@ -48,16 +48,18 @@ def output_format(out: str) -> str:
 
 def schema(top_k: int, guarantees: dict | None = None):
     """The columns of every output file: those of ``predict --format csv``, plus the content hash (with
-    ``guarantees`` {coverage, max_error}: ``set``, its labels joined by |, and ``abstain``, as that CSV has them)."""
+    ``guarantees`` {coverage or class_coverage, max_error or expected_error}: ``set``, its labels joined by |, and
+    ``abstain``, as that CSV has them)."""
     import pyarrow as pa
 
+    asked = set(guarantees or {})
     tops = [f for i in range(top_k) for f in (pa.field(f"top{i + 1}_label", pa.string()),
                                               pa.field(f"top{i + 1}_probability", pa.float64()))]
     return pa.schema([pa.field("path", pa.string()), pa.field("sha", pa.string()), pa.field("label", pa.string()),
                       pa.field("probability", pa.float64()), pa.field("novelty", pa.float64()),
                       pa.field("unknown", pa.bool_())] + tops + [pa.field("error", pa.string())]
-                     + [pa.field("set", pa.string())] * ("coverage" in (guarantees or {}))
-                     + [pa.field("abstain", pa.bool_())] * ("max_error" in (guarantees or {})))
+                     + [pa.field("set", pa.string())] * bool({"coverage", "class_coverage"} & asked)
+                     + [pa.field("abstain", pa.bool_())] * bool({"max_error", "expected_error"} & asked))
 
 
 def flat_row(row: dict, sha: str | None, top_k: int) -> dict:
@@ -147,11 +149,13 @@ class Predict:
 
 def predict_on_ray(model: str, items, out: str, *, address: str | None = LOCAL, top_k: int = 3,
                    reject: bool = True, batch_size: int = 32, engine: EngineOptions = DEFAULT_ENGINE,
-                   cpus_per_actor: int = 1, coverage: float | None = None, max_error: float | None = None) -> dict:
+                   cpus_per_actor: int = 1, coverage: float | None = None, max_error: float | None = None,
+                   expected_error: float | None = None, class_coverage: float | None = None) -> dict:
     """Predict every image below ``items`` (files, folders, globs, label files) with the model file ``model`` on
     the Ray cluster at ``address`` (None or "local": a local instance) into the folder ``out`` (``*.parquet``
     or ``*.csv``); files already predicted there (same path, same content, no error) are skipped. ``coverage`` /
-    ``max_error``: the rows' conformal ``set`` / ``abstain`` (``engines.predict.decide``). Returns the summary."""
+    ``class_coverage`` / ``max_error`` / ``expected_error``: the rows' conformal ``set`` / ``abstain``
+    (``engines.predict.decide``, as local predict). Returns the summary."""
     from transferkit.api import load_predictor
 
     fmt = output_format(out)
@@ -159,7 +163,9 @@ def predict_on_ray(model: str, items, out: str, *, address: str | None = LOCAL, 
     _check_items(items)
     model = os.path.abspath(model)
     predictor = load_predictor(model, **engine.to_dict())  # a bad model file: its one-line error, here
-    guarantees = {k: v for k, v in (("coverage", coverage), ("max_error", max_error)) if v is not None}
+    guarantees = {k: v for k, v in (("coverage", coverage), ("max_error", max_error),
+                                    ("expected_error", expected_error), ("class_coverage", class_coverage))
+                  if v is not None}
     if guarantees:  # a model without the calibration: its one line, before a job starts
         from transferkit.engines.predict import decide
 
@@ -238,7 +244,8 @@ def _check_manifest(out: str, model: str, predictor, top_k: int, reject: bool, e
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             found = json.load(f)
-        differs = [k for k in [*wanted, "coverage", "max_error"] if found.get(k) != wanted.get(k)]
+        differs = [k for k in [*wanted, "coverage", "max_error", "expected_error", "class_coverage"]
+                   if found.get(k) != wanted.get(k)]
         if differs:
             k = differs[0]
             what = "another model file" if k in ("model_sha", "classes") else f"{k} {found.get(k)!r}"
