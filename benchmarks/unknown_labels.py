@@ -38,7 +38,10 @@ Measured (3 seeds, 64 px; the negatives: crops of chelsea,rocket (c,r) or text,c
                 background  0.998         0.969           0.026           1.000
 
 The threshold rule gains nothing (the shipped threshold already rejects the negatives); the background score does,
-but needs the negatives' features in the novelty fit: ``train --add`` keeps them out (data/added.py).
+on every column: ``train --add`` builds it (data/added.py keeps the ``unknown`` rows aside, the trainer extracts
+their features, ``models.novelty.fit_trust`` folds the term into the novelty layer's weights, its cut shifted onto
+the class score's threshold). tests/test_unknown_negatives.py measures it through the CLI on 40 photos of 8 other
+photographs than the negatives'.
 """
 
 from __future__ import annotations

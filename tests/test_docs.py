@@ -531,7 +531,7 @@ def test_the_feedback_commands_run_in_the_order_shown(page, trained, tmp_path):
             run = root / args[args.index("--out") + 1]
             n = read_metadata(str(run / "model.keras"))["data"]
             assert n["n_train"] == len(plain.train_paths) + 3 and n["n_val"] == len(plain.val_paths)
-            assert "2 photo(s) labelled unknown kept out of the classes" in proc.stderr
+            assert "2 photo(s) labelled unknown: not a class; used as 'none of these' examples" in proc.stderr
         else:
             assert proc.stdout.startswith("inputs have")
     assert ran == ["serve", "review", "review", "train", "monitor"]

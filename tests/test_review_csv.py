@@ -117,7 +117,8 @@ def test_accept_with_an_empty_label_and_a_label_without_accept_combine(store, tm
     assert "1 queue row(s) left out: 1 has neither a label nor accept=yes" in proc.stderr
     assert "1 accepted the model's answer" in proc.stderr and "2 given a label" in proc.stderr
 
-    # train --add: the three labelled photos join the training split, the unknown one is kept out and said so
+    # train --add: the three labelled photos join the training split, the unknown one is the unknown score's
+    # "none of these" example (not a class), and said so
     from transferkit.data.folders import split_training_folder
     from transferkit.options import TrainOptions
 
@@ -129,7 +130,8 @@ def test_accept_with_an_empty_label_and_a_label_without_accept_combine(store, tm
     meta = read_metadata(after["model_path"])
     assert meta["data"]["n_train"] == len(plain.train_paths) + 3 and meta["data"]["n_val"] == len(plain.val_paths)
     assert sorted(meta["class_names"]) == sorted(CLASSES)  # no "unknown" class
-    assert "1 photo(s) labelled unknown kept out of the classes" in caplog.text
+    assert "1 photo(s) labelled unknown: not a class; used as 'none of these' examples" in caplog.text
+    assert meta["novelty"]["background"]["photos"] == meta["data"]["n_unknown"] == 1
 
 
 def test_nothing_to_write_names_the_rows_read_and_why_each_group_was_left_out(store, tmp_path):

@@ -14,7 +14,8 @@ def add_commands(command) -> None:
                           "labelling: uncertainty, novelty, diversity; queue.csv, review.html, a label file")
     r.epilog = ("Three steps: (1) transferkit review DB writes DIR/queue.csv and DIR/review.html; (2) in "
                 "queue.csv, per row: write the right label in 'label' (several joined by '|' for a multi-label "
-                "model; 'unknown' for a photo of none of the classes, which train --add keeps out of the classes), "
+                "model; 'unknown' for a photo of none of the classes: never a class, train --add uses it as a 'none "
+                "of these' example for the unknown score), "
                 "or write yes in 'accept' and leave 'label' empty to take the model's answer (a row with a label "
                 "counts with or without accept; a row with neither is left out); (3) transferkit review DB "
                 "--accept DIR/queue.csv --out LABELS.csv, then transferkit train DATA --add LABELS.csv.")

@@ -158,6 +158,8 @@ class TrainingData:
     fingerprint: str
     digests: dict[str, str] = field(default_factory=dict)  # path -> content hash (the feature cache's key too)
     test_source: object = None  # a label file's test rows (a LabelFile), evaluated at the end like --test-dir
+    negative_paths: list[str] = field(default_factory=list)  # photos of none of the classes (train --add's
+    # "unknown" rows): no class, only the novelty score's "none of these" examples (data/added.py)
 
     def relative(self, paths: list[str]) -> list[str]:
         return [nfc(os.path.relpath(p, self.root)) for p in paths]

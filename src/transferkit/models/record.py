@@ -98,6 +98,8 @@ class ModelRecord:
             changes["data"] = {"dir": os.path.abspath(data.root), "fingerprint": data.fingerprint,
                                "n_train": len(data.train_paths), "n_val": len(data.val_paths)}
             changes["data"] |= runs.data_record(data, state.skipped, state.duplicates)
+            if getattr(data, "negative_paths", None):  # train --add's unknown rows (novelty["background"]: used)
+                changes["data"]["n_unknown"] = len(data.negative_paths)
         for name in ("validation", "test"):
             metrics = getattr(state, name)
             if metrics:

@@ -22,8 +22,9 @@ fill queue.csv), and with ``--accept queue.csv --out labels.csv`` a label file (
 paths are relative) for ``transferkit train DATA --add labels.csv``: the photos corrected on the served page and
 the filled queue rows. A row's ``label`` is taken as given, with or without ``accept``; ``accept=yes`` with an
 empty ``label`` takes the model's answer (its top label, a multi-label row's label set); ``unknown`` means none of
-the classes, and ``train --add`` keeps such photos out (data/added.py says why). Nothing to write is an error
-naming the rows read and why each group was left out, raised before any feature is computed.
+the classes, never a class: ``train --add`` uses such photos as the unknown score's "none of these" examples
+(data/added.py says why). Nothing to write is an error naming the rows read and why each group was left out,
+raised before any feature is computed.
 """
 
 from __future__ import annotations
@@ -448,7 +449,7 @@ def write_labels(chosen: list[tuple[str, str]], path: str, found: dict | None = 
         rows.append({"path": f"{folder}/{name}", "label": label})
     unknown = sum(label == UNKNOWN for _, label in chosen)
     logger.info(f"{path}: {len(chosen)} photo(s) written ({_counted(found['taken'])}; {unknown} labelled "
-                f"{UNKNOWN}, which train --add keeps out of the classes)"
+                f"{UNKNOWN}, which train --add uses as 'none of these' examples, not as a class)"
                 + (f"; {sum(found['left'].values())} queue row(s) left out: {_counted(found['left'])}"
                    if found["left"] else ""))
     return write_csv(rows, path, ("path", "label"))

@@ -81,11 +81,12 @@ class SingleLabel(Task):
             return np.ones(len(y), np.float32)
         return np.asarray([class_weights[int(c)] for c in y], np.float32)
 
-    def fit_trust(self, head, train, val, n_classes, keep_known, groups=None, novelty_dim=None, held_out=None):
+    def fit_trust(self, head, train, val, n_classes, keep_known, groups=None, novelty_dim=None, held_out=None,
+                  negatives=None):
         from transferkit.models.novelty import fit_trust
 
         return fit_trust(head, train, val, n_classes, keep_known, groups=groups, novelty_dim=novelty_dim,
-                         held_out=held_out)
+                         held_out=held_out, negatives=negatives)
 
     def audit(self, x, y, paths, class_names):
         from transferkit.training.audit import audit_labels

@@ -24,6 +24,7 @@ class FeatureSplit:
     y_val: np.ndarray
     val_paths: list[str]
     train_paths: list[str] = field(default_factory=list)  # the decoded training files, in order
+    x_negative: np.ndarray | None = None  # photos of none of the classes (train --add's unknown rows), or None
 
 
 # the learned fields, each an ImageClassifier attribute with a trailing "_" (scikit-learn's convention)

@@ -181,19 +181,31 @@ class Trainer:
             from transferkit.scale.features import prefill
 
             prefill(views, data.train_paths, options.augment_views, data.digests, ray)
-            prefill(extractor, data.val_paths, 0, data.digests, ray)
+            prefill(extractor, data.val_paths + data.negative_paths, 0, data.digests, ray)
         f_train, kept_t, skip_t = views.extract(data.train_paths, options.augment_views, desc="train features",
                                                 digests=data.digests)
         f_val, kept_v, skip_v = extractor.extract(data.val_paths, 0, desc="validation features",
                                                   digests=data.digests)
+        x_negative, skip_n = self._negative_features(extractor)
         st.timing["feature_seconds"] = round(time.perf_counter() - t0, 2)
-        st.skipped = data.skipped + skip_t + skip_v
+        st.skipped = data.skipped + skip_t + skip_v + skip_n
         y_train, y_val = data.y_train[kept_t], data.y_val[kept_v]
         self._check_every_class(y_train, y_val)
         x_train, y_views = flatten_views(f_train, y_train)
         val_paths = [data.val_paths[i] for i in kept_v]
         st.check_images = _check_images(val_paths, options.size)
-        return FeatureSplit(x_train, y_views, f_val[:, 0], y_val, val_paths, [data.train_paths[i] for i in kept_t])
+        return FeatureSplit(x_train, y_views, f_val[:, 0], y_val, val_paths, [data.train_paths[i] for i in kept_t],
+                            x_negative)
+
+    def _negative_features(self, extractor) -> tuple[np.ndarray | None, list[dict]]:
+        """(features, skipped) of the photos labelled unknown (``train --add``, data/added.py), through the
+        validation extractor and its cache; None without any: the novelty score's "none of these" examples."""
+        paths = self.state.data.negative_paths
+        if not paths:
+            return None, []
+        found, kept, skipped = extractor.extract(paths, 0, desc="unknown features", digests=self.state.data.digests)
+        logger.info(f"{len(kept)} photo(s) labelled unknown: the unknown score's 'none of these' examples")
+        return (found[:, 0] if len(kept) else None), skipped
 
     def _check_every_class(self, y_train: np.ndarray, y_val: np.ndarray) -> None:
         data = self.state.data
@@ -239,7 +251,7 @@ class Trainer:
         st.novelty = st.task.fit_trust(st.head, (features.x_train, features.y_train),
                                        (features.x_val, features.y_val), len(st.classes), st.options.keep_known,
                                        groups=np.arange(len(features.y_train)) // views, novelty_dim=dims[0],
-                                       held_out=held_out)
+                                       held_out=held_out, **_negatives(features.x_negative))
         st.timing["head_seconds"] = round(time.perf_counter() - t0, 2)
         # validation as the model answers (calibrated), or after a refit the head as chosen, before it saw them
         measured = chosen.model if st.options.refit else st.head
@@ -458,10 +470,20 @@ class Trainer:
         train = (run_model(features, images.x_train), images.y_train)
         val = (run_model(features, images.x_val), images.y_val)
         head = st.model.get_layer("head")
+        negatives = self._negative_images()
         st.novelty = st.task.fit_trust(head, train, val, len(st.classes), st.options.keep_known,
-                                       novelty_dim=novelty_dim(head))
+                                       novelty_dim=novelty_dim(head),
+                                       **_negatives(None if negatives is None else run_model(features, negatives)))
         probs, _ = split_outputs(run_model(head, val[0]), len(st.classes))
         self._fit_conformal((probs, images.y_val), train)
+
+    def _negative_images(self):
+        """The decoded photos labelled unknown (``train --add``), or None without any."""
+        from transferkit.training.finetune import decode_all
+
+        paths = self.state.data.negative_paths
+        found = decode_all(paths, self.state.options.size)[0] if paths else None
+        return found if found is not None and len(found) else None
 
     def _checkpoint(self, state: dict) -> None:
         self.state.fine_tune = state
@@ -500,3 +522,9 @@ def _check_images(paths: list[str], size: int, limit: int = 8) -> np.ndarray | N
         if len(images) == limit:
             break
     return np.stack(images) if images else None
+
+
+def _negatives(features: np.ndarray | None) -> dict:
+    """``fit_trust``'s ``negatives`` argument where there are photos labelled unknown (single-label only: train
+    --add refuses multi-label data), else nothing (the multi-label task's fit_trust takes none)."""
+    return {} if features is None else {"negatives": features}
