@@ -10,6 +10,9 @@ photos", DELTA = 0.1; each cut-off answers the photos whose top probability reac
                  most confident downward, each at the full DELTA, stopping at the first that fails
     ltt-floor    the same, started at the first cut-off answering enough photos that a test could pass at all
                  (m >= log DELTA / log(1 - EPS): a count fixed by n, EPS and DELTA, not by the data)
+    fallback     Wiens' fallback procedure over ltt-floor's cut-offs: each its own DELTA / J plus the level of the one
+                 before where that passed, every cut-off tested (one error among the most confident photos does not
+                 stop it, as it stops ltt-floor), the loosest that passed kept
     split        split-then-certify: the cut-off chosen on a random half of the calibration photos (the loosest of
                  the 20 whose binomial test passes there at DELTA), then one exact binomial test at DELTA on the
                  other half; nothing answered where it fails
@@ -174,10 +177,28 @@ def split_certify(confidence, wrong, eps, rng):
     return cut if ok else math.inf
 
 
+def fallback(confidence, wrong, eps):
+    """Wiens' fallback procedure over the testable cut-offs (``least_tested``), most confident first: each gets
+    DELTA / J of its own, plus the level of the one before where that one passed; every cut-off is tested (no
+    stop at the first failure); the loosest that passed is the cut-off."""
+    from transferkit.models.conformal import _cuts, binomial_cdf, least_tested
+
+    cuts = [i for i in _cuts(confidence) if i >= least_tested(eps, DELTA)]
+    best, carried = math.inf, 0.0
+    for i in cuts:
+        level = DELTA / len(cuts) + carried
+        passed = binomial_cdf(int(wrong[i]), i, eps) <= level
+        carried = level if passed else 0.0
+        if passed:
+            best = float(confidence[i])
+    return best
+
+
 PROCEDURES = {"bonferroni": lambda c, w, e, r: bonferroni(c, w, e),
               "ltt-fixed": lambda c, w, e, r: fixed_sequence(c, w, e),
               "ltt-floor": lambda c, w, e, r: ltt_floor(c, w, e),
-              "split": split_certify}
+              "split": split_certify,
+              "fallback": lambda c, w, e, r: fallback(c, w, e)}
 
 
 def run_splits(probs, labels, n_cal: int, n_splits: int, procedures=PROCEDURES) -> dict:

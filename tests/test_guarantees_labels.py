@@ -2,7 +2,6 @@
 the exact-set error bound over 20 random calibration / test splits; and ``predict --ray`` answering the new
 options as local predict does. The mosaic model and its 400 held-out mosaics: test_multilabel's fixtures."""
 
-import math
 import os
 
 import numpy as np

@@ -13,6 +13,7 @@ import pytest
 import transferkit
 from transferkit.errors import OptionError, TransferkitError
 
+import references as ref
 from children import predict_in_child, run_cli
 from mosaics import LABELS, write_mosaics
 
@@ -52,6 +53,10 @@ def test_evaluate_prints_the_multilabel_metrics_as_scikit_learn_computes_them(ru
     predicted = np.array([[n in r["labels"] for n in names] for r in rows])
     assert metrics["micro_f1"] == pytest.approx(f1_score(y, predicted, average="micro"), abs=1e-9)
     assert metrics["hamming_loss"] == pytest.approx(hamming_loss(y, predicted), abs=1e-9)
+    aps = [ref.average_precision(y[:, j], [r["scores"][n] for r in rows]) for j, n in enumerate(names)]
+    for n, ap in zip(names, aps):  # each label's AP from the rows' scores, by hand
+        assert metrics["per_label"][n]["ap"] == pytest.approx(ap, abs=1e-9)
+    assert metrics["mAP"] == pytest.approx(np.mean(aps), abs=1e-9)
     run_cli("evaluate", out / "model.keras", test, "--out", out / "eval", "--no-explain")
     html = (out / "eval" / "report.html").read_text(encoding="utf-8")
     assert 'id="per-label"' in html and "Labels on the same photo" in html and (out / "eval" /
@@ -61,9 +66,30 @@ def test_evaluate_prints_the_multilabel_metrics_as_scikit_learn_computes_them(ru
     assert "## Guarantees" in card and "**for each label**" in card and "exchangeable" in card
     found = metrics["conformal"]  # the per-label guarantees on the test photos
     assert [c["asked"] for c in found["coverage"]] == [0.8, 0.9, 0.95]
-    assert all(set(c["per_class"]) == set(LABELS) and c["mean_set_size"] >= 0 for c in found["coverage"])
+    assert all(set(c["per_class"]) == set(LABELS) for c in found["coverage"])
+    # each label's coverage and the mean set size, recomputed from the predict rows' scores and the per-label
+    # conformal thresholds by hand (the stored positives' order statistic, tests/references.py)
+    labels_record = _label_record(out / "model.keras")
+    for c in found["coverage"]:
+        thresholds = {n: ref.label_threshold(labels_record[n]["scores"], c["asked"]) for n in names}
+        inside = np.array([[r["scores"][n] >= thresholds[n] - 1e-6 for n in names] for r in rows])
+        for j, n in enumerate(names):
+            assert c["per_class"][n] == pytest.approx(inside[y[:, j], j].mean(), abs=5e-5), (c["asked"], n)
+        assert c["empirical"] == pytest.approx(np.mean([inside[y[:, j], j].mean() for j in range(len(names))]),
+                                               abs=1e-4)  # the mean of the rounded per-label figures, rounded
+        assert c["mean_set_size"] == pytest.approx(inside.sum(axis=1).mean(), abs=5e-4)
+        print(f"asked {c['asked']}: coverage {c['empirical']}, mean set size {c['mean_set_size']}")
     assert set(found["per_label_positives"]) == set(LABELS) and len(found["selective"]) == 3
     assert "Guarantees (conformal" in html and "under-covered labels" in html
+
+
+def _label_record(model) -> dict:
+    """The per-label conformal record a multi-label model file carries, every positive's score stored."""
+    from transferkit.models import modelfile
+
+    labels = modelfile.read_metadata(str(model))["conformal"]["labels"]
+    assert all(r["n"] == len(r["scores"]) for r in labels.values())
+    return labels
 
 
 def test_rows_carry_labels_and_scores_and_every_engine_gives_the_same_sets(run, tmp_path):
@@ -90,12 +116,14 @@ def test_rows_carry_labels_and_scores_and_every_engine_gives_the_same_sets(run, 
     assert same >= 0.998, same
     client = create_app(str(model)).test_client()
     files = sorted(by_path)[:8]
-    for path in files:
+    for i, path in enumerate(files):
+        k = (4, 2)[i % 2]  # all four labels, or two (the default lists three)
         with open(path, "rb") as f:
-            answer = client.post("/api/predict?top_k=4", data={"image": (f, os.path.basename(path))})
+            answer = client.post(f"/api/predict?top_k={k}", data={"image": (f, os.path.basename(path))})
         assert answer.status_code == 200, answer.get_data(as_text=True)
         got = answer.get_json()["predictions"][0]
         expected = by_path[path]
+        assert [t["label"] for t in got["top_k"]] == sorted(LABELS, key=lambda n: -expected["scores"][n])[:k]
         assert got["labels"] == (expected["labels"] if not got.get("unknown") else [])
         assert got["scores"] == pytest.approx(expected["scores"], abs=1e-4)
 

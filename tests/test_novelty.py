@@ -6,6 +6,8 @@ import pytest
 
 from transferkit.models import heads, novelty
 
+import references as ref
+
 
 def _clusters(per_class: int, dim: int = 1280, n_classes: int = 3, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -45,7 +47,11 @@ def test_temperature_undoes_overconfidence_and_lowers_ece():
 
     before = novelty.expected_calibration_error(softmax(sharp), labels)
     after = novelty.expected_calibration_error(softmax(sharp / t), labels)
-    assert after < before / 2
+    # each against the binned gap by hand (tests/references.py), not only against each other
+    assert before == pytest.approx(ref.ece(softmax(sharp), labels), abs=1e-12)
+    assert after == pytest.approx(ref.ece(softmax(sharp / t), labels), abs=1e-12)
+    print(f"\nECE {before:.4f} -> {after:.4f} at T = {t:.3f}")
+    assert after < before / 2 and before > 0.1
 
 
 def test_the_score_travels_into_onnx(tmp_path):

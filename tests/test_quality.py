@@ -52,12 +52,34 @@ def logistic_run(dataset, tmp_path_factory):
     return result, out
 
 
+def _standardises_the_training_features(clf, standardise, dataset):
+    """The head's frozen standardisation holds the training features' mean and variance: the training photos'
+    features (what the head reads, from the model's own layers) come out of it centred with unit spread (the
+    layer's defaults, mean 0 and variance 1, leave them at a median |mean| / SD of about 1)."""
+    from transferkit.data.folders import split_training_folder
+    from transferkit.models.novelty import feature_view
+
+    assert not standardise.trainable
+    _, _, mean, variance = (np.asarray(w, np.float64) for w in standardise.get_weights())
+    options = clf.metadata["training"]
+    split = split_training_folder(dataset[0], options["val_split"], options["seed"])
+    images = np.stack([load_image(p, IMAGE_SIZE) for p in split.train_paths]).astype(np.float32)
+    features = np.asarray(feature_view(clf.model_)(images), np.float64)[:, : len(mean)]
+    z = (features - mean) / np.sqrt(variance + standardise.epsilon)
+    spread = features.std(axis=0) > 1e-6  # columns that vary on these photos
+    centre, scale = np.median(np.abs(z.mean(axis=0))[spread]), np.median(z.std(axis=0)[spread])
+    raw = np.median((np.abs(features.mean(axis=0)) / np.maximum(features.std(axis=0), 1e-12))[spread])
+    print(f"\nstandardised training features: median |mean| {centre:.3f}, median SD {scale:.3f} (unstandardised: "
+          f"median |mean| / SD {raw:.3f})")
+    assert centre < 0.25 and 0.6 < scale < 1.5
+
+
 def test_logistic_multi_depth_head_is_one_model_file_and_exports(logistic_run, dataset, tmp_path):
     result, _ = logistic_run
     assert result["test"]["accuracy"] >= 0.9 and result["head_choice"]["chosen"]["head"] == "logistic"
     clf = transferkit.ImageClassifier.load(result["model_path"], runtime="keras")
     head = clf.model_.get_layer("head")
-    assert head.get_layer("head_body").get_layer("head_standardise") is not None
+    _standardises_the_training_features(clf, head.get_layer("head_body").get_layer("head_standardise"), dataset)
     assert head.input.shape[-1] == 1280 + 320 + 192
     assert head.get_layer("novelty_final").output.shape[-1] == 1280  # the score reads the final features
     paths = scan_folder(dataset[1]).paths + scan_folder(dataset[0]).paths[:6]

@@ -3,13 +3,16 @@ class it never saw makes 30 % of the photos; and train --add with the reviewed l
 
 import csv
 import io
+import json
 import os
 import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.stats import hypergeom
 
+import references as ref
 from conftest import CLASSES, IMAGE_SIZE, write_dataset
 
 KNOWN, ABSENT = CLASSES[:2], CLASSES[2]
@@ -74,12 +77,13 @@ def test_queue_top_50_holds_more_of_the_absent_class_than_a_random_50(two_class_
     queue = done["queue"]
     assert len(queue) == 50 and done["candidates"] == 120
     in_queue = sum(truth[r["image"]] == ABSENT for r in queue)
-    rng = np.random.default_rng(0)
-    random_50 = [np.sum([truth[k] == ABSENT for k in rng.choice(sorted(truth), 50, replace=False)])
-                 for _ in range(200)]
-    print(f"\nabsent class in the queue's top 50: {in_queue}; in a random 50: {np.mean(random_50):.1f} on average "
-          f"(max {max(random_50)} over 200 draws)")
-    assert in_queue > np.mean(random_50) and in_queue > 15
+    # a random 50 of the 120 holds Hypergeometric(120, 36, 50) photos of the absent class: 15 on average; the
+    # queue must hold more than a random 50 does with probability 1e-3 (the chance of a false pass)
+    random_50 = hypergeom(120, 36, 50)
+    bound = int(random_50.isf(1e-3))
+    print(f"\nabsent class in the queue's top 50: {in_queue}; in a random 50: {random_50.mean():.1f} on average, "
+          f"more than {bound} with probability {random_50.sf(bound):.1e}")
+    assert in_queue > bound
     assert os.path.isfile(done["written"]["html"]) and os.path.isfile(done["written"]["queue"])
 
     # 30 near-copies of one photo of the absent class (re-encoded at other qualities, a little brighter or
@@ -162,10 +166,29 @@ def test_monitor_says_moved_for_the_absent_class_and_not_for_the_known_ones(two_
     calm = monitor(calm_db, out=str(tmp_path / "m1"))
     moved = monitor(moved_db, out=str(tmp_path / "m2"))
     print("\n" + calm["line"] + "\n" + moved["line"])
+    _figures_are_those_of_the_stored_rows(calm_db, model_path, calm)
+    _figures_are_those_of_the_stored_rows(moved_db, model_path, moved)
     assert calm["moved"] == [] and calm["line"].startswith("inputs have not moved")
     assert "unknown_rate" in moved["moved"] and moved["line"].startswith("inputs have moved")
     assert "<img src=\"data:image/png;base64," in open(moved["html"], encoding="utf-8").read()
     shutil.rmtree(tmp_path / "pool")
+
+
+def _figures_are_those_of_the_stored_rows(db, model_path, found):
+    """monitor's KS, p-values and PSI against a recomputation from the store's rows and the model's reference
+    (tests/references.py: scipy's ks_2samp, binomial tail and chi-square, PSI by hand)."""
+    from transferkit.data.collected import Store
+    from transferkit.models.modelfile import read_metadata
+
+    store = Store(db, create=False)
+    rows, _ = store.read()
+    store.close()
+    meta = read_metadata(model_path)
+    expected = ref.drift(rows, meta["reference"], meta["training"]["keep_known"])
+    assert set(found["checks"]) == set(expected) and found["window"] == len(rows)
+    for name, figures in expected.items():
+        for figure, value in figures.items():
+            assert found["checks"][name][figure] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, figure)
 
 
 def test_cli_review_of_an_unlabelled_folder_and_monitor(two_class_model, tmp_path, capsys):
@@ -182,7 +205,13 @@ def test_cli_review_of_an_unlabelled_folder_and_monitor(two_class_model, tmp_pat
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
     _collect(db, model_path, paths)
     assert cli.main(["monitor", db, "--out", str(tmp_path / "m")]) == 0
-    assert capsys.readouterr().out.startswith("inputs have")
+    out = capsys.readouterr().out
+    found = json.loads((tmp_path / "m" / "drift.json").read_text(encoding="utf-8"))
+    # 4 of the 12 are of the class it never saw: measured 5 of 12 over the novelty threshold, p 1.8e-4 against
+    # the reference's 5 %; the printed verdict is the one drift.json holds, and its figures are the rows'
+    assert out.startswith("inputs have moved: ") and out.splitlines()[0] == found["line"]
+    assert "unknown_rate" in found["moved"] and "unknown_rate (window" in found["line"]
+    _figures_are_those_of_the_stored_rows(db, model_path, found)
     assert cli.main(["monitor", str(tmp_path / "nothing.db"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("transferkit: error:") and "no such store" in err and "Traceback" not in err

@@ -5,8 +5,6 @@ scikit-learn's sample photos) and near ones (other grey photographs: moon, text,
 import csv
 import io
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,8 @@ from sklearn.metrics import roc_auc_score
 import transferkit
 from transferkit.models.novelty import split_outputs
 
+import references as ref
+from children import run_cli
 from conftest import IMAGE_SIZE, write_dataset
 from photos import PHOTOS, photo_crop
 
@@ -92,12 +92,44 @@ def test_the_novelty_score_beats_the_top_probability_on_held_out_photos(trained,
     assert any(novelty > top for novelty, top in results.values())
 
 
+def _nll(logits, labels, t: float) -> float:
+    z = np.asarray(logits, np.float64) / t
+    log_p = z - z.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(labels)), labels].mean())
+
+
 def test_calibration_is_measured_and_stored(trained, dataset):
-    model = transferkit.load_model(os.path.join(trained[1], "model.keras"), runtime="keras")
-    trust = model.metadata["novelty"]
-    assert 0.05 <= trust["temperature"] <= 20 and trust["ece_after"] <= trust["ece_before"] + 1e-9
+    from transferkit.data.folders import split_training_folder
+    from transferkit.data.images import load_image
+    from transferkit.models import modelfile
+    from transferkit.models.novelty import feature_view, logit_model
+
+    path = os.path.join(trained[1], "model.keras")
+    model = transferkit.load_model(path, runtime="keras")
+    trust, options = model.metadata["novelty"], model.metadata["training"]
+    t = trust["temperature"]
+    assert trust["ece_after"] <= trust["ece_before"] + 1e-9
+    # the temperature the file states is the one its head applies, and it lowers the log loss of the validation
+    # photos (their logits before it, from the model's own layers) below that of T = 1
+    keras_model = modelfile.load(path).keras_model
+    head = keras_model.get_layer("head")
+    np.testing.assert_allclose(head.get_layer("temperature").get_weights()[0], np.eye(3) / t, rtol=1e-6)
+    split = split_training_folder(dataset[0], options["val_split"], options["seed"])
+    images = np.stack([load_image(p, IMAGE_SIZE) for p in split.val_paths]).astype(np.float32)
+    logits = np.asarray(logit_model(head)(feature_view(keras_model)(images)))
+    labels = np.asarray([model.class_names.index(split.class_names[y]) for y in split.y_val])
+    print(f"\nT = {t}: validation log loss {_nll(logits, labels, t):.3g} (T = 1: {_nll(logits, labels, 1.0):.3g})")
+    assert len(labels) == model.metadata["data"]["n_val"] and _nll(logits, labels, t) <= _nll(logits, labels, 1.0)
     metrics = transferkit.evaluate(model, dataset[1])
-    assert metrics["calibration"]["ece"] is not None and metrics["novelty"]["known_kept"] >= 0.85
+    rows = transferkit.predict(model, [dataset[1]], top_k=3, reject=False)
+    probs = np.array([[next(x["probability"] for x in r["top_k"] if x["label"] == n) for n in model.class_names]
+                      for r in rows])
+    truth = np.array([model.class_names.index(os.path.basename(os.path.dirname(r["path"]))) for r in rows])
+    # the test photos are easy (ECE 0.0): tests/test_statistics.py checks the same figure on uncertain answers
+    assert metrics["calibration"]["ece"] == pytest.approx(ref.ece(probs, truth), abs=5e-5)
+    assert metrics["novelty"]["known_kept"] == pytest.approx(np.mean([not r["unknown"] for r in rows]), abs=1e-12)
+    assert metrics["novelty"]["known_kept"] >= 0.85
     probs = model.predict_proba(np.zeros((2, 40, 50, 3), np.uint8) + 128)
     assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
@@ -128,14 +160,15 @@ def test_keras_onnx_and_server_give_the_same_unknown_verdicts(trained, dataset, 
 def test_command_line_says_unknown_and_no_reject_turns_it_off(trained, unknowns):
     path = os.path.join(trained[1], "model.keras")
     far = unknowns[0][:2]
-    run = lambda *extra: subprocess.run([sys.executable, "-m", "transferkit", "predict", path, *far, "--runtime",
-                                         "keras", "--quiet", *extra], capture_output=True, text=True, timeout=300)
+    run = lambda *extra: run_cli("predict", path, *far, "--runtime", "keras", "--quiet", *extra, timeout=300)
     table = run()
-    assert table.returncode == 0 and all("\tunknown\tnovelty " in line for line in table.stdout.splitlines())
-    rows = list(csv.DictReader(io.StringIO(run("--format", "csv").stdout)))
+    assert all("\tunknown\tnovelty " in line for line in table.stdout.splitlines())
+    proc = run("--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [r["label"] for r in rows] == ["unknown", "unknown"] and float(rows[0]["novelty"]) > 1
-    kept = list(csv.DictReader(io.StringIO(run("--format", "csv", "--no-reject").stdout)))
-    assert all(r["label"] in ("fraise fraîche", "pêche pourrie", "grenade") for r in kept)
+    proc = run("--format", "csv", "--no-reject")
+    kept = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert len(kept) == 2 and all(r["label"] in ("fraise fraîche", "pêche pourrie", "grenade") for r in kept)
 
 
 def test_five_photos_per_class_still_give_a_usable_threshold(tmp_path, unknowns):
@@ -150,16 +183,25 @@ def test_five_photos_per_class_still_give_a_usable_threshold(tmp_path, unknowns)
 def test_evaluate_with_unknowns_reports_rejection_and_pictures(trained, dataset, unknowns, tmp_path):
     folder = os.path.dirname(unknowns[0][0])
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "-m", "transferkit", "evaluate", os.path.join(trained[1], "model.keras"),
-                           dataset[1], "--unknown-dir", folder, "--out", str(out), "--runtime", "keras", "--quiet"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("evaluate", os.path.join(trained[1], "model.keras"), dataset[1], "--unknown-dir", folder,
+                   "--out", out, "--runtime", "keras", "--quiet", timeout=300)
     assert "unknowns (" in proc.stdout and "AUROC" in proc.stdout
     import json
 
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     u = metrics["unknown"]
     assert u["rejected"] >= 0.9 and u["auroc"] >= 0.95 and u["class_names"][-1] == "unknown"
+    # the figures against a recomputation from the rows of the same model on the same photos
+    model = transferkit.load_model(os.path.join(trained[1], "model.keras"), runtime="keras")
+    known = transferkit.predict(model, _known(dataset), reject=False)
+    far = transferkit.predict(model, sorted(os.path.join(folder, f) for f in os.listdir(folder)), reject=False)
+    assert u["n_images"] == len(far) and metrics["n_images"] == len(known)
+    from transferkit.engines.predict import predict_files
+
+    scores = [split_outputs(predict_files(model, [r["path"] for r in rows])[0], 3)[1] for rows in (known, far)]
+    assert u["auroc"] == pytest.approx(ref.auroc(*scores), abs=1e-9)  # (unrounded: rows round novelty to 1e-4)
+    assert u["rejected"] == pytest.approx(np.mean([r["unknown"] for r in far]), abs=1e-12)
+    assert u["known_kept"] == pytest.approx(np.mean([not r["unknown"] for r in known]), abs=1e-12)
     cm = np.asarray(u["confusion_matrix"])
     assert cm.shape == (4, 4) and cm[3].sum() == u["n_images"] and cm.sum() == u["n_images"] + metrics["n_images"]
     for picture in ("reliability.png", "novelty.png", "confusion_unknown.png"):
