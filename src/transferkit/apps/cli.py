@@ -90,7 +90,8 @@ def _data_commands(command) -> None:
                                      "(tensorboard --logdir DIR)")
     t.add_argument("--add", action="append", default=[], metavar="LABELS",
                    help="a label file (e.g. from transferkit review --out) whose photos join the training split "
-                        "only, never validation (repeatable)")
+                        "only, never validation (repeatable); rows labelled 'unknown' join no class: they are "
+                        "the unknown score's examples of none of the classes")
     add_label_file_flags(t)
     _ray_flag(t, "compute the features missing from the cache on a Ray cluster (transferkit[ray])")
     add_options(t, TrainOptions)

@@ -52,6 +52,9 @@ def _intended_use(meta: dict) -> list[str]:
             if "keep_known" in novelty else ""
         lines.append(f"A photo far from every class (novelty score above {novelty['threshold']:.4g}{kept}) is "
                      f"answered *unknown* instead of a class.")
+        if novelty.get("background"):
+            lines.append(f"The score was also fitted against {novelty['background']['photos']} photo(s) a reviewer "
+                         f"labelled *unknown* (none of these classes), as examples of what is none of them.")
     else:
         lines.append("This model has no novelty threshold: every photo gets one of these classes, even a photo of "
                      "none of them.")
