@@ -68,6 +68,21 @@ def channel_crop(order: str, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(photo_crop(PHOTOS.index("chelsea"), rng)[..., list(CHANNEL_ORDERS[order])])
 
 
+def write_crops(folder, names, per_photo: int, seed: int, quality: int | None = 90) -> list[str]:
+    """``folder/<name>_<i>.jpg``: ``per_photo`` crops of each named photograph (photos that are none of a model's
+    classes, say); JPEG ``quality``, or 70-94 drawn from the same generator where None. Returns their paths."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name in names:
+        for i in range(per_photo):
+            path = os.path.join(folder, f"{name}_{i}.jpg")
+            crop = photo_crop(PHOTOS.index(name), rng)
+            Image.fromarray(crop).save(path, "JPEG", quality=int(rng.integers(70, 95)) if quality is None else quality)
+            paths.append(path)
+    return paths
+
+
 def write_classes(root, make: dict, per_class: int, seed: int) -> str:
     """``root/<class>/photo_NNN.jpg`` for each class name -> ``make[name](rng)`` (an RGB uint8 array); JPEG quality
     70-94, as conftest.write_dataset."""

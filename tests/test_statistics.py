@@ -14,6 +14,7 @@ import pytest
 from scipy import stats
 
 import references as ref
+from photos import write_crops
 
 NAMES = ["a", "b", "c"]
 
@@ -274,21 +275,6 @@ class Noisy:
         return self.model.predict_images(np.clip(np.asarray(images, np.float32) + self.noise, 0, 255))
 
 
-def _unknowns(folder) -> str:
-    """16 crops of photographs of none of the classes (two colour, two grey), in ``folder``."""
-    from PIL import Image
-
-    from photos import PHOTOS, photo_crop
-
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(21)
-    for name in ("chelsea", "coffee", "moon", "clock"):
-        for i in range(4):
-            Image.fromarray(photo_crop(PHOTOS.index(name), rng)).save(os.path.join(folder, f"{name}_{i}.jpg"),
-                                                                     quality=90)
-    return str(folder)
-
-
 def test_evaluate_reports_the_coverage_set_size_ece_and_auroc_of_its_rows(trained, dataset, tmp_path):
     import transferkit
     from transferkit.engines.predict import predict_files
@@ -296,7 +282,8 @@ def test_evaluate_reports_the_coverage_set_size_ece_and_auroc_of_its_rows(traine
     from transferkit.reports.evaluation import evaluate_predictor
 
     noisy = Noisy(transferkit.load_predictor(trained[0]["model_path"]))
-    unknown_dir = _unknowns(tmp_path / "unknown")
+    far = write_crops(tmp_path / "unknown", ("chelsea", "coffee", "moon", "clock"), 4, seed=21)  # 16 of no class
+    unknown_dir = os.path.dirname(far[0])
     metrics = evaluate_predictor(noisy, dataset[1], explain=False, unknown_dir=unknown_dir)
     record, names = noisy.metadata["conformal"], noisy.class_names
     assert record["n"] == len(record["scores"])  # every calibration score stored: the quantile is exact

@@ -17,28 +17,16 @@ from transferkit.models.novelty import split_outputs
 import references as ref
 from children import run_cli
 from conftest import IMAGE_SIZE, write_dataset
-from photos import PHOTOS, photo_crop
+from photos import write_crops
 
 FAR = ["chelsea", "coffee", "rocket", "astronaut", "immunohistochemistry"]
 NEAR = ["moon", "text", "clock", "cell"]
 
 
-def _write(folder, names, per_photo, seed):
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for name in names:
-        for i in range(per_photo):
-            path = os.path.join(folder, f"{name}_{i}.jpg")
-            Image.fromarray(photo_crop(PHOTOS.index(name), rng)).save(path, quality=90)
-            paths.append(path)
-    return paths
-
-
 @pytest.fixture(scope="module")
 def unknowns(tmp_path_factory):
     root = tmp_path_factory.mktemp("unknown")
-    far = _write(root / "far", FAR, 6, seed=21)
+    far = write_crops(root / "far", FAR, 6, seed=21)
     from sklearn.datasets import load_sample_images
 
     for i, photo in enumerate(load_sample_images().images):  # china, flower
@@ -46,7 +34,7 @@ def unknowns(tmp_path_factory):
             path = str(root / "far" / f"sample_{i}_{j}.jpg")
             Image.fromarray(photo[j * 100 : j * 100 + 200, j * 150 : j * 150 + 250]).save(path)
             far.append(path)
-    return far, _write(root / "near", NEAR, 6, seed=22)
+    return far, write_crops(root / "near", NEAR, 6, seed=22)
 
 
 def _known(dataset):

@@ -10,12 +10,11 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from children import run_cli
 from conftest import CLASSES, IMAGE_SIZE, require, write_dataset
-from photos import PHOTOS, photo_crop
+from photos import write_crops
 
 NEGATIVE = ("chelsea", "rocket")  # the reviewer's unknown photos (a cat and a rocket, as a served model met them)
 HELD_OUT = ("coffee", "astronaut", "brick", "grass", "moon", "clock", "text", "cell")  # other photographs
@@ -82,18 +81,6 @@ def test_the_background_term_is_a_likelihood_ratio_in_the_same_layers(tmp_path):
     np.testing.assert_allclose(onnx_out[:, 3], score, rtol=1e-4, atol=1e-3)
 
 
-def _crops(folder, names, per: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for name in names:
-        for i in range(per):
-            path = os.path.join(folder, f"{name}_{i}.jpg")
-            Image.fromarray(photo_crop(PHOTOS.index(name), rng)).save(path, "JPEG", quality=int(rng.integers(70, 95)))
-            paths.append(path)
-    return paths
-
-
 def _novelty(model_path: str, paths: list[str], runtime: str = "keras") -> np.ndarray:
     """The novelty of each photo over the model's threshold (above 1: unknown), on ``runtime``."""
     from transferkit.api import load_model
@@ -113,14 +100,14 @@ def runs(tmp_path_factory):
     of the classes (12 each)."""
     root = tmp_path_factory.mktemp("negatives")
     train = write_dataset(root / "train", 16, seed=41)
-    negatives = _crops(root / "review", NEGATIVE, 4, seed=42)
+    negatives = write_crops(root / "review", NEGATIVE, 4, seed=42, quality=None)
     labels = root / "labels.csv"
     with open(labels, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([("path", "label"), *((os.path.relpath(p, root), "unknown") for p in negatives)])
     common = ("--image-size", IMAGE_SIZE, "--head", "logistic", "--seed", 5)
     plain = run_cli("train", train, "--out", root / "plain", *common)
     added = run_cli("train", train, "--add", labels, "--out", root / "added", *common)
-    other = _crops(root / "other", HELD_OUT, 8, seed=43)
+    other = write_crops(root / "other", HELD_OUT, 8, seed=43, quality=None)
     known = write_dataset(root / "test", 12, seed=44)
     known = sorted(os.path.join(d, f) for d, _, fs in os.walk(known) for f in fs)
     return root, plain, added, other, known
