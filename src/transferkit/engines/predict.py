@@ -132,27 +132,28 @@ def _more_guarantees(rows, outputs, predictor, task, conformal, expected_error, 
             row["set"] = [names[j] for j in members]
 
 
-def guarantee_note(predictor: Predictor, max_error: float | None) -> str | None:
-    """The one line said where no cut-off is certified for ``max_error`` (every photo abstains), naming the
-    smallest bound the model's calibration photos can certify; None where one is."""
+def _uncertified(conformal, max_error: float | None) -> str | None:
+    """The one line said where no cut-off of ``conformal``'s risk record is certified for ``max_error`` (every
+    photo abstains), naming the smallest bound its calibration photos can certify; None where one is."""
     from transferkit.models import conformal as cp
 
-    conformal = predictor.metadata.get("conformal")
     if max_error is None or not isinstance(conformal, dict) or not isinstance(conformal.get("risk"), dict):
         return None
     risk = conformal["risk"]
     return cp.uncertified_note(risk, max_error) if math.isinf(cp.answer_threshold(risk, max_error)) else None
 
 
-def _say_uncertified(conformal: dict, max_error: float | None) -> None:
-    """``guarantee_note`` as a warning, once per bound and calibration."""
-    from transferkit.models import conformal as cp
+def guarantee_note(predictor: Predictor, max_error: float | None) -> str | None:
+    """:func:`_uncertified` of the model file's calibration (the server's ``note``)."""
+    return _uncertified(predictor.metadata.get("conformal"), max_error)
 
-    if max_error is None or not math.isinf(cp.answer_threshold(conformal["risk"], max_error)):
-        return
-    if (key := ("max", max_error, len(conformal["risk"]["confidence"]))) not in _noted:
+
+def _say_uncertified(conformal: dict, max_error: float | None) -> None:
+    """:func:`_uncertified` as a warning, once per bound and calibration."""
+    note = _uncertified(conformal, max_error)
+    if note and (key := ("max", max_error, len(conformal["risk"]["confidence"]))) not in _noted:
         _noted.add(key)
-        logger.warning(cp.uncertified_note(conformal["risk"], max_error))
+        logger.warning(note)
 
 
 def guarantee_options(options) -> dict:
