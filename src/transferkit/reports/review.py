@@ -429,14 +429,11 @@ def nothing_to_write(path: str, found: dict, accept: str | None, queue: str) -> 
                             f"{_counted(found['left']) or 'none'}; {HOW_TO_FILL}")
 
 
-def write_labels(chosen: list[tuple[str, str]], path: str, found: dict | None = None,
-                 accept: str | None = None, queue: str = "queue.csv") -> str:
-    """A label file (path, label) at ``path`` whose photos are copied into ``<stem>_images/`` beside it; nothing
-    to write is an error that names the rows read and why each group was left out (``found``: what
-    :func:`accepted_rows` read)."""
+def write_labels(chosen: list[tuple[str, str]], path: str, found: dict | None = None) -> str:
+    """A label file (path, label) at ``path`` whose photos are copied into ``<stem>_images/`` beside it, and one
+    log line of how they were given (``found``: what :func:`accepted_rows` read). ``chosen`` is not empty: the
+    caller raised :func:`nothing_to_write` before any feature was computed."""
     found = found or {"rows": 0, "taken": {}, "left": {}}
-    if not chosen:
-        raise nothing_to_write(path, found, accept, queue)
     base = os.path.dirname(os.path.abspath(path))
     folder = os.path.splitext(os.path.basename(path))[0] + "_images"
     rows = []
@@ -491,7 +488,7 @@ def review(source: str, *, model: str | None = None, n: int = 50, out_dir: str =
                "html": write_html(rows, os.path.join(out_dir, "review.html"), f"Review queue of {source}", source,
                                   queue_path)}
     if labels:
-        written["labels"] = write_labels(chosen, labels, found, accept, queue_path)
+        written["labels"] = write_labels(chosen, labels, found)
     return {"written": written, "queue": rows, "candidates": len(candidates)}
 
 
